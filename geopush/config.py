@@ -1,0 +1,203 @@
+"""The one settings object, read once from `config/geopush.yaml` and passed down.
+
+Any key can be overridden by `GEOPUSH_<SECTION>__<KEY>`; unknown keys are errors; paths are
+relative to the config file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from geopush.durations import Duration
+from geopush.errors import ConfigError, Problem
+from geopush.yamlspots import compose, line_of
+
+DEFAULT_CONFIG_PATH = Path("config/geopush.yaml")
+ENV_PREFIX = "GEOPUSH_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Section):
+    host: str = Field("0.0.0.0", description="Interface to listen on (loopback only without keys)")
+    port: int = Field(8080, ge=0, le=65535)
+    shutdown_timeout: Duration = Field(10.0, description="Grace period for in-flight requests")
+    max_batch: int = Field(1000, ge=1, le=1000, description="Pings per request at most")
+
+
+class StorageSettings(_Section):
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    snapshot_path: Path | None = Field(
+        None, description="memory backend: state written here on clean shutdown, read at start"
+    )
+    key_prefix: str = Field("geopush", pattern=r"^[A-Za-z0-9_.:-]+$")
+
+
+class GeofenceSettings(_Section):
+    default_radius_m: float = Field(100.0, gt=0, le=100_000)
+    max_accuracy_m: float = Field(100.0, gt=0)
+    exit_hysteresis_m: float = Field(25.0, ge=0, le=10_000)
+    stale_after: Duration = Field(7200.0, gt=0)
+
+
+class VisitSettings(_Section):
+    min_dwell: Duration = 300.0
+
+
+class PolicySettings(_Section):
+    max_event_lag: Duration = Field(600.0, gt=0)
+
+
+class AuthKey(_Section):
+    name: str = Field(min_length=1)
+    key: str = Field(min_length=16, description="Bearer token; at least 16 characters")
+    scopes: list[Literal["ingest", "devices", "admin"]] = Field(min_length=1)
+
+
+class AuthSettings(_Section):
+    keys: list[AuthKey] = Field(default_factory=list)
+
+    @field_validator("keys")
+    @classmethod
+    def _unique(cls, keys: list[AuthKey]) -> list[AuthKey]:
+        seen: set[str] = set()
+        for k in keys:
+            if k.name in seen:
+                raise ValueError(f"duplicate key name {k.name!r}")
+            seen.add(k.name)
+        return keys
+
+
+class LoggingSettings(_Section):
+    format: Literal["json", "text"] = "json"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    pseudonym_key: str = Field(
+        "change-me", description="Key of the hash that pseudonymises device ids in logs"
+    )
+
+
+class WeatherSettings(_Section):
+    provider: Literal["none", "static", "open-meteo"] = "none"
+    static: dict[str, Any] | None = None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    stores_file: Path = Path("../stores.geojson")
+    rules_dir: Path = Path("../rules")
+    server: ServerSettings = ServerSettings()
+    storage: StorageSettings = StorageSettings()
+    geofence: GeofenceSettings = GeofenceSettings()
+    visits: VisitSettings = VisitSettings()
+    policy: PolicySettings = PolicySettings()
+    auth: AuthSettings = AuthSettings()
+    logging: LoggingSettings = LoggingSettings()
+    weather: WeatherSettings = WeatherSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's values come in through init; the environment wins over the file.
+        return (env_settings, init_settings)
+
+
+def config_path_from_env(explicit: str | Path | None) -> Path:
+    if explicit is not None:
+        return Path(explicit)
+    return Path(os.environ.get("GEOPUSH_CONFIG", str(DEFAULT_CONFIG_PATH)))
+
+
+def load_settings(path: str | Path | None = None, *, overrides: dict[str, Any] | None = None) -> Settings:
+    """Read, validate and resolve the settings; raise ConfigError naming file:line, key, value."""
+    config_path = config_path_from_env(path)
+    text = ""
+    if config_path.exists():
+        text = config_path.read_text(encoding="utf-8")
+    elif path is not None or "GEOPUSH_CONFIG" in os.environ:
+        raise ConfigError(f"{config_path}: config file not found")
+    try:
+        raw = yaml.safe_load(text) if text else {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{config_path}: not valid YAML: {exc}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{config_path}: expected a mapping of settings, got {type(raw).__name__}")
+    raw = {**raw, **(overrides or {})}
+    try:
+        settings = Settings(**raw)
+    except ValidationError as exc:
+        raise ConfigError(
+            f"{config_path}: invalid settings", _problems(exc, config_path, text)
+        ) from None
+    return _resolve_paths(settings, config_path.parent)
+
+
+def _problems(exc: ValidationError, path: Path, text: str) -> list[Problem]:
+    tree = compose(text)
+    problems = []
+    for err in exc.errors():
+        loc = [p for p in err["loc"] if isinstance(p, str | int)]
+        key = ".".join(str(p) for p in loc)
+        line = line_of(tree, loc)
+        where = f"{path}:{line}" if line else str(path)
+        value = err.get("input")
+        if err["type"] == "extra_forbidden":
+            message = f"{key}: unknown key"
+            expected = "one of the documented keys (geopush schema config)"
+        else:
+            message = f"{key} = {value!r}: {err['msg']}"
+            expected = err["msg"]
+        problems.append(Problem(where, message, field=key, value=_jsonable(value), expected=expected))
+    return problems
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return repr(value)
+
+
+def _resolve_paths(settings: Settings, base: Path) -> Settings:
+    def resolve(p: Path | None) -> Path | None:
+        if p is None or p.is_absolute():
+            return p
+        return (base / p).resolve()
+
+    storage = settings.storage.model_copy(update={"snapshot_path": resolve(settings.storage.snapshot_path)})
+    return settings.model_copy(
+        update={
+            "stores_file": resolve(settings.stores_file),
+            "rules_dir": resolve(settings.rules_dir),
+            "storage": storage,
+        }
+    )
+
+
+def config_json_schema() -> dict[str, Any]:
+    return Settings.model_json_schema()

@@ -1,0 +1,98 @@
+"""The pure engine: pings (or a timer) + what the store knows of each device → new state, events.
+
+The service and `geopush replay` both run pings through here; the rules and the anti-pushy
+policy will decide on the events here too. No I/O: the state store loads snapshots before and
+writes outcomes after.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from geopush.devices import DeviceProfile, has_location_consent
+from geopush.geo.transitions import DeviceState, Event, Ping, Tracker, Visit, process_batch
+
+RejectCode = Literal["invalid", "no_consent", "out_of_order"]
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    index: int  # position of the ping in the request / input
+    code: RejectCode
+    message: str
+
+
+@dataclass(slots=True)
+class DeviceSnapshot:
+    """What the state store holds for a device when a batch comes in."""
+
+    profile: DeviceProfile | None
+    state: DeviceState | None
+
+
+@dataclass(slots=True)
+class DeviceOutcome:
+    """What to write back for a device; `state` None means nothing changed."""
+
+    state: DeviceState | None
+    next_due: float | None = None
+    events: list[Event] = field(default_factory=list)
+    visits: list[Visit] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    accepted: int = 0
+
+
+class Engine:
+    def __init__(self, tracker: Tracker) -> None:
+        self.tracker = tracker
+
+    def ingest(
+        self,
+        pings: Sequence[Ping],
+        snapshots: Mapping[str, DeviceSnapshot],
+        *,
+        positions: Sequence[int] | None = None,
+        assume_consent: bool = False,
+    ) -> dict[str, DeviceOutcome]:
+        """Apply a batch of valid pings. Devices without location consent (or unknown ones)
+        get every ping rejected `no_consent` and nothing stored. `positions` maps each ping to
+        its index in the request (default: its index in `pings`)."""
+        where = list(positions) if positions is not None else list(range(len(pings)))
+        outcomes: dict[str, DeviceOutcome] = {}
+        admitted: list[Ping] = []
+        admitted_at: list[int] = []
+        per_device: dict[str, int] = {}
+        for ping, at in zip(pings, where, strict=True):
+            snap = snapshots.get(ping.device_id)
+            if assume_consent or (snap is not None and has_location_consent(snap.profile)):
+                admitted.append(ping)
+                admitted_at.append(at)
+                per_device[ping.device_id] = per_device.get(ping.device_id, 0) + 1
+            else:
+                outcome = outcomes.setdefault(ping.device_id, DeviceOutcome(None))
+                outcome.rejected.append(Rejected(
+                    at, "no_consent",
+                    f"device {ping.device_id!r} is unknown or has not given location consent",
+                ))
+        if not admitted:
+            return outcomes
+        states = {d: s.state for d, s in snapshots.items()}
+        for device_id, step in process_batch(self.tracker, admitted, states).items():
+            outcome = DeviceOutcome(step.state, self.tracker.next_due(step.state),
+                                    step.events, step.visits)
+            outcome.rejected = [
+                Rejected(admitted_at[r.position], r.code, r.message) for r in step.rejected
+            ]
+            outcome.accepted = per_device[device_id] - len(step.rejected)
+            outcomes[device_id] = outcome
+        return outcomes
+
+    def fire(self, device_id: str, snapshot: DeviceSnapshot, now: float) -> DeviceOutcome:
+        """Fire the device's due timers (dwell, stale exit) at `now`."""
+        if snapshot.state is None:
+            return DeviceOutcome(None)
+        step = self.tracker.fire_due(device_id, snapshot.state, now)
+        return DeviceOutcome(step.state, self.tracker.next_due(step.state), step.events,
+                             step.visits)

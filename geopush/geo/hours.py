@@ -1,0 +1,60 @@
+"""Store opening hours, parsed by the OSM `opening_hours` library (opening-hours-py)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
+
+from opening_hours import OpeningHours
+
+# Every evaluation gets a tz-aware datetime; the library wants ZoneInfo, not datetime.timezone.
+_UTC = ZoneInfo("UTC")
+
+
+class HoursSyntaxError(ValueError):
+    """The expression is not valid OSM opening_hours syntax."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreHours:
+    """Parsed opening hours of one store, evaluated in the store's time zone."""
+
+    expression: str
+    timezone: str
+    _parsed: OpeningHours
+
+    @classmethod
+    def parse(cls, expression: str, timezone: str, lat: float, lon: float) -> StoreHours:
+        try:
+            # coords let the library pick the country's public holidays (`PH off`).
+            parsed = OpeningHours(expression, timezone=ZoneInfo(timezone), coords=(lat, lon))
+        except Exception as exc:  # the library raises its own ParserError / SyntaxError
+            raise HoursSyntaxError(_short_reason(str(exc))) from None
+        return cls(expression, timezone, parsed)
+
+    def is_open(self, epoch_s: float, *, for_at_least_s: float = 0.0) -> bool | None:
+        """True/False when known at that moment (and still open `for_at_least_s` later);
+        None when the expression says `unknown` there."""
+        moment = datetime.fromtimestamp(epoch_s, UTC).replace(tzinfo=_UTC)
+        state = str(self._parsed.state(moment)[0]).lower()
+        if "unknown" in state:
+            return None
+        if "open" not in state:
+            return False
+        if for_at_least_s > 0:
+            change = self._parsed.next_change(moment)
+            if change is not None and change.timestamp() < epoch_s + for_at_least_s:
+                return False
+        return True
+
+
+def _short_reason(message: str) -> str:
+    """The parser's multi-line report as one line: position and what it expected."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    found = re.search(r"-->\s*(\d+:\d+)", message)
+    position = f"line:column {found.group(1)}" if found else ""
+    expected = next((line[1:].strip() for line in lines if line.startswith("=")), "")
+    parts = [p for p in (f"at {position}" if position else "", expected) if p]
+    return ", ".join(parts) or (lines[0] if lines else "unparseable")

@@ -1,0 +1,89 @@
+"""Ping objects from the outside world (HTTP, WebSocket, replay files) → validated `Ping`s.
+
+Each bad ping is rejected on its own with a message naming the field, the value and what was
+expected; the rest of a batch goes on.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from geopush.geo.transitions import Ping
+from geopush.timeutil import parse_ts
+
+MAX_FUTURE_S = 300.0  # a ping more than 5 min ahead of the clock is invalid (contract §5)
+DEVICE_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
+PING_FIELDS = frozenset({"device_id", "lat", "lon", "ts", "accuracy_m", "speed_mps"})
+
+
+@dataclass(frozen=True, slots=True)
+class PingError(Exception):
+    field: str | None
+    value: Any
+    expected: str
+
+    @property
+    def message(self) -> str:
+        if self.field is None:
+            return f"expected {self.expected}, got {_show(self.value)}"
+        return f"{self.field} = {_show(self.value)}: expected {self.expected}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def parse_ping(obj: Any, *, now: float | None, naive_is_utc: bool = False,
+               device_id: str | None = None) -> Ping:
+    """Validate one ping object; `now` (epoch s) rejects pings from the future, None skips that.
+
+    `device_id` fills in a missing device_id (replay of a single-device CSV)."""
+    if not isinstance(obj, dict):
+        raise PingError(None, obj, "a ping object {device_id, lat, lon, ts, accuracy_m?, speed_mps?}")
+    unknown = sorted(set(obj) - PING_FIELDS)
+    if unknown:
+        raise PingError(unknown[0], obj[unknown[0]], "only known fields ("
+                        + ", ".join(sorted(PING_FIELDS)) + ")")
+    dev = obj.get("device_id", device_id)
+    if not isinstance(dev, str) or not DEVICE_ID.match(dev):
+        raise PingError("device_id", dev, "1–128 characters of A-Z a-z 0-9 . _ : @ -")
+    lat = _number(obj, "lat", -90.0, 90.0)
+    lon = _number(obj, "lon", -180.0, 180.0)
+    if "ts" not in obj:
+        raise PingError("ts", None, "RFC 3339 time or epoch milliseconds")
+    try:
+        ts = parse_ts(obj["ts"], naive_is_utc=naive_is_utc)
+    except ValueError:
+        raise PingError("ts", obj["ts"], "RFC 3339 time with offset, or epoch milliseconds") from None
+    if now is not None and ts > now + MAX_FUTURE_S:
+        raise PingError("ts", obj["ts"], f"a time at most {MAX_FUTURE_S:g} s after the server's "
+                        "clock (the ping is from the future)")
+    accuracy = _optional(obj, "accuracy_m")
+    speed = _optional(obj, "speed_mps")
+    return Ping(dev, ts, lat, lon, accuracy, speed)
+
+
+def _number(obj: dict[str, Any], key: str, low: float, high: float) -> float:
+    value = obj.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise PingError(key, value, f"a number from {low:g} to {high:g}")
+    if not low <= value <= high:
+        raise PingError(key, value, f"a number from {low:g} to {high:g}")
+    return float(value)
+
+
+def _optional(obj: dict[str, Any], key: str) -> float | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if (isinstance(value, bool) or not isinstance(value, int | float)
+            or not math.isfinite(value) or value < 0):
+        raise PingError(key, value, "a number ≥ 0, or null")
+    return float(value)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:79] + "…"

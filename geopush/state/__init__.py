@@ -1,0 +1,1 @@
+"""State behind one interface: `memory` (one process, snapshot file) and `redis` (shared)."""

@@ -1,0 +1,77 @@
+"""The one interface both state backends implement; the service talks only to this.
+
+Per-device updates are atomic: `track` loads what it needs, lets the pure engine compute, and
+commits only if nothing changed the device meanwhile (else it computes again on fresh state),
+so any number of instances can share one Redis and produce the events one instance would.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Collection, Mapping
+
+from geopush.devices import ConsentChange, DeviceProfile, ErasureRecord
+from geopush.engine import DeviceOutcome, DeviceSnapshot
+from geopush.errors import GeopushError
+from geopush.geo.transitions import Visit
+
+Compute = Callable[[Mapping[str, DeviceSnapshot]], Mapping[str, DeviceOutcome]]
+"""Pure: snapshots of some devices → what to write for each. May be called more than once."""
+
+
+class StateUnavailable(GeopushError):
+    """The state store cannot be reached; the request may be retried (503 + Retry-After)."""
+
+    code = "unavailable"
+    http_status = 503
+
+
+class StateStore(ABC):
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect / load the snapshot. Called once at start."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Disconnect / write the snapshot. Called once at clean shutdown."""
+
+    @abstractmethod
+    async def healthy(self) -> bool:
+        """Reachable right now (for /readyz); never raises."""
+
+    # -- devices ---------------------------------------------------------------------------
+
+    @abstractmethod
+    async def get_profile(self, device_id: str) -> DeviceProfile | None: ...
+
+    @abstractmethod
+    async def put_profile(self, profile: DeviceProfile, change: ConsentChange | None) -> None:
+        """Store the profile; append `change` to the consent trail when consent changed.
+
+        Revoking location consent also ends the device's stays and timers without events."""
+
+    @abstractmethod
+    async def consent_history(self, device_id: str) -> list[ConsentChange]: ...
+
+    @abstractmethod
+    async def visits(self, device_id: str) -> list[Visit]: ...
+
+    @abstractmethod
+    async def erase(self, device_id: str, record: ErasureRecord) -> bool:
+        """Delete everything about the device, keep `record`; False if it was unknown."""
+
+    @abstractmethod
+    async def erasure_record(self, device_hash: str) -> ErasureRecord | None: ...
+
+    # -- tracking --------------------------------------------------------------------------
+
+    @abstractmethod
+    async def track(self, device_ids: Collection[str], compute: Compute) -> dict[str, DeviceOutcome]:
+        """Atomically per device: snapshot → compute → write state, visits and due time.
+
+        Returns the committed outcome of every device compute returned one for."""
+
+    @abstractmethod
+    async def claim_due(self, now: float, limit: int, lease_s: float) -> list[str]:
+        """Devices with a timer due by `now`, each handed to one caller only (until the lease
+        runs out, so a crashed instance's timers are taken over)."""
