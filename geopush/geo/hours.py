@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
-from opening_hours import OpeningHours
+from opening_hours import OpeningHours, State
 
 # Every evaluation gets a tz-aware datetime; the library wants ZoneInfo, not datetime.timezone.
 _UTC = ZoneInfo("UTC")
@@ -37,17 +37,30 @@ class StoreHours:
     def is_open(self, epoch_s: float, *, for_at_least_s: float = 0.0) -> bool | None:
         """True/False when known at that moment (and still open `for_at_least_s` later);
         None when the expression says `unknown` there."""
-        moment = datetime.fromtimestamp(epoch_s, UTC).replace(tzinfo=_UTC)
-        state = str(self._parsed.state(moment)[0]).lower()
-        if "unknown" in state:
+        moment = _utc(epoch_s)
+        state = self._parsed.state(moment)[0]
+        if state == State.UNKNOWN:
             return None
-        if "open" not in state:
+        if state != State.OPEN:
             return False
-        if for_at_least_s > 0:
+        end = epoch_s + for_at_least_s
+        # A change is not always a closing (a new comment, `Mo-Fr 08:00-12:00,12:00-18:00`
+        # split by rules): walk the changes up to `end` and require open all along.
+        for _ in range(_MAX_CHANGES):
             change = self._parsed.next_change(moment)
-            if change is not None and change.timestamp() < epoch_s + for_at_least_s:
+            if change is None or change.timestamp() >= end:
+                return True
+            moment = change
+            if self._parsed.state(moment)[0] != State.OPEN:
                 return False
         return True
+
+
+def _utc(epoch_s: float) -> datetime:
+    return datetime.fromtimestamp(epoch_s, UTC).replace(tzinfo=_UTC)
+
+
+_MAX_CHANGES = 32  # more changes than this within a for_at_least window is not a real shop
 
 
 def _short_reason(message: str) -> str:

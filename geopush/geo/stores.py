@@ -135,7 +135,11 @@ class _Builder:
                 field="properties", value=_short(props), expected="object",
             )
             return
-        raw_id = feature.get("id", props.get("id", props.get("@id")))
+        # first of the three that is given: a `"id": null` must not hide properties["@id"]
+        raw_id = next(
+            (v for v in (feature.get("id"), props.get("id"), props.get("@id")) if v is not None),
+            None,
+        )
         if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
             self.report.error(
                 f"{at}: feature #{index}",
@@ -143,7 +147,13 @@ class _Builder:
                 field="id", value=None, expected="a unique string",
             )
             return
-        fid = str(raw_id)
+        if isinstance(raw_id, bool) or not isinstance(raw_id, str | int):
+            self.report.error(
+                f"{at}: feature #{index}", f"id = {_short(raw_id)}: expected a string or an integer",
+                field="id", value=_short(raw_id), expected="a unique string",
+            )
+            return
+        fid = str(raw_id).strip()
         where = f"{at}: feature #{index} (id {fid!r})"
         errors_before = len(self.report.errors)
 
@@ -257,7 +267,9 @@ def _check_geometry(
     return "polygon", float(point.y), float(point.x), shape
 
 
-def _polygon(coords: Any, fieldname: str, where: str, report: Report) -> list[list[tuple[float, float]]] | None:
+def _polygon(
+    coords: Any, fieldname: str, where: str, report: Report
+) -> list[list[tuple[float, float]]] | None:
     if not isinstance(coords, list) or not coords:
         report.error(where, f"{fieldname} = {_short(coords)}: expected a list of linear rings",
                      field=fieldname, value=_short(coords), expected="list of linear rings")

@@ -1,0 +1,375 @@
+"""`geopush replay`: a file of pings through the engine on a virtual clock (contract §9).
+
+Each device's clock is its latest ping's ts: its due timers fire before its next ping (the
+tracker fires every timer due by a ping's time before applying it), and at the end of the input
+its clock runs on to its last ping + stale_after, so every stay ends as it would live. Nothing
+is `late` in replay. Pings are taken in file order and fed to the engine in chunks; a ping older
+than its device's clock is `out_of_order` here, before the engine sees it, because the engine
+sorts each device's pings within a batch and would otherwise accept it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from geopush.devices import Consent, DeviceProfile, has_location_consent
+from geopush.engine import DeviceSnapshot, Engine
+from geopush.errors import InvalidInput, Problem
+from geopush.geo.transitions import Event, Ping
+from geopush.pings import PingError, parse_ping
+from geopush.timeutil import format_ts
+from geopush.yamlspots import compose, line_of
+
+CHUNK = 10_000  # pings per engine call: one index query per chunk keeps big files fast
+CSV_COLUMNS = ("device_id", "ts", "lat", "lon", "accuracy_m", "speed_mps")
+_COLUMN_ALIASES = {"ts_iso": "ts"}  # the trace CSVs of shared/data
+_EPOCH_MS = re.compile(r"^\d+(?:\.\d+)?$")
+EVENT_TYPES = ("enter", "dwell", "exit")
+WEATHER_CONDITIONS = (
+    "clear", "partly_cloudy", "cloudy", "fog", "drizzle", "rain", "snow", "showers",
+    "thunderstorm",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class BadLine:
+    """A line of the pings file that is not a valid ping: rejected `invalid`, the rest goes on."""
+
+    line: int
+    message: str
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+
+def read_pings(path: Path, *, device_id: str | None = None) -> Iterator[tuple[int, Ping | BadLine]]:
+    """(line number, ping or what is wrong with the line) for each record of a CSV or NDJSON
+    file. Raises InvalidInput when the file as a whole cannot be read (no header, unknown
+    column, no device id)."""
+    try:
+        handle = path.open(encoding="utf-8", newline="")
+    except OSError as exc:
+        raise InvalidInput(f"{path}: cannot read pings file: {exc.strerror}") from None
+    with handle:
+        lines = enumerate(handle, start=1)
+        first = _first_content(lines)
+        if first is None:
+            return
+        if _is_ndjson(path, first[1]):
+            yield from _ndjson([first], lines, device_id)
+        else:
+            yield from _csv(path, first, lines, device_id)
+
+
+def _first_content(lines: Iterator[tuple[int, str]]) -> tuple[int, str] | None:
+    for number, text in lines:
+        if text.strip():
+            return number, text
+    return None
+
+
+def _is_ndjson(path: Path, first: str) -> bool:
+    return path.suffix.lower() in (".ndjson", ".jsonl") or first.lstrip().startswith("{")
+
+
+def _ndjson(
+    head: list[tuple[int, str]], rest: Iterable[tuple[int, str]], device_id: str | None
+) -> Iterator[tuple[int, Ping | BadLine]]:
+    for lines in (head, rest):
+        for number, text in lines:
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                yield number, BadLine(number, f"not valid JSON: {exc.msg} (column {exc.colno}); "
+                                      "expected one ping object per line")
+                continue
+            yield number, _ping(number, obj, device_id)
+
+
+def _csv(
+    path: Path, header: tuple[int, str], rest: Iterable[tuple[int, str]], device_id: str | None
+) -> Iterator[tuple[int, Ping | BadLine]]:
+    columns = [c.strip().lower() for c in next(csv.reader([header[1]]))]
+    columns = [_COLUMN_ALIASES.get(c, c) for c in columns]
+    expected = "a header naming the columns device_id,ts,lat,lon,accuracy_m,speed_mps"
+    unknown = [c for c in columns if c not in CSV_COLUMNS]
+    if unknown:
+        raise InvalidInput(
+            f"{path}:{header[0]}: unknown column {unknown[0]!r}; expected {expected} "
+            "(ts_iso is accepted for ts)",
+            [Problem(f"{path}:{header[0]}", f"unknown column {unknown[0]!r}", field="header",
+                     value=unknown[0], expected=expected)],
+        )
+    missing = [c for c in ("ts", "lat", "lon") if c not in columns]
+    if missing:
+        raise InvalidInput(f"{path}:{header[0]}: header has no {missing[0]!r} column; "
+                           f"expected {expected}")
+    if len(set(columns)) != len(columns):
+        raise InvalidInput(f"{path}:{header[0]}: a column is named twice in {header[1].strip()!r}")
+    if "device_id" not in columns and device_id is None:
+        raise NoDeviceColumn(f"{path}: the CSV has no device_id column; give --device ID")
+    width = len(columns)
+    for number, text in rest:
+        if not text.strip():
+            continue
+        row = next(csv.reader([text]))
+        if len(row) != width:
+            yield number, BadLine(number, f"{len(row)} fields: expected {width} "
+                                  f"({','.join(columns)})")
+            continue
+        obj: dict[str, Any] = {}
+        for name, raw in zip(columns, row, strict=True):
+            value = raw.strip()
+            if name == "device_id":
+                if value:
+                    obj[name] = value
+            elif name == "ts":
+                obj[name] = _number(value) if _EPOCH_MS.match(value) else value
+            elif value or name in ("lat", "lon"):
+                obj[name] = _number(value)
+        yield number, _ping(number, obj, device_id)
+
+
+class NoDeviceColumn(InvalidInput):
+    """A CSV without device_id and no --device: a usage error."""
+
+
+def _number(text: str) -> Any:
+    try:
+        return float(text) if any(c in text for c in ".eEnN") else int(text)
+    except ValueError:
+        return text  # parse_ping names the field and what was expected
+
+
+def _ping(number: int, obj: Any, device_id: str | None) -> Ping | BadLine:
+    try:
+        return parse_ping(obj, now=None, naive_is_utc=True, device_id=device_id)
+    except PingError as exc:
+        return BadLine(number, exc.message)
+
+
+# -- devices and weather ------------------------------------------------------------------
+
+
+def load_devices(path: Path) -> dict[str, DeviceProfile]:
+    """A YAML/JSON list of device profiles (as PUT /v1/devices takes, each with its device_id),
+    or a mapping with that list under `devices`. Raises InvalidInput listing every error."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InvalidInput(f"{path}: cannot read devices file: {exc.strerror}") from None
+    try:
+        doc = yaml.safe_load(text)  # JSON is YAML too
+    except yaml.YAMLError as exc:
+        raise InvalidInput(f"{path}: not valid YAML or JSON: {exc}") from None
+    prefix: list[str | int] = []
+    if isinstance(doc, dict) and "devices" in doc:
+        doc, prefix = doc["devices"], ["devices"]
+    if not isinstance(doc, list):
+        raise InvalidInput(f"{path}: expected a list of device profiles, got "
+                           f"{type(doc).__name__}")
+    tree = compose(text)
+    problems: list[Problem] = []
+    devices: dict[str, DeviceProfile] = {}
+    for i, item in enumerate(doc):
+        where = f"{path}:{line_of(tree, [*prefix, i]) or 1}: device #{i}"
+        try:
+            profile = DeviceProfile.model_validate(item)
+        except ValidationError as exc:
+            for err in exc.errors():
+                loc = [p for p in err["loc"] if isinstance(p, str | int)]
+                key = ".".join(str(p) for p in loc)
+                line = line_of(tree, [*prefix, i, *loc]) or 1
+                problems.append(Problem(
+                    f"{path}:{line}: device #{i}", f"{key} = {err.get('input')!r}: {err['msg']}",
+                    field=key, value=repr(err.get("input")), expected=err["msg"],
+                ))
+            continue
+        if profile.device_id in devices:
+            problems.append(Problem(where, f"device_id {profile.device_id!r} is listed twice",
+                                    field="device_id", value=profile.device_id,
+                                    expected="each device once"))
+            continue
+        devices[profile.device_id] = profile
+    if problems:
+        raise InvalidInput(f"{path}: {len(problems)} error(s) in devices file", problems)
+    return devices
+
+
+def parse_weather(text: str) -> dict[str, Any]:
+    """`temperature_c=31,condition=clear` → {"temperature_c": 31.0, "condition": "clear"}."""
+    weather: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not value:
+            raise ValueError(f"{part!r}: expected key=value, e.g. temperature_c=31,condition=clear")
+        if key == "temperature_c":
+            try:
+                weather[key] = float(value)
+            except ValueError:
+                raise ValueError(f"temperature_c = {value!r}: expected a number") from None
+        elif key == "condition":
+            if value not in WEATHER_CONDITIONS:
+                raise ValueError(f"condition = {value!r}: expected one of "
+                                 + ", ".join(WEATHER_CONDITIONS))
+            weather[key] = value
+        else:
+            raise ValueError(f"{key!r}: unknown weather key; expected temperature_c or condition")
+    return weather
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+@dataclass
+class ReplayResult:
+    pings: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)  # code → count
+    rejections: list[tuple[int, str, str]] = field(default_factory=list)  # line, code, message
+    events: list[Event] = field(default_factory=list)  # kept unless summary_only
+    event_counts: Counter[str] = field(default_factory=Counter)
+    elapsed_s: float = 0.0
+
+    @property
+    def pings_per_s(self) -> float:
+        return self.pings / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "pings": self.pings,
+            "rejected": sum(self.rejected.values()),
+            "rejected_by_code": dict(sorted(self.rejected.items())),
+            "events": {t: self.event_counts[t] for t in EVENT_TYPES},
+            # the rules engine will fill these; the shape is ready for it
+            "pushes": 0,
+            "suppressed": {},
+            "elapsed_s": round(self.elapsed_s, 3),
+            "pings_per_s": round(self.pings_per_s, 1),
+        }
+
+    def document(self, *, summary_only: bool = False) -> dict[str, Any]:
+        """The `--json` document of contract §9."""
+        doc: dict[str, Any] = {"summary": self.summary()}
+        if not summary_only:
+            doc["events"] = [event_json(e) for e in self.events]
+            doc["decisions"] = []
+        return doc
+
+
+def event_json(event: Event) -> dict[str, Any]:
+    return {"ts": format_ts(event.ts), "device_id": event.device_id,
+            "geofence_id": event.geofence_id, "store_id": event.store_id, "type": event.type}
+
+
+class Replay:
+    """One replay run: an engine, the devices it knows, and each device's virtual clock."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        stale_after_s: float,
+        devices: Mapping[str, DeviceProfile] | None = None,
+        assume_consent: bool = False,
+        keep_events: bool = True,
+        chunk: int = CHUNK,
+    ) -> None:
+        self.engine = engine
+        self.stale_after_s = stale_after_s
+        self.assume_consent = assume_consent
+        self.keep_events = keep_events
+        self.chunk = chunk
+        self.snapshots: dict[str, DeviceSnapshot] = {
+            d: DeviceSnapshot(p, None) for d, p in (devices or {}).items()
+        }
+        self.clock: dict[str, float] = {}  # device → its latest accepted ping's ts
+        self.result = ReplayResult()
+
+    def run(self, records: Iterable[tuple[int, Ping | BadLine]]) -> ReplayResult:
+        started = time.perf_counter()
+        pending: list[Ping] = []
+        lines: list[int] = []
+        for number, record in records:
+            self.result.pings += 1
+            if isinstance(record, BadLine):
+                self._reject(number, "invalid", record.message)
+                continue
+            if not self._admit(number, record):
+                continue
+            pending.append(record)
+            lines.append(number)
+            if len(pending) >= self.chunk:
+                self._ingest(pending, lines)
+                pending, lines = [], []
+        if pending:
+            self._ingest(pending, lines)
+        self._run_clocks_out()
+        self.result.events.sort(key=lambda e: e.ts)  # stable: same-time events keep their order
+        self.result.elapsed_s = time.perf_counter() - started
+        return self.result
+
+    def _admit(self, number: int, ping: Ping) -> bool:
+        device = ping.device_id
+        snap = self.snapshots.get(device)
+        if snap is None and self.assume_consent:
+            # --assume-consent: a device missing from --devices consents to everything
+            snap = DeviceSnapshot(
+                DeviceProfile(device_id=device, consent=Consent(location=True, marketing=True)),
+                None,
+            )
+            self.snapshots[device] = snap
+        if snap is None or not has_location_consent(snap.profile):
+            self._reject(number, "no_consent",
+                         f"device {device!r} is unknown or has not given location consent")
+            return False
+        clock = self.clock.get(device)
+        if clock is not None and ping.ts < clock:
+            self._reject(number, "out_of_order",
+                         f"ts {format_ts(ping.ts)} is older than this device's last ping "
+                         f"({format_ts(clock)})")
+            return False
+        self.clock[device] = ping.ts
+        return True
+
+    def _ingest(self, pings: list[Ping], lines: list[int]) -> None:
+        devices = {p.device_id for p in pings}
+        snapshots = {d: self.snapshots[d] for d in devices}
+        outcomes = self.engine.ingest(pings, snapshots, positions=lines)
+        for device, outcome in outcomes.items():
+            for rejected in outcome.rejected:
+                self._reject(rejected.index, rejected.code, rejected.message)
+            if outcome.state is not None:
+                snapshots[device].state = outcome.state
+            self._record(outcome.events)
+
+    def _run_clocks_out(self) -> None:
+        for device, last in self.clock.items():
+            snap = self.snapshots[device]
+            outcome = self.engine.fire(device, snap, last + self.stale_after_s)
+            if outcome.state is not None:
+                snap.state = outcome.state
+            self._record(outcome.events)
+
+    def _record(self, events: list[Event]) -> None:
+        for event in events:
+            self.result.event_counts[event.type] += 1
+        if self.keep_events:
+            self.result.events.extend(events)
+
+    def _reject(self, line: int, code: str, message: str) -> None:
+        self.result.rejected[code] += 1
+        self.result.rejections.append((line, code, message))
