@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Mapping
+from typing import Any
 
 from geopush.devices import ConsentChange, DeviceProfile, ErasureRecord
 from geopush.engine import DeviceOutcome, DeviceSnapshot
@@ -75,3 +76,25 @@ class StateStore(ABC):
     async def claim_due(self, now: float, limit: int, lease_s: float) -> list[str]:
         """Devices with a timer due by `now`, each handed to one caller only (until the lease
         runs out, so a crashed instance's timers are taken over)."""
+
+    # -- export ----------------------------------------------------------------------------
+
+    async def export(self, device_id: str) -> dict[str, Any] | None:
+        """Everything this store holds about the device (JSON-ready), None if it is unknown.
+
+        `profile` as stored, `consent_history` oldest first, `visits` oldest first (epoch
+        seconds). The service adds what other stores hold (pushes, decisions)."""
+        profile = await self.get_profile(device_id)
+        consent = await self.consent_history(device_id)
+        visits = await self.visits(device_id)
+        if profile is None and not consent and not visits:
+            return None
+        return {
+            "profile": profile.model_dump(mode="json") if profile is not None else None,
+            "consent_history": [c.model_dump(mode="json") for c in consent],
+            "visits": [
+                {"store_id": v.store_id, "geofence_id": v.geofence_id, "start": v.start,
+                 "end": v.end}
+                for v in visits
+            ],
+        }

@@ -1,0 +1,38 @@
+"""Every Redis key name geopush uses, in one place.
+
+All keys of one device share the hash tag `{d:<device_id>}` so they live in one Redis Cluster
+slot: the per-device Lua scripts (commit, profile write) touch only those keys. The global
+timers sorted set and the erasure hash are in slots of their own; nothing writes them in the
+same script as device keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "geopush"
+VISITS_KEPT = 1000  # visits remembered per device (when.visits looks back 90 days at most)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceKeys:
+    profile: str  # JSON of DeviceProfile
+    consent: str  # list of JSON ConsentChange, oldest first
+    track: str  # JSON {"state": DeviceState.to_dict(), "next_due": float | null}
+    visits: str  # list of JSON [store_id, geofence_id, start, end], oldest first
+    version: str  # integer, INCR'd by every write of the device (the CAS of `track`)
+
+    def all(self) -> tuple[str, str, str, str, str]:
+        return (self.profile, self.consent, self.track, self.visits, self.version)
+
+
+class Keys:
+    def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
+        self.prefix = prefix
+        self.timers = f"{prefix}:timers"  # sorted set: device_id -> due epoch seconds
+        self.erasures = f"{prefix}:erasures"  # hash: device_hash -> JSON ErasureRecord
+
+    def device(self, device_id: str) -> DeviceKeys:
+        base = f"{self.prefix}:{{d:{device_id}}}"
+        return DeviceKeys(f"{base}:profile", f"{base}:consent", f"{base}:track",
+                          f"{base}:visits", f"{base}:ver")

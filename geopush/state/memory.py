@@ -1,0 +1,209 @@
+"""The `memory` backend: one process, plain dicts, a JSON snapshot across clean restarts.
+
+Atomicity is free here: `track` reads, computes and writes with no `await` in between, so no
+other task can touch a device meanwhile.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+from collections.abc import Collection
+from pathlib import Path
+
+import orjson
+from pydantic import ValidationError
+
+from geopush.devices import ConsentChange, DeviceProfile, ErasureRecord
+from geopush.engine import DeviceOutcome, DeviceSnapshot
+from geopush.errors import GeopushError
+from geopush.geo.transitions import DeviceState, Stay, Visit
+from geopush.state.base import Compute, StateStore
+from geopush.state.codec import track_from_json, track_to_json, visit_from_json, visit_to_json
+from geopush.state.keys import VISITS_KEPT
+
+SNAPSHOT_FORMAT = 1
+
+
+class SnapshotError(GeopushError):
+    """The memory backend's snapshot file cannot be read; the service refuses to start."""
+
+    code = "snapshot_error"
+
+
+class MemoryStore(StateStore):
+    def __init__(self, snapshot_path: Path | None = None) -> None:
+        self.snapshot_path = snapshot_path
+        self._profiles: dict[str, DeviceProfile] = {}
+        self._consent: dict[str, list[ConsentChange]] = {}
+        self._tracks: dict[str, tuple[DeviceState, float | None]] = {}
+        self._visits: dict[str, list[Visit]] = {}
+        self._erasures: dict[str, ErasureRecord] = {}
+        self._timers = _Timers()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self.snapshot_path is not None and self.snapshot_path.exists():
+            self._load(self.snapshot_path)
+
+    async def close(self) -> None:
+        if self.snapshot_path is not None:
+            self._save(self.snapshot_path)
+
+    async def healthy(self) -> bool:
+        return True
+
+    # -- devices ---------------------------------------------------------------------------
+
+    async def get_profile(self, device_id: str) -> DeviceProfile | None:
+        return self._profiles.get(device_id)
+
+    async def put_profile(self, profile: DeviceProfile, change: ConsentChange | None) -> None:
+        device_id = profile.device_id
+        self._profiles[device_id] = profile
+        if change is not None:
+            self._consent.setdefault(device_id, []).append(change)
+        if not profile.consent.location:
+            # revoked (or never given): stays and timers end silently, no exit events
+            self._tracks.pop(device_id, None)
+            self._timers.discard(device_id)
+
+    async def consent_history(self, device_id: str) -> list[ConsentChange]:
+        return list(self._consent.get(device_id, ()))
+
+    async def visits(self, device_id: str) -> list[Visit]:
+        return list(self._visits.get(device_id, ()))
+
+    async def erase(self, device_id: str, record: ErasureRecord) -> bool:
+        known = False
+        for table in (self._profiles, self._consent, self._tracks, self._visits):
+            known = table.pop(device_id, None) is not None or known
+        known = self._timers.discard(device_id) or known
+        if known:
+            self._erasures[record.device_hash] = record
+        return known
+
+    async def erasure_record(self, device_hash: str) -> ErasureRecord | None:
+        return self._erasures.get(device_hash)
+
+    # -- tracking --------------------------------------------------------------------------
+
+    async def track(self, device_ids: Collection[str], compute: Compute) -> dict[str, DeviceOutcome]:
+        snapshots = {}
+        for device_id in device_ids:
+            stored = self._tracks.get(device_id)
+            # a copy: compute may mutate the state it is given, and may raise halfway
+            state = _copy_state(stored[0]) if stored is not None else None
+            snapshots[device_id] = DeviceSnapshot(self._profiles.get(device_id), state)
+        outcomes = dict(compute(snapshots))
+        for device_id, outcome in outcomes.items():
+            if outcome.state is None:
+                stored = self._tracks.get(device_id)
+                self._timers.set(device_id, stored[1] if stored is not None else None)
+                continue
+            self._tracks[device_id] = (outcome.state, outcome.next_due)
+            if outcome.visits:
+                kept = self._visits.setdefault(device_id, [])
+                kept.extend(outcome.visits)
+                del kept[:-VISITS_KEPT]
+            self._timers.set(device_id, outcome.next_due)
+        return outcomes
+
+    async def claim_due(self, now: float, limit: int, lease_s: float) -> list[str]:
+        return self._timers.claim(now, limit, lease_s)
+
+    # -- snapshot --------------------------------------------------------------------------
+
+    def _save(self, path: Path) -> None:
+        data = {
+            "format": SNAPSHOT_FORMAT,
+            "profiles": {d: p.model_dump(mode="json") for d, p in self._profiles.items()},
+            "consent": {d: [c.model_dump(mode="json") for c in trail]
+                        for d, trail in self._consent.items()},
+            "tracks": {d: track_to_json(s, due) for d, (s, due) in self._tracks.items()},
+            "visits": {d: [visit_to_json(v) for v in vs] for d, vs in self._visits.items()},
+            "timers": self._timers.as_dict(),
+            "erasures": {h: r.model_dump(mode="json") for h, r in self._erasures.items()},
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        # write aside and rename: a crash mid-write leaves the previous snapshot intact
+        with open(tmp, "wb") as f:
+            f.write(orjson.dumps(data))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def _load(self, path: Path) -> None:
+        try:
+            data = orjson.loads(path.read_bytes())
+            if not isinstance(data, dict) or data.get("format") != SNAPSHOT_FORMAT:
+                raise ValueError(f"expected a geopush state snapshot (format {SNAPSHOT_FORMAT})")
+            profiles = {d: DeviceProfile.model_validate(p) for d, p in data["profiles"].items()}
+            consent = {d: [ConsentChange.model_validate(c) for c in trail]
+                       for d, trail in data["consent"].items()}
+            tracks = {d: track_from_json(t) for d, t in data["tracks"].items()}
+            visits = {d: [visit_from_json(d, v) for v in vs] for d, vs in data["visits"].items()}
+            timers = {str(d): float(t) for d, t in data["timers"].items()}
+            erasures = {h: ErasureRecord.model_validate(r) for h, r in data["erasures"].items()}
+        except (OSError, ValueError, ValidationError, KeyError, TypeError, IndexError,
+                AttributeError) as exc:
+            raise SnapshotError(
+                f"{path}: cannot read the state snapshot ({type(exc).__name__}: {exc}); "
+                "move the file away to start with empty state"
+            ) from None
+        self._profiles, self._consent, self._tracks = profiles, consent, tracks
+        self._visits, self._erasures = visits, erasures
+        self._timers = _Timers()
+        for device_id, due in timers.items():
+            self._timers.set(device_id, due)
+
+
+class _Timers:
+    """device id → due time, with a heap to find the due ones without scanning every device."""
+
+    def __init__(self) -> None:
+        self._due: dict[str, float] = {}
+        self._heap: list[tuple[float, str]] = []  # may hold outdated entries; checked on pop
+
+    def set(self, device_id: str, due: float | None) -> None:
+        if due is None:
+            self.discard(device_id)
+            return
+        if self._due.get(device_id) == due:
+            return
+        self._due[device_id] = due
+        heapq.heappush(self._heap, (due, device_id))
+        if len(self._heap) > 2 * len(self._due) + 64:
+            self._heap = [(t, d) for d, t in self._due.items()]
+            heapq.heapify(self._heap)
+
+    def discard(self, device_id: str) -> bool:
+        return self._due.pop(device_id, None) is not None
+
+    def claim(self, now: float, limit: int, lease_s: float) -> list[str]:
+        claimed: list[str] = []
+        heap = self._heap
+        while heap and heap[0][0] <= now and len(claimed) < limit:
+            due, device_id = heapq.heappop(heap)
+            if self._due.get(device_id) != due:
+                continue  # outdated heap entry
+            del self._due[device_id]
+            claimed.append(device_id)
+        for device_id in claimed:
+            # leased, not removed: if the caller never commits, the timer comes back
+            self.set(device_id, now + lease_s)
+        return claimed
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(self._due)
+
+
+def _copy_state(state: DeviceState) -> DeviceState:
+    stays = {
+        fid: Stay(s.geofence_id, s.store_id, s.enter_ts, s.confirmed_ts, s.lat, s.lon,
+                  s.distance_m, s.speed_mps, list(s.dwells_fired))
+        for fid, s in state.stays.items()
+    }
+    return DeviceState(state.last_ts, stays, list(state.recent))
