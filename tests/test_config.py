@@ -1,0 +1,158 @@
+"""Settings: embedded defaults, environment overrides, errors at file:line (contract §11)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from geopush.config import Settings, config_json_schema, load_settings
+from geopush.errors import ConfigError
+
+REPO = Path(__file__).parent.parent
+EMBEDDED = REPO / "config" / "geopush.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests see only the environment they set."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("GEOPUSH_"):
+            monkeypatch.delenv(name)
+
+
+def _write(tmp_path: Path, text: str, name: str = "geopush.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_embedded_config_loads_with_the_contract_defaults() -> None:
+    settings = load_settings(EMBEDDED)
+    assert settings.stores_file == (REPO / "stores.geojson").resolve()
+    assert settings.rules_dir == (REPO / "rules").resolve()
+    assert settings.storage.backend == "memory"
+    assert settings.geofence.default_radius_m == 100
+    assert settings.geofence.max_accuracy_m == 100
+    assert settings.geofence.exit_hysteresis_m == 25
+    assert settings.geofence.stale_after == 7200
+    assert settings.visits.min_dwell == 300
+    assert settings.policy.max_event_lag == 600
+    assert settings.stores_file.exists()
+
+
+def test_an_empty_file_gives_the_same_defaults(tmp_path: Path) -> None:
+    settings = load_settings(_write(tmp_path, ""))
+    assert settings.geofence == Settings.model_fields["geofence"].default
+    assert settings.storage.backend == "memory"
+
+
+def test_environment_overrides_a_nested_key(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _write(tmp_path, "storage:\n  backend: redis\n  redis_url: redis://file:6379/1\n")
+    monkeypatch.setenv("GEOPUSH_STORAGE__REDIS_URL", "redis://env:6380/2")
+    settings = load_settings(path)
+    assert settings.storage.redis_url == "redis://env:6380/2"
+    assert settings.storage.backend == "redis"  # the rest of the section stays from the file
+
+
+def test_environment_override_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GEOPUSH_GEOFENCE__STALE_AFTER", "soon")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(EMBEDDED)
+    [problem] = raised.value.details
+    assert problem.field == "geofence.stale_after" and problem.value == "soon"
+
+
+def test_config_path_comes_from_geopush_config(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _write(tmp_path, "server:\n  port: 9999\n")
+    monkeypatch.setenv("GEOPUSH_CONFIG", str(path))
+    assert load_settings().server.port == 9999
+
+
+def test_a_named_config_file_that_is_missing_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_settings(tmp_path / "nope.yaml")
+
+
+def test_unknown_key_is_an_error_at_file_and_line(tmp_path: Path) -> None:
+    path = _write(tmp_path, "server:\n  port: 8080\ngeofence:\n  default_radius_m: 50\n"
+                            "  radius: 10\n")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(path)
+    [problem] = raised.value.details
+    assert problem.where == f"{path}:5"
+    assert problem.field == "geofence.radius"
+    assert "unknown key" in problem.message
+
+
+def test_unknown_top_level_section_is_an_error(tmp_path: Path) -> None:
+    path = _write(tmp_path, "stores_file: s.geojson\nweathr:\n  provider: none\n")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(path)
+    assert [(p.where, p.field) for p in raised.value.details] == [(f"{path}:2", "weathr")]
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "value", "line"),
+    [
+        ("geofence:\n  stale_after: two hours\n", "geofence.stale_after", "two hours", 2),
+        ("visits:\n  min_dwell: -5\n", "visits.min_dwell", -5, 2),
+        ("geofence:\n  default_radius_m: -1\n", "geofence.default_radius_m", -1, 2),
+        ("storage:\n  backend: mongo\n", "storage.backend", "mongo", 2),
+        ("\n\nserver:\n  port: 70000\n", "server.port", 70000, 4),
+    ],
+)
+def test_bad_values_name_file_line_field_and_value(tmp_path: Path, text: str, field: str,
+                                                   value: object, line: int) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as raised:
+        load_settings(path)
+    [problem] = raised.value.details
+    assert (problem.where, problem.field, problem.value) == (f"{path}:{line}", field, value)
+    assert problem.expected
+
+
+def test_every_bad_key_is_listed(tmp_path: Path) -> None:
+    path = _write(tmp_path, "geofence:\n  stale_after: x\n  max_accuracy_m: -3\nfoo: 1\n")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(path)
+    assert sorted(p.field or "" for p in raised.value.details) == [
+        "foo", "geofence.max_accuracy_m", "geofence.stale_after"]
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("30s", 30), ("5m", 300), ("2h", 7200),
+                                               ("1h30m", 5400), ("7d", 604800), (90, 90)])
+def test_durations_are_read_in_their_usual_spellings(tmp_path: Path, text: object,
+                                                     seconds: float) -> None:
+    settings = load_settings(_write(tmp_path, f"geofence:\n  stale_after: {text}\n"))
+    assert settings.geofence.stale_after == seconds
+
+
+def test_paths_are_relative_to_the_config_file(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    path = _write(conf, "stores_file: ../data/stores.geojson\nrules_dir: rules\n"
+                        "storage:\n  snapshot_path: /var/lib/geopush/state.json\n")
+    monkeypatch.chdir(REPO)  # the working directory plays no part
+    settings = load_settings(path)
+    assert settings.stores_file == (tmp_path / "data" / "stores.geojson").resolve()
+    assert settings.rules_dir == (conf / "rules").resolve()
+    assert settings.storage.snapshot_path == Path("/var/lib/geopush/state.json")
+
+
+def test_not_yaml_and_not_a_mapping_are_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings(_write(tmp_path, "server: [\n"))
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_settings(_write(tmp_path, "- a\n- b\n", name="list.yaml"))
+
+
+def test_json_schema_describes_the_fixed_keys() -> None:
+    schema = config_json_schema()
+    assert {"stores_file", "rules_dir", "server", "storage", "geofence"} <= set(schema["properties"])
+    assert schema.get("additionalProperties") is False
