@@ -17,7 +17,10 @@ from geopush.errors import GeopushError
 from geopush.geo.transitions import Visit
 
 Compute = Callable[[Mapping[str, DeviceSnapshot]], Mapping[str, DeviceOutcome]]
-"""Pure: snapshots of some devices → what to write for each. May be called more than once."""
+"""Pure: snapshots of some devices → what to write for each. May be called more than once:
+after a conflict it is called again with fresh snapshots of only the devices that conflicted
+(so it must take the devices to work on from its argument); outcomes of devices not in the
+argument are ignored. It may mutate the states it is given."""
 
 
 class StateUnavailable(GeopushError):

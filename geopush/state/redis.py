@@ -1,0 +1,326 @@
+"""The `redis` backend: any number of instances share one Redis (or Redis Cluster).
+
+Atomicity of `track` is optimistic. Every write of a device INCRs its `:ver` key. One
+pipelined round trip reads profile, track and version of every device in a batch; the pure
+compute runs; one pipelined round trip commits each device with a Lua compare-and-set on its
+version. Devices whose version moved meanwhile are read and computed again.
+
+The timers sorted set lives in another cluster slot than the device, so it cannot be in the
+device's script. It is a hint (firing re-checks the state), kept right by two rules:
+- a commit writes the timer *before* its compare-and-set, in the same pipeline. A later commit
+  read the version this one set, so its timer write comes later: timers follow versions.
+- a compare-and-set that failed may have left its timer behind; the retry reads the timer
+  again and, when it does not match the stored state, rewrites it under a version check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Collection, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import NoScriptError, RedisError
+
+from geopush.devices import ConsentChange, DeviceProfile, ErasureRecord
+from geopush.engine import DeviceOutcome, DeviceSnapshot
+from geopush.geo.transitions import DeviceState, Visit
+from geopush.state.base import Compute, StateStore, StateUnavailable
+from geopush.state.codec import decode_track, decode_visit, encode_track, encode_visit
+from geopush.state.keys import VISITS_KEPT, Keys
+
+MAX_ATTEMPTS = 10  # of read → compute → commit for one device before giving up (503)
+SOCKET_TIMEOUT_S = 2.0
+CONNECT_TIMEOUT_S = 1.0
+
+# KEYS: track, ver, visits. ARGV: expected version ('' = none), track JSON ('' = write nothing,
+# only check the version and bump it if the device exists), visits kept, visit JSON...
+_COMMIT = """
+local current = redis.call('GET', KEYS[2]) or ''
+if current ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then
+  if current ~= '' then redis.call('INCR', KEYS[2]) end
+  return 1
+end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('INCR', KEYS[2])
+if #ARGV > 3 then
+  redis.call('RPUSH', KEYS[3], unpack(ARGV, 4))
+  redis.call('LTRIM', KEYS[3], -tonumber(ARGV[3]), -1)
+end
+return 1
+"""
+
+# KEYS: profile, consent, track, ver. ARGV: profile JSON, consent change JSON or '', '1' to
+# drop the track (location consent revoked: stays end without events).
+_PUT_PROFILE = """
+redis.call('SET', KEYS[1], ARGV[1])
+if ARGV[2] ~= '' then redis.call('RPUSH', KEYS[2], ARGV[2]) end
+if ARGV[3] == '1' then redis.call('DEL', KEYS[3]) end
+return redis.call('INCR', KEYS[4])
+"""
+
+# KEYS: timers. ARGV: now, limit, now + lease. Claimed members are re-scored, not removed, so
+# a crashed claimer's timers come back when the lease runs out.
+_CLAIM_DUE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, member in ipairs(due) do redis.call('ZADD', KEYS[1], ARGV[3], member) end
+return due
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class _Script:
+    source: str
+    sha: str
+
+    @classmethod
+    def of(cls, source: str) -> _Script:
+        return cls(source, hashlib.sha1(source.encode()).hexdigest())
+
+
+COMMIT = _Script.of(_COMMIT)
+PUT_PROFILE = _Script.of(_PUT_PROFILE)
+CLAIM_DUE = _Script.of(_CLAIM_DUE)
+_SCRIPTS = (COMMIT, PUT_PROFILE, CLAIM_DUE)
+
+
+@dataclass(slots=True)
+class _Read:
+    """One device as read before computing."""
+
+    snapshot: DeviceSnapshot
+    version: bytes  # b'' when the device has no version key
+    stored_due: float | None  # next_due kept with the track
+    timer: float | None  # its score in the timers sorted set
+
+
+class RedisStore(StateStore):
+    def __init__(self, url: str, *, key_prefix: str = "geopush",
+                 socket_timeout_s: float = SOCKET_TIMEOUT_S,
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+        self.url = url
+        self.keys = Keys(key_prefix)
+        self._socket_timeout_s = socket_timeout_s
+        self._connect_timeout_s = connect_timeout_s
+        self._client: aioredis.Redis | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        # No round trip here: the service starts (and /readyz says why it is not ready)
+        # while Redis is down; the pool connects on first use and again after a failure.
+        self._client = aioredis.Redis.from_url(
+            self.url,
+            socket_timeout=self._socket_timeout_s,
+            socket_connect_timeout=self._connect_timeout_s,
+            # one quick retry replaces a pooled connection that died with a Redis restart
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
+            decode_responses=False,
+        )
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def healthy(self) -> bool:
+        try:
+            async with self._guard():
+                return bool(await self._redis.ping())
+        except Exception:  # /readyz must answer, whatever went wrong
+            return False
+
+    @property
+    def _redis(self) -> aioredis.Redis:
+        if self._client is None:
+            raise RuntimeError("RedisStore used before open()")
+        return self._client
+
+    @asynccontextmanager
+    async def _guard(self) -> AsyncIterator[None]:
+        try:
+            yield
+        except RedisError as exc:
+            raise StateUnavailable(
+                f"Redis at {_safe_url(self.url)} is unavailable: {type(exc).__name__}: {exc}"
+            ) from exc
+        except OSError as exc:
+            raise StateUnavailable(
+                f"Redis at {_safe_url(self.url)} is unreachable: {exc}"
+            ) from exc
+
+    async def _load_scripts(self) -> None:
+        for script in _SCRIPTS:
+            await self._redis.script_load(script.source)
+
+    # -- devices ---------------------------------------------------------------------------
+
+    async def get_profile(self, device_id: str) -> DeviceProfile | None:
+        async with self._guard():
+            raw = await self._redis.get(self.keys.device(device_id).profile)
+        return DeviceProfile.model_validate_json(raw) if raw is not None else None
+
+    async def put_profile(self, profile: DeviceProfile, change: ConsentChange | None) -> None:
+        device_id = profile.device_id
+        keys = self.keys.device(device_id)
+        revoke = not profile.consent.location
+        args = (profile.model_dump_json(), change.model_dump_json() if change else "",
+                "1" if revoke else "0")
+        for _ in range(2):  # the second time after loading the scripts (Redis restarted)
+            async with self._guard():
+                pipe = self._redis.pipeline(transaction=False)
+                if revoke:
+                    # before the profile script: a commit that read the new version writes
+                    # its timer after this removal
+                    pipe.zrem(self.keys.timers, device_id)
+                pipe.evalsha(PUT_PROFILE.sha, 4, keys.profile, keys.consent, keys.track,
+                             keys.version, *args)
+                results = await pipe.execute(raise_on_error=False)
+                if not isinstance(results[-1], NoScriptError):
+                    _raise_first_error(results)
+                    return
+                await self._load_scripts()
+        raise StateUnavailable("Redis keeps losing geopush's scripts")
+
+    async def consent_history(self, device_id: str) -> list[ConsentChange]:
+        async with self._guard():
+            rows = await self._redis.lrange(self.keys.device(device_id).consent, 0, -1)
+        return [ConsentChange.model_validate_json(r) for r in rows]
+
+    async def visits(self, device_id: str) -> list[Visit]:
+        async with self._guard():
+            rows = await self._redis.lrange(self.keys.device(device_id).visits, 0, -1)
+        return [decode_visit(device_id, r) for r in rows]
+
+    async def erase(self, device_id: str, record: ErasureRecord) -> bool:
+        keys = self.keys.device(device_id)
+        async with self._guard():
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.delete(*keys.all())
+            # after the delete: a commit racing with it either wrote its timer before (removed
+            # here) or fails its version check and repairs the timer when it retries
+            pipe.zrem(self.keys.timers, device_id)
+            deleted, unscheduled = await pipe.execute()
+            if not deleted and not unscheduled:
+                return False
+            await self._redis.hset(self.keys.erasures, record.device_hash,
+                                   record.model_dump_json())
+        return True
+
+    async def erasure_record(self, device_hash: str) -> ErasureRecord | None:
+        async with self._guard():
+            raw = await self._redis.hget(self.keys.erasures, device_hash)
+        return ErasureRecord.model_validate_json(raw) if raw is not None else None
+
+    # -- tracking --------------------------------------------------------------------------
+
+    async def track(self, device_ids: Collection[str], compute: Compute) -> dict[str, DeviceOutcome]:
+        pending = list(dict.fromkeys(device_ids))
+        committed: dict[str, DeviceOutcome] = {}
+        for _ in range(MAX_ATTEMPTS):
+            reads = await self._read(pending)
+            snapshots = {d: r.snapshot for d, r in reads.items()}
+            outcomes = {d: o for d, o in compute(snapshots).items() if d in reads}
+            conflicts = await self._commit(reads, outcomes)
+            for device_id, outcome in outcomes.items():
+                if device_id not in conflicts:
+                    committed[device_id] = outcome
+            if not conflicts:
+                return committed
+            pending = conflicts
+        raise StateUnavailable(
+            f"{len(pending)} device(s) changed under every one of {MAX_ATTEMPTS} attempts; "
+            "retry later"
+        )
+
+    async def _read(self, device_ids: Sequence[str]) -> dict[str, _Read]:
+        async with self._guard():
+            pipe = self._redis.pipeline(transaction=False)
+            for device_id in device_ids:
+                keys = self.keys.device(device_id)
+                pipe.mget(keys.profile, keys.track, keys.version)
+                pipe.zscore(self.keys.timers, device_id)
+            results = await pipe.execute()
+        reads = {}
+        for i, device_id in enumerate(device_ids):
+            (profile_raw, track_raw, version), timer = results[2 * i], results[2 * i + 1]
+            profile = (DeviceProfile.model_validate_json(profile_raw)
+                       if profile_raw is not None else None)
+            state: DeviceState | None = None
+            due: float | None = None
+            if track_raw is not None:
+                state, due = decode_track(track_raw)
+            reads[device_id] = _Read(DeviceSnapshot(profile, state), version or b"", due,
+                                     float(timer) if timer is not None else None)
+        return reads
+
+    async def _commit(self, reads: dict[str, _Read], outcomes: dict[str, DeviceOutcome]
+                      ) -> list[str]:
+        """Write every outcome in one round trip; the devices whose version check failed."""
+        timers = self.keys.timers
+        pipe = self._redis.pipeline(transaction=False)
+        checked: list[tuple[str, int]] = []  # (device, index of its script in the pipeline)
+        size = 0
+        for device_id, read in reads.items():
+            outcome = outcomes.get(device_id)
+            keys = self.keys.device(device_id)
+            if outcome is not None and outcome.state is not None:
+                due = outcome.next_due
+                track = encode_track(outcome.state, due)
+                visits = [encode_visit(v) for v in outcome.visits]
+            else:
+                # nothing to write, but a timer left behind (by a failed attempt, an erasure
+                # race or a revoked consent) is put back in line with the stored state
+                due = read.stored_due if read.snapshot.state is not None else None
+                if read.timer == due:
+                    continue
+                track, visits = b"", []
+            if read.timer != due:
+                if due is None:
+                    pipe.zrem(timers, device_id)
+                else:
+                    pipe.zadd(timers, {device_id: due})
+                size += 1
+            pipe.evalsha(COMMIT.sha, 3, keys.track, keys.version, keys.visits,
+                         read.version, track, VISITS_KEPT, *visits)
+            checked.append((device_id, size))
+            size += 1
+        if not checked:
+            return []
+        async with self._guard():
+            results = await pipe.execute(raise_on_error=False)
+            if any(isinstance(r, NoScriptError) for r in results):
+                await self._load_scripts()  # Redis restarted; the retry runs them
+            _raise_first_error([r for r in results if not isinstance(r, NoScriptError)])
+        return [device_id for device_id, at in checked if results[at] != 1]
+
+    async def claim_due(self, now: float, limit: int, lease_s: float) -> list[str]:
+        args = (repr(float(now)), int(limit), repr(float(now + lease_s)))
+        for _ in range(2):
+            async with self._guard():
+                try:
+                    members = await self._redis.evalsha(CLAIM_DUE.sha, 1, self.keys.timers, *args)
+                except NoScriptError:
+                    await self._load_scripts()
+                    continue
+            return [m.decode() if isinstance(m, bytes) else str(m) for m in members]
+        raise StateUnavailable("Redis keeps losing geopush's scripts")
+
+
+def _raise_first_error(results: Sequence[Any]) -> None:
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"
