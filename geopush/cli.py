@@ -345,5 +345,5 @@ def _print_summary(result: ReplayResult, out: TextIO) -> None:
     rejected = ", ".join(f"{k} {v}" for k, v in s["rejected_by_code"].items())
     events = ", ".join(f"{k} {v}" for k, v in s["events"].items())
     print(f"pings {s['pings']}, rejected {s['rejected']}{f' ({rejected})' if rejected else ''}; "
-          f"events: {events}; pushes 0 (rules engine not built); "
+          f"events: {events}; visits {result.visit_count}; pushes 0 (rules engine not built); "
           f"{s['elapsed_s']} s, {s['pings_per_s']:.0f} pings/s", file=out)

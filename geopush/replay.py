@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from geopush.devices import Consent, DeviceProfile, has_location_consent
 from geopush.engine import DeviceSnapshot, Engine
 from geopush.errors import InvalidInput, Problem
-from geopush.geo.transitions import Event, Ping
+from geopush.geo.transitions import Event, Ping, Visit
 from geopush.pings import PingError, parse_ping
 from geopush.timeutil import format_ts
 from geopush.yamlspots import compose, line_of
@@ -242,6 +242,8 @@ class ReplayResult:
     rejections: list[tuple[int, str, str]] = field(default_factory=list)  # line, code, message
     events: list[Event] = field(default_factory=list)  # kept unless summary_only
     event_counts: Counter[str] = field(default_factory=Counter)
+    visits: list[Visit] = field(default_factory=list)  # kept unless summary_only
+    visit_count: int = 0
     elapsed_s: float = 0.0
 
     @property
@@ -354,7 +356,7 @@ class Replay:
                 self._reject(rejected.index, rejected.code, rejected.message)
             if outcome.state is not None:
                 snapshots[device].state = outcome.state
-            self._record(outcome.events)
+            self._record(outcome.events, outcome.visits)
 
     def _run_clocks_out(self) -> None:
         for device, last in self.clock.items():
@@ -362,13 +364,15 @@ class Replay:
             outcome = self.engine.fire(device, snap, last + self.stale_after_s)
             if outcome.state is not None:
                 snap.state = outcome.state
-            self._record(outcome.events)
+            self._record(outcome.events, outcome.visits)
 
-    def _record(self, events: list[Event]) -> None:
+    def _record(self, events: list[Event], visits: list[Visit]) -> None:
         for event in events:
             self.result.event_counts[event.type] += 1
+        self.result.visit_count += len(visits)
         if self.keep_events:
             self.result.events.extend(events)
+            self.result.visits.extend(visits)
 
     def _reject(self, line: int, code: str, message: str) -> None:
         self.result.rejected[code] += 1
