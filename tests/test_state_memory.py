@@ -1,0 +1,106 @@
+"""The memory backend's own promise: state survives a clean restart through the snapshot."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+
+from geopush.devices import Consent, ConsentChange, DeviceProfile, ErasureRecord
+from geopush.engine import DeviceOutcome, DeviceSnapshot, Engine
+from geopush.geo.index import GeofenceIndex
+from geopush.geo.transitions import Ping, Tracker
+from geopush.state.memory import MemoryStore, SnapshotError
+
+T0 = 1_780_000_000.0
+SHOP = (48.1374, 11.5755)
+FAR = (48.1500, 11.6000)
+ENGINE = Engine(Tracker(
+    GeofenceIndex([SHOP[0]], [SHOP[1]], [100.0], ids=["node/1"], store_ids=["store-1"]),
+    stale_after_s=7200.0, min_visit_s=300.0, dwell_plan=lambda _fid: (600.0,),
+))
+
+
+def _profile(device_id: str) -> DeviceProfile:
+    return DeviceProfile(device_id=device_id, consent=Consent(location=True, marketing=True),
+                         push_token="tok", locale="de-DE", attributes={"tier": "gold"},
+                         segments=["regular"], created_at=T0 - 100, updated_at=T0 - 50)
+
+
+async def _ping(store: MemoryStore, device_id: str, ts: float, where: tuple[float, float]
+                ) -> list[str]:
+    pings = [Ping(device_id, ts, *where)]
+    outcome = (await store.track([device_id], lambda s: ENGINE.ingest(pings, s)))[device_id]
+    return [e.type for e in outcome.events]
+
+
+async def test_snapshot_round_trip_through_close_and_open(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "snapshot.json"
+    before = MemoryStore(path)
+    await before.open()  # no snapshot yet: starts empty
+    change = ConsentChange(at=T0 - 100, location=True, marketing=True, source="PUT")
+    for device_id in ("walker", "visitor"):
+        await before.put_profile(_profile(device_id), change)
+    assert await _ping(before, "walker", T0, SHOP) == ["enter"]
+    for ts, where in ((T0, SHOP), (T0 + 400, SHOP), (T0 + 500, FAR)):
+        await _ping(before, "visitor", ts, where)
+    record = ErasureRecord(device_hash="ab" * 32, erased_at=T0, last_consent=Consent())
+    await before.put_profile(_profile("gone"), None)
+    await before.erase("gone", record)
+    await before.close()
+    assert [p.name for p in path.parent.iterdir()] == ["snapshot.json"]  # no temp file left
+
+    after = MemoryStore(path)
+    await after.open()
+    for device_id in ("walker", "visitor"):
+        assert await after.get_profile(device_id) == _profile(device_id)
+        assert await after.consent_history(device_id) == [change]
+        assert await after.visits(device_id) == await before.visits(device_id)
+    assert len(await after.visits("visitor")) == 1
+    assert await after.erasure_record(record.device_hash) == record
+    assert await after.get_profile("gone") is None
+    # the open stay and its timer came back: no second enter, the dwell is still due
+    assert await after.claim_due(T0 + 599, 10, 30) == []
+    assert await after.claim_due(T0 + 600, 10, 30) == ["walker"]
+    assert await _ping(after, "walker", T0 + 700, SHOP) == ["dwell"]
+
+
+async def test_no_snapshot_path_writes_nothing(tmp_path: Path) -> None:
+    store = MemoryStore(None)
+    await store.open()
+    await store.put_profile(_profile("d"), None)
+    await store.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("content", [
+    b"{not json",
+    b"[1, 2, 3]",
+    b'{"format": 1, "profiles": {}}',
+    b'{"format": 1, "profiles": {"d": {"device_id": "d", "platform": "nokia"}}, "consent": {},'
+    b' "tracks": {}, "visits": {}, "timers": {}, "erasures": {}}',
+    b'{"format": 1, "profiles": {}, "consent": {}, "tracks": {"d": {"state": 3}},'
+    b' "visits": {}, "timers": {}, "erasures": {}}',
+])
+async def test_a_corrupt_snapshot_is_a_clear_error_naming_the_file(
+    tmp_path: Path, content: bytes,
+) -> None:
+    path = tmp_path / "snapshot.json"
+    path.write_bytes(content)
+    with pytest.raises(SnapshotError, match=r"snapshot\.json: cannot read the state snapshot"):
+        await MemoryStore(path).open()
+
+
+async def test_compute_failing_halfway_leaves_the_state_as_it_was() -> None:
+    store = MemoryStore()
+    await store.put_profile(_profile("d"), None)
+    assert await _ping(store, "d", T0, SHOP) == ["enter"]
+
+    def half_then_boom(snaps: Mapping[str, DeviceSnapshot]) -> dict[str, DeviceOutcome]:
+        ENGINE.ingest([Ping("d", T0 + 60, *FAR)], snaps)  # mutates the state it was given
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        await store.track(["d"], half_then_boom)
+    assert await _ping(store, "d", T0 + 120, FAR) == ["exit"]  # the stay was still open

@@ -1,0 +1,357 @@
+"""What only the Redis backend promises: shared by many instances, erasure leaves no trace,
+one round trip per batch, and it comes back by itself after Redis does."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio.client
+
+from geopush.devices import Consent, ConsentChange, DeviceProfile, ErasureRecord, device_hash
+from geopush.engine import DeviceOutcome, DeviceSnapshot, Engine
+from geopush.geo.index import GeofenceIndex
+from geopush.geo.transitions import Event, Ping, Tracker
+from geopush.state.base import StateUnavailable
+from geopush.state.memory import MemoryStore
+from geopush.state.redis import RedisStore
+
+T0 = 1_780_000_000.0
+# three shops 300 m apart on a line, so a walk along it enters, dwells and leaves them
+SHOPS = [(48.1374, 11.5755 + i * 0.004) for i in range(3)]
+
+
+def _engine() -> Engine:
+    index = GeofenceIndex([s[0] for s in SHOPS], [s[1] for s in SHOPS], [80.0] * 3,
+                          ids=[f"node/{i}" for i in range(3)],
+                          store_ids=[f"store-{i}" for i in range(3)])
+    return Engine(Tracker(index, stale_after_s=900.0, min_visit_s=120.0,
+                          dwell_plan=lambda _fid: (180.0,)))
+
+
+ENGINE = _engine()
+
+
+def _profile(device_id: str, *, location: bool = True) -> DeviceProfile:
+    return DeviceProfile(device_id=device_id, consent=Consent(location=location, marketing=True),
+                         push_token="token-" + device_id)
+
+
+@pytest.fixture
+async def stores(redis_url: str) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
+    """Two instances with separate clients, as two `geopush serve` processes would be."""
+    a, b = RedisStore(redis_url), RedisStore(redis_url)
+    await a.open()
+    await b.open()
+    try:
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
+
+
+def _ingest(pings: list[Ping]) -> Callable[[Mapping[str, DeviceSnapshot]], dict[str, DeviceOutcome]]:
+    return lambda snaps: ENGINE.ingest(pings, snaps)
+
+
+async def _all_keys_and_values(url: str) -> dict[str, str]:
+    """Every key of the database with a text dump of its value."""
+    client = redis.asyncio.Redis.from_url(url)
+    dump: dict[str, str] = {}
+    try:
+        async for key in client.scan_iter(count=500):
+            raw_kind = await client.type(key)
+            kind = raw_kind.decode() if isinstance(raw_kind, bytes) else raw_kind
+            value: Any
+            if kind == "string":
+                value = await client.get(key)
+            elif kind == "list":
+                value = await client.lrange(key, 0, -1)
+            elif kind == "zset":
+                value = await client.zrange(key, 0, -1, withscores=True)
+            elif kind == "hash":
+                value = await client.hgetall(key)
+            else:
+                raise AssertionError(f"unexpected key type {kind} of {key!r}")
+            dump[key.decode()] = repr(value)
+    finally:
+        await client.aclose()
+    return dump
+
+
+# -- erasure -------------------------------------------------------------------------------
+
+
+async def _walk_in(store: RedisStore, device_id: str) -> None:
+    await store.put_profile(_profile(device_id), ConsentChange(at=T0 - 5, location=True,
+                                                               marketing=True))
+    lat, lon = SHOPS[0]
+    pings = [Ping(device_id, T0 + t, lat, lon) for t in (0, 200, 400)]
+    pings.append(Ping(device_id, T0 + 500, *SHOPS[1]))
+    await store.track([device_id], _ingest(pings))
+
+
+async def test_erasure_leaves_no_key_or_value_mentioning_the_device(
+    stores: tuple[RedisStore, RedisStore], redis_url: str,
+) -> None:
+    store, _ = stores
+    victim, bystander = "erase-me-7f3a9c", "keep-me-1b2c"
+    await _walk_in(store, victim)
+    await _walk_in(store, bystander)
+    before = await _all_keys_and_values(redis_url)
+    assert any(victim in k or victim in v for k, v in before.items())  # the check can see it
+    record = ErasureRecord(device_hash=device_hash(victim, "k"), erased_at=T0 + 600,
+                           last_consent=Consent(location=True, marketing=True))
+    assert await store.erase(victim, record)
+    after = await _all_keys_and_values(redis_url)
+    leaks = {k: v for k, v in after.items() if victim in k or victim in v}
+    assert leaks == {}
+    assert any(bystander in k for k in after)
+    assert await store.erasure_record(record.device_hash) == record
+
+
+async def _between_read_and_commit(store: RedisStore, action: Callable[[], Awaitable[Any]]
+                                   ) -> None:
+    """Make `action` happen after the store's next read and before its commit: a race."""
+    commit = store._commit
+    done = False
+
+    async def racing_commit(*args: Any) -> list[str]:
+        nonlocal done
+        if not done:
+            done = True
+            await action()
+        return await commit(*args)
+
+    setattr(store, "_commit", racing_commit)  # noqa: B010 - replacing a method on purpose
+
+
+async def test_a_commit_racing_an_erasure_does_not_bring_the_device_back(
+    stores: tuple[RedisStore, RedisStore], redis_url: str,
+) -> None:
+    tracker_store, eraser = stores
+    device_id = "racer-42"
+    await _walk_in(tracker_store, device_id)
+    record = ErasureRecord(device_hash=device_hash(device_id, "k"), erased_at=T0 + 700,
+                           last_consent=None)
+    await _between_read_and_commit(tracker_store, lambda: eraser.erase(device_id, record))
+    # this batch was computed on the state before the erasure; its commit must not land
+    ping = Ping(device_id, T0 + 800, *SHOPS[0])
+    outcome = (await tracker_store.track([device_id], _ingest([ping])))[device_id]
+    assert [r.code for r in outcome.rejected] == ["no_consent"]
+    dump = await _all_keys_and_values(redis_url)
+    assert {k: v for k, v in dump.items() if device_id in k or device_id in v} == {}
+
+
+async def test_a_commit_racing_a_revocation_leaves_no_stay_or_timer(
+    stores: tuple[RedisStore, RedisStore],
+) -> None:
+    tracker_store, api = stores
+    device_id = "revoker-7"
+    await api.put_profile(_profile(device_id), None)
+    await _between_read_and_commit(
+        tracker_store, lambda: api.put_profile(_profile(device_id, location=False), None))
+    ping = Ping(device_id, T0, *SHOPS[0])
+    outcome = (await tracker_store.track([device_id], _ingest([ping])))[device_id]
+    assert outcome.events == []
+    assert [r.code for r in outcome.rejected] == ["no_consent"]
+    assert await api.claim_due(T0 + 10_000, 10, 30) == []
+
+
+# -- many instances ------------------------------------------------------------------------
+
+
+def _trace(devices: int, rounds: int, seed: int = 7) -> list[list[Ping]]:
+    """Each round, one ping per device: walking among the shops, lingering, leaving."""
+    rng = random.Random(seed)
+    batches = []
+    for r in range(rounds):
+        batch = []
+        for d in range(devices):
+            lat, lon = SHOPS[rng.randrange(3)] if rng.random() < 0.7 else (48.14, 11.60)
+            batch.append(Ping(f"dev-{d}", T0 + 60.0 * r + d * 0.01, lat, lon,
+                              accuracy_m=rng.choice([None, 15.0, 30.0])))
+        batches.append(batch)
+    return batches
+
+
+def _key(e: Event) -> tuple[Any, ...]:
+    return (e.device_id, e.ts, e.type, e.geofence_id, e.dwell_s, e.stale)
+
+
+async def test_two_instances_racing_on_the_same_devices_emit_each_event_once(
+    stores: tuple[RedisStore, RedisStore],
+) -> None:
+    """Every batch is delivered to both instances at once (a client retrying elsewhere); the
+    events together are exactly those one store emits, and the stored visits are the same."""
+    a, b = stores
+    devices, rounds = 12, 25
+    reference = MemoryStore()
+    for d in range(devices):
+        for store in (a, reference):
+            await store.put_profile(_profile(f"dev-{d}"), None)
+    calls = {"a": 0, "b": 0}
+
+    def counted(name: str, pings: list[Ping]
+                ) -> Callable[[Mapping[str, DeviceSnapshot]], dict[str, DeviceOutcome]]:
+        def compute(snaps: Mapping[str, DeviceSnapshot]) -> dict[str, DeviceOutcome]:
+            calls[name] += 1
+            return ENGINE.ingest(pings, snaps)
+        return compute
+
+    expected: list[tuple[Any, ...]] = []
+    got: list[tuple[Any, ...]] = []
+    ids = [f"dev-{d}" for d in range(devices)]
+    for batch in _trace(devices, rounds):
+        ref = await reference.track(ids, _ingest(batch))
+        expected += [_key(e) for o in ref.values() for e in o.events]
+        out_a, out_b = await asyncio.gather(a.track(ids, counted("a", batch)),
+                                            b.track(ids, counted("b", batch)))
+        got += [_key(e) for out in (out_a, out_b) for o in out.values() for e in o.events]
+    assert calls["a"] + calls["b"] > 2 * rounds  # they did collide and recompute
+    assert {"enter", "dwell", "exit"} <= {k[2] for k in expected}
+    assert sorted(got) == sorted(expected)
+    for device_id in ids:
+        assert await a.visits(device_id) == await reference.visits(device_id)
+
+
+async def test_concurrent_claims_hand_each_device_to_one_instance(
+    stores: tuple[RedisStore, RedisStore],
+) -> None:
+    a, b = stores
+    ids = [f"dev-{d}" for d in range(40)]
+    for device_id in ids:
+        await a.put_profile(_profile(device_id), None)
+    await a.track(ids, _ingest([Ping(d, T0, *SHOPS[0]) for d in ids]))
+    claims = await asyncio.gather(*(s.claim_due(T0 + 180, 7, 30) for s in (a, b) * 5))
+    flat = [d for claim in claims for d in claim]
+    assert sorted(flat) == sorted(ids)  # each once, none lost
+
+
+# -- round trips ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def round_trips(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    counts = {"pipelines": 0, "commands": 0}
+    execute: Any = redis.asyncio.client.Pipeline.execute
+    command: Any = redis.asyncio.client.Redis.execute_command
+
+    async def counting_execute(self: Any, *args: Any, **kwargs: Any) -> Any:
+        counts["pipelines"] += 1
+        return await execute(self, *args, **kwargs)
+
+    async def counting_command(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(self, redis.asyncio.client.Pipeline):
+            counts["commands"] += 1
+        return await command(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis.asyncio.client.Pipeline, "execute", counting_execute)
+    monkeypatch.setattr(redis.asyncio.client.Redis, "execute_command", counting_command)
+    return counts
+
+
+async def test_a_batch_costs_one_read_and_one_commit_round_trip(
+    stores: tuple[RedisStore, RedisStore], round_trips: dict[str, int],
+) -> None:
+    store, _ = stores
+    ids = [f"dev-{d}" for d in range(200)]
+    for device_id in ids:
+        await store.put_profile(_profile(device_id), None)
+    await store.track(ids[:1], _ingest([Ping(ids[0], T0 - 10, 48.14, 11.60)]))  # scripts loaded
+    round_trips.update(pipelines=0, commands=0)
+    batch = [Ping(d, T0 + i * 0.1, *SHOPS[i % 3]) for i, d in enumerate(ids)]
+    outcomes = await store.track(ids, _ingest(batch))
+    assert sum(len(o.events) for o in outcomes.values()) == len(ids)
+    assert round_trips == {"pipelines": 2, "commands": 0}
+
+
+# -- Redis going away and coming back ------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _PrivateRedis:
+    """A throwaway redis-server nobody else uses, so it can be stopped and started."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        try:
+            while True:
+                try:
+                    client.ping()
+                    return
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture
+def private_redis() -> Iterator[_PrivateRedis]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    server = _PrivateRedis(_free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_redis_down_is_unavailable_and_recovers_by_itself(
+    private_redis: _PrivateRedis,
+) -> None:
+    store = RedisStore(f"redis://127.0.0.1:{private_redis.port}/0")
+    await store.open()
+    try:
+        await store.put_profile(_profile("dev-1"), None)
+        assert await store.healthy()
+        private_redis.stop()
+        assert not await store.healthy()
+        ping = Ping("dev-1", T0, *SHOPS[0])
+        for call in (store.get_profile("dev-1"), store.track(["dev-1"], _ingest([ping])),
+                     store.claim_due(T0, 10, 30), store.put_profile(_profile("dev-1"), None)):
+            with pytest.raises(StateUnavailable, match="unavailable"):
+                await call
+        private_redis.start()  # empty, and without geopush's scripts
+        deadline = time.monotonic() + 15
+        while not await store.healthy():
+            assert time.monotonic() < deadline, "not recovered within 15 s"
+            await asyncio.sleep(0.1)
+        await store.put_profile(_profile("dev-1"), None)
+        outcome = (await store.track(["dev-1"], _ingest([ping])))["dev-1"]
+        assert [e.type for e in outcome.events] == ["enter"]
+        assert await store.claim_due(T0 + 180, 10, 30) == ["dev-1"]
+    finally:
+        await store.close()
