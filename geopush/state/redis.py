@@ -222,6 +222,8 @@ class RedisStore(StateStore):
     async def track(self, device_ids: Collection[str], compute: Compute) -> dict[str, DeviceOutcome]:
         pending = list(dict.fromkeys(device_ids))
         committed: dict[str, DeviceOutcome] = {}
+        if not pending:
+            return committed
         for _ in range(MAX_ATTEMPTS):
             reads = await self._read(pending)
             snapshots = {d: r.snapshot for d, r in reads.items()}
@@ -244,11 +246,12 @@ class RedisStore(StateStore):
             for device_id in device_ids:
                 keys = self.keys.device(device_id)
                 pipe.mget(keys.profile, keys.track, keys.version)
-                pipe.zscore(self.keys.timers, device_id)
+            pipe.zmscore(self.keys.timers, list(device_ids))
             results = await pipe.execute()
+        timers = results.pop()
         reads = {}
-        for i, device_id in enumerate(device_ids):
-            (profile_raw, track_raw, version), timer = results[2 * i], results[2 * i + 1]
+        for device_id, (profile_raw, track_raw, version), timer in zip(
+                device_ids, results, timers, strict=True):
             profile = (DeviceProfile.model_validate_json(profile_raw)
                        if profile_raw is not None else None)
             state: DeviceState | None = None
@@ -262,10 +265,9 @@ class RedisStore(StateStore):
     async def _commit(self, reads: dict[str, _Read], outcomes: dict[str, DeviceOutcome]
                       ) -> list[str]:
         """Write every outcome in one round trip; the devices whose version check failed."""
-        timers = self.keys.timers
-        pipe = self._redis.pipeline(transaction=False)
-        checked: list[tuple[str, int]] = []  # (device, index of its script in the pipeline)
-        size = 0
+        schedule: dict[str, float] = {}
+        unschedule: list[str] = []
+        scripts: list[tuple[str, tuple[Any, ...]]] = []  # (device, EVALSHA arguments)
         for device_id, read in reads.items():
             outcome = outcomes.get(device_id)
             keys = self.keys.device(device_id)
@@ -282,24 +284,32 @@ class RedisStore(StateStore):
                 track, visits = b"", []
             if read.timer != due:
                 if due is None:
-                    pipe.zrem(timers, device_id)
+                    unschedule.append(device_id)
                 else:
-                    pipe.zadd(timers, {device_id: due})
-                size += 1
-            pipe.evalsha(COMMIT.sha, 3, keys.track, keys.version, keys.visits,
-                         read.version, track, VISITS_KEPT, *visits)
-            checked.append((device_id, size))
-            size += 1
-        if not checked:
+                    schedule[device_id] = due
+            scripts.append((device_id, (COMMIT.sha, 3, keys.track, keys.version, keys.visits,
+                                        read.version, track, VISITS_KEPT, *visits)))
+        if not scripts:
             return []
+        pipe = self._redis.pipeline(transaction=False)
+        # timers first: each device's timer write precedes its compare-and-set
+        if schedule:
+            pipe.zadd(self.keys.timers, schedule)
+        if unschedule:
+            pipe.zrem(self.keys.timers, *unschedule)
+        for _, args in scripts:
+            pipe.evalsha(*args)
         async with self._guard():
             results = await pipe.execute(raise_on_error=False)
             if any(isinstance(r, NoScriptError) for r in results):
                 await self._load_scripts()  # Redis restarted; the retry runs them
             _raise_first_error([r for r in results if not isinstance(r, NoScriptError)])
-        return [device_id for device_id, at in checked if results[at] != 1]
+        checks = results[len(results) - len(scripts):]
+        return [device_id for (device_id, _), ok in zip(scripts, checks, strict=True) if ok != 1]
 
     async def claim_due(self, now: float, limit: int, lease_s: float) -> list[str]:
+        if limit <= 0:
+            return []  # Redis reads a LIMIT count of 0 or less as "no limit"
         args = (repr(float(now)), int(limit), repr(float(now + lease_s)))
         for _ in range(2):
             async with self._guard():
