@@ -126,6 +126,17 @@ class GeofenceIndex:
     def is_polygon(self, fence: int) -> bool:
         return bool(self._polygon_of[fence] >= 0)
 
+    def distance_to(self, fence: int, lat: float, lon: float) -> float:
+        """Metres from a point to one fence (0 inside a polygon), whether in reach or not.
+
+        Polygons are measured in their local frame, exact within a few km of the fence."""
+        slot = int(self._polygon_of[fence])
+        if slot < 0:
+            return distance_m(lat, lon, float(self.lat[fence]), float(self.lon[fence]))
+        x, y = _local_xy(np.array([lat]), np.array([lon]), self.lat[fence:fence + 1],
+                         self.lon[fence:fence + 1])
+        return float(shapely.distance(self._local_polygons[slot], shapely.points(x, y))[0])
+
     def query(self, lat: Sequence[float] | FloatArray, lon: Sequence[float] | FloatArray) -> Proximity:
         """Every (ping, fence) pair with the ping within the fence's reach, in ping order."""
         plat = np.asarray(lat, dtype=np.float64)
@@ -197,7 +208,9 @@ def _boxes(bounds: FloatArray, reach_m: FloatArray) -> tuple[IntArray, npt.NDArr
     return fence, boxes
 
 
-def _local_xy(lat: FloatArray, lon: FloatArray, lat0: FloatArray, lon0: FloatArray) -> tuple[FloatArray, FloatArray]:
+def _local_xy(
+    lat: FloatArray, lon: FloatArray, lat0: FloatArray, lon0: FloatArray
+) -> tuple[FloatArray, FloatArray]:
     """Metres east and north of (lat0, lon0). Exact enough within a few km of the origin,
     which is all a geofence's reach covers."""
     dlon = (lon - lon0 + 180.0) % 360.0 - 180.0

@@ -8,12 +8,14 @@ time, so the result never depends on how a device's pings are split into batches
 from __future__ import annotations
 
 import math
-from bisect import bisect_right
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from math import asin, cos, sin, sqrt
 from typing import Any, Literal
 
-from geopush.geo.index import GeofenceIndex, distance_m
+import numpy as np
+
+from geopush.geo.index import EARTH_RADIUS_M, GeofenceIndex, Proximity
 
 EventType = Literal["enter", "dwell", "exit"]
 
@@ -127,8 +129,47 @@ def no_dwells(_geofence_id: str) -> Sequence[float]:
     return ()
 
 
+class _Near:
+    """The fences within reach of each ping, as flat parallel lists.
+
+    Pairs of ping i are `fence[offsets[i]:offsets[i + 1]]` (and the same slice of `distance_m`
+    and `inside`). Plain lists, not numpy arrays: the tracker reads them one item at a time
+    from Python, where a list index costs a fraction of a numpy scalar access."""
+
+    __slots__ = ("distance_m", "fence", "inside", "offsets")
+
+    def __init__(self, offsets: list[int], fence: list[int], distance_m: list[float],
+                 inside: list[bool]) -> None:
+        self.offsets = offsets
+        self.fence = fence
+        self.distance_m = distance_m
+        self.inside = inside
+
+    @classmethod
+    def from_proximity(cls, prox: Proximity, n_pings: int, index: GeofenceIndex) -> _Near:
+        # prox.ping is ascending, so each ping's pairs are one contiguous run
+        offsets = np.searchsorted(prox.ping, np.arange(n_pings + 1)).tolist()
+        inside = (prox.distance_m <= index.inside_m[prox.fence]).tolist()
+        return cls(offsets, prox.fence.tolist(), prox.distance_m.tolist(), inside)
+
+    @classmethod
+    def from_pairs(cls, near: Sequence[Iterable[tuple[int, float]]], inside_m: list[float]
+                   ) -> _Near:
+        offsets, fences, dists = [0], [], []
+        for pairs in near:
+            for fence, dist in pairs:
+                fences.append(fence)
+                dists.append(dist)
+            offsets.append(len(fences))
+        return cls(offsets, fences, dists,
+                   [d <= inside_m[f] for f, d in zip(fences, dists, strict=True)])
+
+
 class Tracker:
-    """Applies contract §5 with one index and one set of thresholds; immutable, shareable."""
+    """Applies contract §5 with one index and one set of thresholds; immutable, shareable.
+
+    `dwell_plan` is asked once per geofence and the answer cached: build a new Tracker when the
+    rules change (a reload builds a new index anyway)."""
 
     def __init__(
         self,
@@ -144,6 +185,20 @@ class Tracker:
         self.stale_after_s = stale_after_s
         self.min_visit_s = min_visit_s
         self.dwell_plan = dwell_plan
+        # Hot-path copies of the index's columns as lists (see _Near for why).
+        self._ids: list[str] = list(index.ids)
+        self._store_ids: list[str] = list(index.store_ids)
+        self._inside_m: list[float] = index.inside_m.tolist()
+        self._dwells: dict[str, tuple[float, ...]] = {}
+
+    def dwells(self, geofence_id: str) -> tuple[float, ...]:
+        """The geofence's dwell durations, ascending, without repeats (a repeat would fire the
+        same dwell twice) or non-positive values (a dwell of 0 is just the enter)."""
+        plan = self._dwells.get(geofence_id)
+        if plan is None:
+            plan = tuple(sorted({float(d) for d in self.dwell_plan(geofence_id) if d > 0}))
+            self._dwells[geofence_id] = plan
+        return plan
 
     # -- pings ---------------------------------------------------------------------------
 
@@ -152,96 +207,132 @@ class Tracker:
         device_id: str,
         state: DeviceState | None,
         pings: Sequence[Ping],
-        near: Sequence[Sequence[tuple[int, float]]] | None = None,
+        near: Sequence[Iterable[tuple[int, float]]] | None = None,
         *,
         positions: Sequence[int] | None = None,
     ) -> Step:
-        """Apply one device's pings, taken in timestamp order.
+        """Apply one device's pings, taken in timestamp order (a stable sort: equal times keep
+        their input order).
 
         `near[i]` lists (fence index, distance m) within reach of pings[i], as a batch query of
-        the index gives them; without it each ping is looked up alone. `positions` are the
+        the index gives them; without it the pings are looked up here. `positions` are the
         pings' indexes in the caller's input, for rejections."""
-        step = Step(state if state is not None else DeviceState())
-        order = sorted(range(len(pings)), key=lambda i: pings[i].ts)
+        n = len(pings)
+        if near is None:
+            prox = self.index.query([p.lat for p in pings], [p.lon for p in pings])
+            lookup = _Near.from_proximity(prox, n, self.index)
+        else:
+            lookup = _Near.from_pairs(near, self._inside_m)
+        order = sorted(range(n), key=lambda i: pings[i].ts)
+        return self._run(device_id, state, pings, order, positions or None, lookup)
+
+    def _run(
+        self, device_id: str, state: DeviceState | None, pings: Sequence[Ping],
+        order: Iterable[int], positions: Sequence[int] | None, near: _Near,
+    ) -> Step:
+        """The per-ping loop, shaped for speed: most pings have no stay and nothing near, so
+        that path touches only locals; timers are looked at only once a ping reaches the
+        earliest due time (`due`, a lower bound: confirming a stay only delays its timer)."""
+        if state is None:
+            state = DeviceState()
+        step = Step(state, [], [], [])
+        stays = state.stays
+        recent = state.recent
+        last_ts = state.last_ts
+        offsets = near.offsets
+        max_accuracy = self.max_accuracy_m
+        due = self._next_due(stays) if stays else math.inf
         for i in order:
             ping = pings[i]
-            here = near[i] if near is not None else self._near(ping)
-            self._apply(device_id, step, ping, here, positions[i] if positions else i)
-        step.events.sort(key=lambda e: e.ts)
+            ts = ping.ts
+            if last_ts is not None and ts < last_ts:
+                step.rejected.append(Rejection(
+                    positions[i] if positions is not None else i, "out_of_order",
+                    f"ts {ts!r} is older than this device's last processed ping ({last_ts!r})",
+                ))
+                continue
+            if ts >= due:
+                self._fire(device_id, step, ts)
+                due = self._next_due(stays) if stays else math.inf
+            lo = offsets[i]
+            hi = offsets[i + 1]
+            if stays or lo != hi:
+                accuracy = ping.accuracy_m
+                if accuracy is None or accuracy <= max_accuracy:
+                    entered = self._move(device_id, step, ping, near, lo, hi)
+                    if entered < due:
+                        due = entered
+            last_ts = ts
+            recent.append((ts, ping.lat, ping.lon))
+            # Entries more than SPEED_MAX_AGE_S older than this ping can serve no later ping
+            # (pings come in time order); one exactly that old still can, at the same ts.
+            # Usually one entry goes per ping: a plain scan beats a bisect with a key.
+            cutoff = ts - SPEED_MAX_AGE_S
+            if recent[0][0] < cutoff:
+                cut = 1
+                while recent[cut][0] < cutoff:  # stops at the latest entry (ts ≥ cutoff)
+                    cut += 1
+                del recent[:cut]
+            if len(recent) > _RECENT_CAP:
+                del recent[:-_RECENT_CAP]
+        state.last_ts = last_ts
         return step
 
-    def _near(self, ping: Ping) -> list[tuple[int, float]]:
-        prox = self.index.query([ping.lat], [ping.lon])
-        return list(zip(prox.fence.tolist(), prox.distance_m.tolist(), strict=True))
-
-    def _apply(
-        self, device_id: str, step: Step, ping: Ping, near: Iterable[tuple[int, float]],
-        position: int,
-    ) -> None:
-        state = step.state
-        ts = ping.ts
-        if state.last_ts is not None and ts < state.last_ts:
-            step.rejected.append(Rejection(
-                position, "out_of_order",
-                f"ts {ts!r} is older than this device's last processed ping ({state.last_ts!r})",
-            ))
-            return
-        if state.stays:
-            self._fire(device_id, step, ts)
-        accurate = ping.accuracy_m is None or ping.accuracy_m <= self.max_accuracy_m
-        if accurate and (state.stays or near):
-            self._move(device_id, step, ping, near)
-        state.last_ts = ts
-        recent = state.recent
-        recent.append((ts, ping.lat, ping.lon))
-        if recent[0][0] < ts - SPEED_MAX_AGE_S or len(recent) > _RECENT_CAP:
-            cut = bisect_right(recent, ts - SPEED_MAX_AGE_S, key=lambda r: r[0])
-            del recent[: max(cut, len(recent) - _RECENT_CAP)]
-
-    def _move(
-        self, device_id: str, step: Step, ping: Ping, near: Iterable[tuple[int, float]]
-    ) -> None:
-        index = self.index
+    def _move(self, device_id: str, step: Step, ping: Ping, near: _Near, lo: int, hi: int
+              ) -> float:
+        """An accurate ping: end the stays it is beyond reach of, enter or confirm the fences
+        it is inside. Returns the earliest due time of the stays it began (inf: none)."""
+        ids = self._ids
+        fences = near.fence
+        inside = near.inside
         stays = step.state.stays
-        inside: dict[str, tuple[int, float]] = {}
-        within_reach: set[str] = set()
-        for fence, dist in near:
-            fid = index.ids[fence]
-            within_reach.add(fid)
-            if dist <= index.inside_m[fence]:
-                inside[fid] = (fence, dist)
-        speed: float | None = math.nan  # computed once, only if an event or a stay needs it
-        # exits first: moving from one fence into its neighbour reads exit, then enter
-        for fid in [f for f in stays if f not in within_reach]:
-            stay = stays.pop(fid)
-            if speed is not None and math.isnan(speed):
-                speed = self._speed(step.state, ping)
-            self._end(device_id, step, stay, ping.ts, ping.lat, ping.lon,
-                      self._distance(fid, ping), speed, stale=False)
-        for fid, (fence, dist) in inside.items():
-            if speed is not None and math.isnan(speed):
-                speed = self._speed(step.state, ping)
+        ts = ping.ts
+        speed: float | None = None
+        have_speed = False  # computed once, and only if an event or a stay needs it
+        if stays:
+            within_reach = {ids[fences[k]] for k in range(lo, hi)}
+            # exits first: moving from one fence into its neighbour reads exit, then enter
+            for fid in [f for f in stays if f not in within_reach]:
+                ended = stays.pop(fid)
+                if not have_speed:
+                    speed, have_speed = self._speed(step.state, ping), True
+                self._end(device_id, step, ended, ts, ping.lat, ping.lon,
+                          self._distance(fid, ping), speed, stale=False)
+        entered = math.inf
+        for k in range(lo, hi):
+            if not inside[k]:
+                continue  # the hysteresis band: neither ends nor confirms
+            fence = fences[k]
+            fid = ids[fence]
+            dist = near.distance_m[k]
+            if not have_speed:
+                speed, have_speed = self._speed(step.state, ping), True
             stay = stays.get(fid)
             if stay is None:
-                stays[fid] = Stay(fid, index.store_ids[fence], ping.ts, ping.ts, ping.lat,
-                                  ping.lon, dist, speed)
-                step.events.append(Event(device_id, fid, index.store_ids[fence], "enter",
-                                         ping.ts, ping.lat, ping.lon, dist, speed))
+                store_id = self._store_ids[fence]
+                stays[fid] = Stay(fid, store_id, ts, ts, ping.lat, ping.lon, dist, speed)
+                step.events.append(Event(device_id, fid, store_id, "enter", ts, ping.lat,
+                                         ping.lon, dist, speed))
+                plan = self._dwells.get(fid)
+                if plan is None:
+                    plan = self.dwells(fid)
+                first = ts + (plan[0] if plan and plan[0] < self.stale_after_s
+                              else self.stale_after_s)
+                if first < entered:
+                    entered = first
             else:
-                stay.confirmed_ts = ping.ts
-                stay.lat, stay.lon, stay.distance_m, stay.speed_mps = (
-                    ping.lat, ping.lon, dist, speed)
+                stay.confirmed_ts = ts
+                stay.lat = ping.lat
+                stay.lon = ping.lon
+                stay.distance_m = dist
+                stay.speed_mps = speed
+        return entered
 
     def _distance(self, geofence_id: str, ping: Ping) -> float:
         fence = self.index.position.get(geofence_id)
         if fence is None:  # the fence went away in a reload
             return math.inf
-        if self.index.is_polygon(fence):
-            prox = self.index.query([ping.lat], [ping.lon])
-            hits = prox.distance_m[prox.fence == fence]
-            return float(hits[0]) if len(hits) else float(self.index.reach_m[fence])
-        return distance_m(ping.lat, ping.lon, float(self.index.lat[fence]),
-                          float(self.index.lon[fence]))
+        return self.index.distance_to(fence, ping.lat, ping.lon)
 
     def _speed(self, state: DeviceState, ping: Ping) -> float | None:
         if ping.speed_mps is not None:
@@ -253,7 +344,7 @@ class Tracker:
                 continue
             if age > SPEED_MAX_AGE_S:
                 return None
-            return distance_m(lat, lon, ping.lat, ping.lon) / age
+            return _short_distance_m(lat, lon, ping.lat, ping.lon) / age
         return None
 
     # -- timers --------------------------------------------------------------------------
@@ -267,29 +358,51 @@ class Tracker:
 
     def next_due(self, state: DeviceState) -> float | None:
         """When `fire_due` next has something to do for this device (None: nothing pending)."""
-        due = [t for _, t, _, _ in self._timers(state)]
-        return min(due) if due else None
+        if not state.stays:
+            return None
+        due = self._next_due(state.stays)
+        return None if due == math.inf else due
 
-    def _timers(self, state: DeviceState) -> list[tuple[int, float, str, float]]:
-        """(order, due time, geofence id, dwell seconds or 0 for stale) of every pending timer."""
-        timers = []
-        for fid, stay in state.stays.items():
-            timers.append((1, stay.confirmed_ts + self.stale_after_s, fid, 0.0))
-            for dwell in self.dwell_plan(fid):
+    def _next_due(self, stays: Mapping[str, Stay]) -> float:
+        stale_after = self.stale_after_s
+        best = math.inf
+        plans = self._dwells
+        for fid, stay in stays.items():
+            t = stay.confirmed_ts + stale_after
+            if t < best:
+                best = t
+            plan = plans.get(fid)
+            # ascending: the first not fired is the earliest
+            for dwell in plan if plan is not None else self.dwells(fid):
                 if dwell not in stay.dwells_fired:
-                    timers.append((0, stay.enter_ts + dwell, fid, dwell))
-        return timers
+                    t = stay.enter_ts + dwell
+                    if t < best:
+                        best = t
+                    break
+        return best
 
     def _fire(self, device_id: str, step: Step, now: float) -> None:
+        """Fire the timers due by `now` in due order; at the same time a dwell goes before the
+        stale exit (the stay was still open when the dwell fell due)."""
         state = step.state
-        due = sorted(
-            ((t, order, fid, dwell) for order, t, fid, dwell in self._timers(state) if t <= now),
-        )
-        for t, _order, fid, dwell in due:
+        stale_after = self.stale_after_s
+        due: list[tuple[float, int, str, float]] = []
+        for fid, pending in state.stays.items():
+            t = pending.confirmed_ts + stale_after
+            if t <= now:
+                due.append((t, _STALE, fid, 0.0))
+            for dwell in self.dwells(fid):
+                t = pending.enter_ts + dwell
+                if t > now:
+                    break
+                if dwell not in pending.dwells_fired:
+                    due.append((t, _DWELL, fid, dwell))
+        due.sort()
+        for t, kind, fid, dwell in due:
             stay = state.stays.get(fid)
             if stay is None:  # ended by an earlier timer
                 continue
-            if dwell:
+            if kind == _DWELL:
                 stay.dwells_fired.append(dwell)
                 step.events.append(Event(device_id, fid, stay.store_id, "dwell", t, stay.lat,
                                          stay.lon, stay.distance_m, stay.speed_mps, dwell_s=dwell))
@@ -307,6 +420,21 @@ class Tracker:
                                      stay.enter_ts, ts))
 
 
+def _short_distance_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
+    """Haversine distance, inlined for the speed of every moving ping (no function calls to
+    math.radians; the same formula and radius as `geopush.geo.index.distance_m`)."""
+    p1 = lat1 * _RADIANS
+    p2 = lat2 * _RADIANS
+    a = (sin((p2 - p1) * 0.5) ** 2
+         + cos(p1) * cos(p2) * sin((lon2 - lon1) * (_RADIANS * 0.5)) ** 2)
+    return _EARTH_DIAMETER_M * asin(sqrt(a if a < 1.0 else 1.0))
+
+
+_RADIANS = math.pi / 180.0
+_EARTH_DIAMETER_M = 2.0 * EARTH_RADIUS_M
+_DWELL, _STALE = 0, 1  # timer kinds, in the order they fire when due at the same time
+
+
 def forget_stays(state: DeviceState) -> DeviceState:
     """Location consent revoked: end every stay and timer without events (contract §5)."""
     return DeviceState(state.last_ts, {}, [])
@@ -315,22 +443,38 @@ def forget_stays(state: DeviceState) -> DeviceState:
 def process_batch(
     tracker: Tracker, pings: Sequence[Ping], states: Mapping[str, DeviceState | None]
 ) -> dict[str, Step]:
-    """One index query for the whole batch, then each device's pings in order.
+    """One index query for the whole batch, then each device's pings in timestamp order.
 
     `states` holds the prior state of every device in the batch (missing or None: new).
     Rejection positions are indexes into `pings`."""
-    prox = tracker.index.query([p.lat for p in pings], [p.lon for p in pings])
-    near: dict[int, list[tuple[int, float]]] = {}
-    for i, fence, dist in zip(prox.ping.tolist(), prox.fence.tolist(), prox.distance_m.tolist(),
-                              strict=True):
-        near.setdefault(i, []).append((fence, dist))
+    if not pings:
+        return {}
+    near = _Near.from_proximity(
+        tracker.index.query([p.lat for p in pings], [p.lon for p in pings]), len(pings),
+        tracker.index,
+    )
     groups: dict[str, list[int]] = {}
-    for i, ping in enumerate(pings):
-        groups.setdefault(ping.device_id, []).append(i)
-    steps = {}
-    for device_id, positions in groups.items():
-        steps[device_id] = tracker.process(
-            device_id, states.get(device_id), [pings[i] for i in positions],
-            [near.get(i, ()) for i in positions], positions=positions,
-        )
-    return steps
+    for i, device_id in enumerate([p.device_id for p in pings]):
+        group = groups.get(device_id)
+        if group is None:
+            groups[device_id] = [i]
+        else:
+            group.append(i)
+    run = tracker._run
+    return {
+        device_id: run(device_id, states.get(device_id), pings,
+                       _in_time_order(pings, order), None, near)
+        for device_id, order in groups.items()
+    }
+
+
+def _in_time_order(pings: Sequence[Ping], order: list[int]) -> list[int]:
+    """Batches usually arrive in time order: check that (cheap) before sorting (stable)."""
+    if len(order) > 1:
+        previous = -math.inf
+        for i in order:
+            ts = pings[i].ts
+            if ts < previous:
+                return sorted(order, key=lambda j: pings[j].ts)
+            previous = ts
+    return order
