@@ -73,7 +73,9 @@ class StateStore(ABC):
     async def track(self, device_ids: Collection[str], compute: Compute) -> dict[str, DeviceOutcome]:
         """Atomically per device: snapshot → compute → write state, visits and due time.
 
-        Returns the committed outcome of every device compute returned one for."""
+        Returns the committed outcome of every device compute returned one for. A device
+        compute returns no outcome for is not written (a read-only peek is fine); an outcome
+        with `state` None writes no state or visits."""
 
     @abstractmethod
     async def claim_due(self, now: float, limit: int, lease_s: float) -> list[str]:

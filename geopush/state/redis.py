@@ -268,10 +268,10 @@ class RedisStore(StateStore):
         schedule: dict[str, float] = {}
         unschedule: list[str] = []
         scripts: list[tuple[str, tuple[Any, ...]]] = []  # (device, EVALSHA arguments)
-        for device_id, read in reads.items():
-            outcome = outcomes.get(device_id)
+        for device_id, outcome in outcomes.items():
+            read = reads[device_id]
             keys = self.keys.device(device_id)
-            if outcome is not None and outcome.state is not None:
+            if outcome.state is not None:
                 due = outcome.next_due
                 track = encode_track(outcome.state, due)
                 visits = [encode_visit(v) for v in outcome.visits]
