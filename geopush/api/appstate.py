@@ -1,0 +1,47 @@
+"""Typed app state (web.AppKey): what the handlers share, opened and closed in `geopush.app`."""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from geopush.api.auth import Authenticator
+from geopush.config import Settings
+from geopush.engine import Engine
+from geopush.geo.index import GeofenceIndex
+from geopush.geo.stores import StoreSet
+from geopush.metrics import Metrics
+from geopush.state.base import StateStore
+
+
+@dataclass(frozen=True)
+class Geofencing:
+    """The active stores and what is built from them; replaced whole, never edited."""
+
+    stores: StoreSet
+    index: GeofenceIndex
+    engine: Engine
+    loaded_at: float
+
+
+class Live:
+    """Holder of what a reload may swap while the app runs (app state is frozen after start)."""
+
+    def __init__(self) -> None:
+        self.geofencing: Geofencing | None = None
+
+    @property
+    def engine(self) -> Engine:
+        if self.geofencing is None:
+            raise RuntimeError("the stores are not loaded yet")
+        return self.geofencing.engine
+
+
+SETTINGS = web.AppKey("settings", Settings)
+STATE = web.AppKey("state", StateStore)
+LIVE = web.AppKey("live", Live)
+METRICS = web.AppKey("metrics", Metrics)
+AUTH = web.AppKey("auth", Authenticator)
+WEBSOCKETS = web.AppKey[weakref.WeakSet[web.WebSocketResponse]]("websockets")

@@ -1,0 +1,234 @@
+"""Device profiles, consent and erasure (contract §6): /v1/devices/{device_id}.
+
+Every consent change is kept with its time and takes effect at once (the state store ends stays
+and timers when location consent goes). DELETE leaves only the erasure record: a keyed hash of
+the id, the time and the last consent (proof of consent, GDPR art. 7(1)).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from functools import lru_cache
+from typing import Any
+from zoneinfo import available_timezones
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from geopush.api.appstate import AUTH, SETTINGS, STATE
+from geopush.api.errors import NotFound
+from geopush.api.wire import json_response, read_json, type_name
+from geopush.devices import (
+    Consent,
+    ConsentChange,
+    DeviceProfile,
+    DeviceUpdate,
+    ErasureRecord,
+    device_hash,
+)
+from geopush.engine import DeviceOutcome, DeviceSnapshot
+from geopush.errors import InvalidInput, Problem
+from geopush.pings import DEVICE_ID
+from geopush.state.base import StateStore
+from geopush.timeutil import format_ts
+
+routes = web.RouteTableDef()
+PATH = "/v1/devices/{device_id}"
+
+
+def _device_id(request: web.Request) -> str:
+    device_id = request.match_info["device_id"]
+    if not DEVICE_ID.match(device_id):
+        expected = "1–128 characters of A-Z a-z 0-9 . _ : @ -"
+        raise InvalidInput(f"device_id = {device_id[:80]!r}: expected {expected}",
+                           [Problem("path", "bad device id", field="device_id",
+                                    value=device_id[:200], expected=expected)])
+    return device_id
+
+
+@lru_cache(maxsize=1)
+def _zones() -> frozenset[str]:
+    return frozenset(available_timezones())
+
+
+async def _update(request: web.Request) -> DeviceUpdate:
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise InvalidInput(f"expected a device object {{push_token, platform, locale, timezone, "
+                           f"attributes, segments, consent}}, got {type_name(body)}")
+    try:
+        update = DeviceUpdate.model_validate(body)
+    except ValidationError as exc:
+        problems = [_problem(err) for err in exc.errors()]
+        raise InvalidInput(f"invalid device: {problems[0].message}"
+                           + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""),
+                           problems) from None
+    if update.timezone is not None and update.timezone not in _zones():
+        raise InvalidInput(
+            f"timezone = {update.timezone!r}: expected an IANA time zone like Europe/Paris",
+            [Problem("body", "unknown time zone", field="timezone", value=update.timezone,
+                     expected="an IANA time zone name like Europe/Paris")])
+    return update
+
+
+def _problem(err: Mapping[str, Any]) -> Problem:
+    key = ".".join(str(p) for p in err["loc"])
+    value = err.get("input")
+    shown = value if value is None or isinstance(value, str | int | float | bool) else repr(value)
+    if isinstance(shown, str) and len(shown) > 200:
+        shown = shown[:199] + "…"
+    if err["type"] == "extra_forbidden":
+        return Problem("body", f"{key}: unknown field", field=key, value=shown,
+                       expected="push_token, platform, locale, timezone, attributes, segments, "
+                                "consent {location, marketing}")
+    return Problem("body", f"{key} = {shown!r}: {err['msg']}", field=key, value=shown,
+                   expected=err["msg"])
+
+
+def profile_json(profile: DeviceProfile) -> dict[str, Any]:
+    body = profile.model_dump(mode="json")
+    for key in ("created_at", "updated_at"):
+        body[key] = format_ts(body[key]) if body[key] is not None else None
+    return body
+
+
+def _consent_change(before: DeviceProfile | None, after: DeviceProfile, now: float,
+                    source: str) -> ConsentChange | None:
+    if before is not None and before.consent == after.consent:
+        return None
+    return ConsentChange(at=now, location=after.consent.location,
+                         marketing=after.consent.marketing, source=source)
+
+
+@routes.put(PATH)
+async def put_device(request: web.Request) -> web.Response:
+    request.app[AUTH].check(request, "devices")
+    device_id = _device_id(request)
+    update = await _update(request)
+    store = request.app[STATE]
+    now = time.time()
+    before = await store.get_profile(device_id)
+    profile = DeviceProfile(
+        device_id=device_id,
+        push_token=update.push_token,
+        platform=update.platform,
+        locale=update.locale,
+        timezone=update.timezone,
+        attributes=update.attributes or {},
+        segments=update.segments or [],
+        # consent is never assumed: a PUT without it means no consent
+        consent=update.consent or Consent(),
+        created_at=before.created_at if before is not None else now,
+        updated_at=now,
+    )
+    await store.put_profile(profile, _consent_change(before, profile, now, "PUT"))
+    return json_response(profile_json(profile))
+
+
+@routes.patch(PATH)
+async def patch_device(request: web.Request) -> web.Response:
+    request.app[AUTH].check(request, "devices")
+    device_id = _device_id(request)
+    update = await _update(request)
+    store = request.app[STATE]
+    before = await store.get_profile(device_id)
+    if before is None:
+        raise NotFound(f"device {device_id!r} is not registered: PUT it first")
+    now = time.time()
+    changes: dict[str, Any] = {"updated_at": now}
+    for name in update.model_fields_set:
+        value = getattr(update, name)
+        if name == "consent":
+            if update.consent is None:
+                raise InvalidInput("consent = null: expected {location?, marketing?}",
+                                   [Problem("body", "consent is null", field="consent",
+                                            value=None, expected="{location?, marketing?}")])
+            # only the consents given change: {"marketing": false} keeps location as it was
+            value = before.consent.model_copy(update={
+                k: getattr(update.consent, k) for k in update.consent.model_fields_set})
+        elif name == "attributes" and value is None:
+            value = {}
+        elif name == "segments" and value is None:
+            value = []
+        changes[name] = value
+    profile = before.model_copy(update=changes)
+    await store.put_profile(profile, _consent_change(before, profile, now, "PATCH"))
+    return json_response(profile_json(profile))
+
+
+@routes.get(PATH)
+async def get_device(request: web.Request) -> web.Response:
+    request.app[AUTH].check(request, "devices")
+    device_id = _device_id(request)
+    profile = await request.app[STATE].get_profile(device_id)
+    if profile is None:
+        raise NotFound(f"device {device_id!r} is not registered")
+    return json_response(profile_json(profile))
+
+
+@routes.get(PATH + "/export")
+async def export_device(request: web.Request) -> web.Response:
+    """Everything stored about the device, for the user's right of access."""
+    request.app[AUTH].check(request, "devices")
+    device_id = _device_id(request)
+    store = request.app[STATE]
+    profile = await store.get_profile(device_id)
+    if profile is None:
+        raise NotFound(f"device {device_id!r} is not registered")
+    history = await store.consent_history(device_id)
+    visits = await store.visits(device_id)
+    return json_response({
+        "device_id": device_id,
+        "profile": profile_json(profile),
+        "consent_history": [
+            {"at": format_ts(c.at), "location": c.location, "marketing": c.marketing,
+             "source": c.source} for c in history
+        ],
+        "visits": [
+            {"store_id": v.store_id, "geofence_id": v.geofence_id, "start": format_ts(v.start),
+             "end": format_ts(v.end)} for v in visits
+        ],
+        "tracking": await _tracking(store, device_id),
+        "decisions": [],
+        "pushes": [],
+    })
+
+
+async def _tracking(store: StateStore, device_id: str) -> dict[str, Any]:
+    """The device's tracker state (last ping time, open stays): location data, so exported."""
+    seen: dict[str, DeviceSnapshot] = {}
+
+    def peek(snapshots: Mapping[str, DeviceSnapshot]) -> Mapping[str, DeviceOutcome]:
+        seen.update(snapshots)
+        return {}  # nothing to write
+
+    await store.track([device_id], peek)
+    snapshot = seen.get(device_id)
+    state = snapshot.state if snapshot is not None else None
+    if state is None:
+        return {"last_ping": None, "stays": []}
+    return {
+        "last_ping": format_ts(state.last_ts) if state.last_ts is not None else None,
+        "stays": [
+            {"geofence_id": s.geofence_id, "store_id": s.store_id,
+             "entered": format_ts(s.enter_ts), "last_seen": format_ts(s.confirmed_ts)}
+            for s in state.stays.values()
+        ],
+    }
+
+
+@routes.delete(PATH)
+async def delete_device(request: web.Request) -> web.Response:
+    request.app[AUTH].check(request, "devices")
+    device_id = _device_id(request)
+    store = request.app[STATE]
+    profile = await store.get_profile(device_id)
+    record = ErasureRecord(
+        device_hash=device_hash(device_id, request.app[SETTINGS].logging.pseudonym_key),
+        erased_at=time.time(),
+        last_consent=profile.consent if profile is not None else None,
+    )
+    if not await store.erase(device_id, record):
+        raise NotFound(f"device {device_id!r} is not registered (nothing to erase)")
+    return web.Response(status=204)

@@ -1,0 +1,202 @@
+"""The running service (`geopush serve`): the aiohttp app and everything it opens and closes.
+
+Every resource is opened and closed in one `cleanup_ctx` generator each, in order: the stores
+and the engine built from them (startup fails on store errors), the state store (the memory
+backend writes its snapshot in close()), the timer claimer. A shutdown stops listening, closes
+WebSockets with 1001, lets in-flight requests finish, then closes the resources in reverse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable
+from contextlib import suppress
+
+from aiohttp import WSCloseCode, web
+
+from geopush.api import devices, health, openapi, pings
+from geopush.api.appstate import (
+    AUTH,
+    LIVE,
+    METRICS,
+    SETTINGS,
+    STATE,
+    WEBSOCKETS,
+    Geofencing,
+    Live,
+)
+from geopush.api.auth import Authenticator
+from geopush.api.errors import Handler, error_middleware
+from geopush.api.wire import MAX_BODY_BYTES
+from geopush.config import Settings
+from geopush.engine import Engine
+from geopush.errors import GeopushError
+from geopush.geo.index import GeofenceIndex
+from geopush.geo.stores import StoreSet, load_stores
+from geopush.geo.transitions import Tracker
+from geopush.logs import configure_logging, fields
+from geopush.metrics import Metrics
+from geopush.state.base import StateStore, StateUnavailable
+from geopush.timers import TimerClaimer
+
+log = logging.getLogger("geopush.app")
+
+LOOPBACK = "127.0.0.1"
+TIMERS_STOP_S = 5.0  # a round in progress finishes; a state store call times out sooner
+
+_Ctx = Callable[[web.Application], AsyncIterator[None]]
+
+
+def build_geofencing(stores: StoreSet, settings: Settings) -> Geofencing:
+    index = GeofenceIndex.from_stores(stores, hysteresis_m=settings.geofence.exit_hysteresis_m)
+    tracker = Tracker(
+        index,
+        max_accuracy_m=settings.geofence.max_accuracy_m,
+        stale_after_s=settings.geofence.stale_after,
+        min_visit_s=settings.visits.min_dwell,
+    )
+    return Geofencing(stores, index, Engine(tracker), time.time())
+
+
+def create_app(settings: Settings, *, store: StateStore | None = None,
+               timer_interval_s: float = 1.0) -> web.Application:
+    """The app, not started; `store` replaces the one the settings describe (tests)."""
+    app = web.Application(middlewares=[_metrics_middleware, error_middleware],
+                          client_max_size=MAX_BODY_BYTES)
+    app[SETTINGS] = settings
+    app[METRICS] = Metrics()
+    app[AUTH] = Authenticator(settings.auth.keys)
+    app[LIVE] = Live()
+    app[WEBSOCKETS] = weakref.WeakSet()
+    if store is None:
+        from geopush.state.factory import make_store
+
+        store = make_store(settings)
+    app[STATE] = store
+    app.cleanup_ctx.append(_geofencing_ctx)
+    app.cleanup_ctx.append(_state_ctx)
+    app.cleanup_ctx.append(_timers_ctx(timer_interval_s))
+    app.on_shutdown.append(_close_websockets)
+    for module in (pings, devices, health, openapi):
+        app.router.add_routes(module.routes)
+    return app
+
+
+async def _geofencing_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    stores = load_stores(settings.stores_file, default_radius_m=settings.geofence.default_radius_m)
+    for warning in stores.warnings:
+        log.warning("stores_warning", extra=fields(where=warning.where, message=warning.message))
+    geofencing = build_geofencing(stores, settings)
+    app[LIVE].geofencing = geofencing
+    metrics = app[METRICS]
+    metrics.geofences.set(len(stores))
+    metrics.stores_loaded_at.set(geofencing.loaded_at)
+    log.info("stores_loaded", extra=fields(file=str(settings.stores_file),
+                                           geofences=len(stores)))
+    yield
+
+
+async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
+    store = app[STATE]
+    try:
+        await store.open()
+    except StateUnavailable as exc:
+        # Start anyway: /readyz fails and requests get 503 until the store answers.
+        log.warning("state_store_unreachable_at_start", extra=fields(reason=str(exc)))
+    yield
+    await store.close()
+
+
+def _timers_ctx(interval_s: float) -> _Ctx:
+    async def timers(app: web.Application) -> AsyncIterator[None]:
+        live = app[LIVE]
+        claimer = TimerClaimer(app[STATE], lambda: live.engine, app[METRICS],
+                               stale_after_s=app[SETTINGS].geofence.stale_after,
+                               interval_s=interval_s)
+        task = asyncio.create_task(claimer.run(), name="geopush-timers")
+        yield
+        claimer.stop()
+        try:
+            await asyncio.wait_for(task, TIMERS_STOP_S)
+        except TimeoutError:
+            log.warning("timers_stop_timeout")
+        with suppress(asyncio.CancelledError):
+            await task
+
+    return timers
+
+
+async def _close_websockets(app: web.Application) -> None:
+    open_sockets = app[WEBSOCKETS]
+    await asyncio.gather(*(ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+                           for ws in list(open_sockets)), return_exceptions=True)
+
+
+@web.middleware
+async def _metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    response = await handler(request)
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    metrics = request.app[METRICS]
+    metrics.request_seconds.labels(route, request.method).observe(
+        time.perf_counter() - started)
+    metrics.responses.labels(route, str(response.status)).inc()
+    return response
+
+
+# -- serve -------------------------------------------------------------------------------------
+
+
+def listen_host(settings: Settings) -> str:
+    """server.host, or loopback when no keys are configured (anyone could call the API)."""
+    if settings.auth.keys:
+        return settings.server.host
+    log.warning("no_auth_keys", extra=fields(
+        message=f"no API keys configured (auth.keys): every request is allowed, so geopush "
+                f"listens on {LOOPBACK} only (server.host {settings.server.host!r} is ignored)"))
+    return LOOPBACK
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGINT or SIGTERM, then shut down gracefully."""
+    host = listen_host(settings)
+    app = create_app(settings)
+    runner = web.AppRunner(app, access_log=None,
+                           shutdown_timeout=settings.server.shutdown_timeout)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, host, settings.server.port)
+        await site.start()
+        urls = [f"http://{a[0]}:{a[1]}" for a in runner.addresses if isinstance(a, tuple)]
+        log.info("listening", extra=fields(urls=urls, backend=settings.storage.backend,
+                                           auth=app[AUTH].enabled))
+        await stop.wait()
+        log.info("shutting_down")
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()
+    log.info("stopped")
+
+
+def run(settings: Settings) -> int:
+    """`geopush serve`: 0 after a clean shutdown, 1 when it cannot start (message on stderr)."""
+    configure_logging(settings.logging)
+    try:
+        asyncio.run(serve(settings))
+    except GeopushError as exc:
+        print(f"error: geopush serve cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0
+

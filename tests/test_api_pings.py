@@ -1,0 +1,209 @@
+"""POST /v1/pings on the real app (memory and Redis backends): events from a real trace,
+per-ping rejections, batch and body limits, bad input."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from geopush.app import create_app
+from tests.api_support import (
+    DEVICES,
+    INGEST,
+    chunks,
+    event_tuples,
+    expected_events,
+    load_trace,
+    ping,
+    settings_for,
+)
+
+Client = TestClient[Any, Any]
+MakeClient = Callable[..., Awaitable[Client]]
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def api(request: pytest.FixtureRequest, tmp_path: Path, aiohttp_client: MakeClient
+              ) -> Client:
+    redis_url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+    settings = settings_for(tmp_path, backend=request.param, redis_url=redis_url)
+    return await aiohttp_client(create_app(settings))
+
+
+async def register(api: Client, device_id: str, *, location: bool = True) -> None:
+    resp = await api.put(f"/v1/devices/{device_id}", headers=DEVICES,
+                         json={"platform": "android", "push_token": "tok",
+                               "consent": {"location": location, "marketing": True}})
+    assert resp.status == 200, await resp.text()
+
+
+async def post(api: Client, body: Any, **kw: Any) -> tuple[int, Any]:
+    resp = await api.post("/v1/pings", headers=INGEST, json=body, **kw)
+    return resp.status, await resp.json()
+
+
+async def test_real_trace_through_two_stores_gives_enter_and_exit_events(api: Client) -> None:
+    await register(api, "phone-1")
+    trace = load_trace()
+    events: list[dict[str, Any]] = []
+    accepted = 0
+    for batch in chunks([ping("phone-1", p) for p in trace], 200):
+        status, body = await post(api, {"pings": batch})
+        assert status == 200, body
+        assert body["rejected"] == []
+        accepted += body["accepted"]
+        events += body["events"]
+    assert accepted == len(trace)
+    assert event_tuples(events) == expected_events("phone-1", trace)
+    assert [e["type"] for e in events] == ["enter", "exit", "enter", "exit"]
+    assert {e["store_id"] for e in events} == {"bakery-300", "pharmacy-700"}
+    assert all(e["device_id"] == "phone-1" for e in events)
+
+
+async def test_single_ping_objects_give_the_same_events_as_batches(api: Client) -> None:
+    await register(api, "phone-1")
+    trace = load_trace()[250:360]
+    events = []
+    for p in trace:
+        status, body = await post(api, ping("phone-1", p))
+        assert status == 200 and body["accepted"] == 1
+        events += body["events"]
+    assert [(e["geofence_id"], e["type"]) for e in events] == [
+        ("bakery-300", "enter"), ("bakery-300", "exit")]
+
+
+async def test_events_of_several_devices_are_in_time_order(api: Client) -> None:
+    trace = load_trace()
+    await register(api, "a")
+    await register(api, "b")
+    # b is 30 s behind a on the same road: its enter comes later though it is listed first
+    window = trace[280:330]
+    pings = [ping("b", p) for p in window[:-30]] + [ping("a", p) for p in window]
+    for i, p in enumerate(pings):
+        if p["device_id"] == "b":
+            p["ts"] += 30_000
+    status, body = await post(api, {"pings": pings})
+    assert status == 200
+    stamps = [e["ts"] for e in body["events"]]
+    assert stamps == sorted(stamps)
+    assert [e["device_id"] for e in body["events"] if e["type"] == "enter"] == ["a", "b"]
+
+
+async def test_pings_of_unknown_or_unconsenting_devices_are_rejected_no_consent(api: Client
+                                                                               ) -> None:
+    await register(api, "no-location", location=False)
+    p = load_trace()[300]
+    status, body = await post(api, {"pings": [ping("stranger", p), ping("no-location", p)]})
+    assert status == 200
+    assert body["accepted"] == 0
+    assert [(r["index"], r["code"]) for r in body["rejected"]] == [
+        (0, "no_consent"), (1, "no_consent")]
+    assert body["events"] == []
+    # nothing was stored: after consent the same ping is the device's first, and enters
+    await register(api, "stranger")
+    status, body = await post(api, ping("stranger", p))
+    assert body["accepted"] == 1 and [e["type"] for e in body["events"]] == ["enter"]
+
+
+async def test_bad_pings_are_rejected_one_by_one_and_the_rest_is_processed(api: Client
+                                                                          ) -> None:
+    await register(api, "phone-1")
+    good = ping("phone-1", load_trace()[300])
+    future_ms = good["ts"] + 3_600_000 * 24 * 365 * 20
+    bad: list[tuple[Any, str]] = [
+        ({**good, "lat": 95}, "lat = 95: expected a number from -90 to 90"),
+        ({**good, "ts": "yesterday"}, "ts = 'yesterday'"),
+        ({**good, "ts": 9_999_999_999_999}, "from the future"),
+        ({**good, "ts": "2999-01-01T00:00:00Z"}, "from the future"),
+        ({**good, "accuracy_m": -3}, "accuracy_m = -3: expected a number ≥ 0"),
+        ({**good, "altitude": 3}, "altitude = 3: expected only known fields"),
+        ({**good, "device_id": "bad id!"}, "device_id = 'bad id!'"),
+        ("not a ping", "expected a ping object"),
+        ({k: v for k, v in good.items() if k != "lon"}, "lon = None"),
+    ]
+    assert future_ms  # (the epoch-ms future case above is far beyond 5 minutes)
+    status, body = await post(api, {"pings": [b for b, _ in bad] + [good]})
+    assert status == 200
+    assert body["accepted"] == 1
+    assert [r["index"] for r in body["rejected"]] == list(range(len(bad)))
+    for rejection, (_, expected) in zip(body["rejected"], bad, strict=True):
+        assert rejection["code"] == "invalid"
+        assert expected in rejection["message"], rejection
+    assert [e["type"] for e in body["events"]] == ["enter"]
+
+
+async def test_a_ping_older_than_the_last_one_is_out_of_order(api: Client) -> None:
+    await register(api, "phone-1")
+    trace = load_trace()
+    status, body = await post(api, ping("phone-1", trace[10]))
+    assert body["accepted"] == 1
+    status, body = await post(api, {"pings": [ping("phone-1", trace[11]),
+                                              ping("phone-1", trace[5])]})
+    assert body["accepted"] == 1
+    assert [(r["index"], r["code"]) for r in body["rejected"]] == [(1, "out_of_order")]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "says"),
+    [
+        (b"{not json", 400, "invalid", "not valid JSON"),
+        (b"", 400, "invalid", "body is empty"),
+        (b"[1, 2]", 400, "invalid", "got a list"),
+        (b'"ping"', 400, "invalid", "got a string"),
+        (b'{"pings": {"device_id": "x"}}', 400, "invalid", "pings: expected a list"),
+        (b'{"pings": [], "extra": 1}', 400, "invalid", "unknown field 'extra'"),
+    ],
+)
+async def test_a_body_of_the_wrong_shape_is_a_400_naming_the_problem(
+        api: Client, body: bytes, status: int, code: str, says: str) -> None:
+    resp = await api.post("/v1/pings", headers={**INGEST, "Content-Type": "application/json"},
+                          data=body)
+    assert resp.status == status
+    error = (await resp.json())["error"]
+    assert error["code"] == code
+    assert says in error["message"]
+    assert set(error) == {"code", "message", "details"}
+
+
+async def test_batch_of_1000_is_fine_and_1001_is_413(api: Client) -> None:
+    await register(api, "phone-1")
+    trace = load_trace()
+    status, body = await post(api, {"pings": [ping("phone-1", p) for p in trace[:1000]]})
+    assert status == 200 and body["accepted"] == 1000
+    status, body = await post(api, {"pings": [ping("phone-2", trace[0])] * 1001})
+    assert status == 413
+    assert body["error"]["code"] == "too_large"
+    assert "1001 pings" in body["error"]["message"] and "at most 1000" in body["error"]["message"]
+
+
+async def test_body_over_1_mib_is_413_naming_the_limit(api: Client) -> None:
+    big = io.BytesIO(b'{"pings": [' + b" " * (1024 * 1024) + b"]}")
+    resp = await api.post("/v1/pings", headers={**INGEST, "Content-Type": "application/json"},
+                          data=big)
+    assert resp.status == 413
+    error = (await resp.json())["error"]
+    assert error["code"] == "too_large"
+    assert "1048576 bytes" in error["message"]
+
+
+async def test_chunked_body_over_1_mib_is_413_too(api: Client) -> None:
+    async def body() -> Any:
+        for _ in range(20):
+            yield b" " * 65536
+
+    resp = await api.post("/v1/pings", headers={**INGEST, "Content-Type": "application/json"},
+                          data=body())
+    assert resp.status == 413
+    assert (await resp.json())["error"]["code"] == "too_large"
+
+
+async def test_the_server_keeps_serving_after_bad_input(api: Client) -> None:
+    for data in (b"\xff\xfe", b"{" * 10_000, b'{"pings": [' + b"[" * 5000 + b"]}"):
+        resp = await api.post("/v1/pings", headers=INGEST, data=data)
+        assert resp.status == 400
+    assert (await api.get("/healthz")).status == 200
