@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from contextlib import suppress
 from collections.abc import Callable, Mapping
+from contextlib import suppress
 
 from geopush.engine import DeviceOutcome, DeviceSnapshot, Engine
 from geopush.geo.transitions import Event

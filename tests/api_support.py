@@ -68,7 +68,7 @@ def load_trace(end_at: float | None = None) -> list[TracePoint]:
 
 def ping(device_id: str, point: TracePoint, **extra: Any) -> dict[str, Any]:
     return {"device_id": device_id, "lat": point.lat, "lon": point.lon,
-            "ts": int(round(point.ts * 1000)), **extra}
+            "ts": round(point.ts * 1000), **extra}
 
 
 def haversine(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
@@ -110,7 +110,7 @@ def expected_events(device_id: str, trace: list[TracePoint]) -> list[tuple[str, 
                 inside = False
                 events.append((p.ts, fid, "exit"))
     events.sort()
-    return [(fid, kind, int(round(ts * 1000))) for ts, fid, kind in events]
+    return [(fid, kind, round(ts * 1000)) for ts, fid, kind in events]
 
 
 def settings_for(tmp_path: Path, *, backend: str = "memory", redis_url: str | None = None,
@@ -143,7 +143,7 @@ def free_port() -> int:
 def event_tuples(events: list[dict[str, Any]]) -> list[tuple[str, str, int]]:
     from geopush.timeutil import parse_ts
 
-    return [(e["geofence_id"], e["type"], int(round(parse_ts(e["ts"]) * 1000)))
+    return [(e["geofence_id"], e["type"], round(parse_ts(e["ts"]) * 1000))
             for e in events]
 
 

@@ -84,7 +84,7 @@ async def test_events_of_several_devices_are_in_time_order(api: Client) -> None:
     # b is 30 s behind a on the same road: its enter comes later though it is listed first
     window = trace[280:330]
     pings = [ping("b", p) for p in window[:-30]] + [ping("a", p) for p in window]
-    for i, p in enumerate(pings):
+    for p in pings:
         if p["device_id"] == "b":
             p["ts"] += 30_000
     status, body = await post(api, {"pings": pings})
@@ -140,9 +140,9 @@ async def test_bad_pings_are_rejected_one_by_one_and_the_rest_is_processed(api: 
 async def test_a_ping_older_than_the_last_one_is_out_of_order(api: Client) -> None:
     await register(api, "phone-1")
     trace = load_trace()
-    status, body = await post(api, ping("phone-1", trace[10]))
+    _, body = await post(api, ping("phone-1", trace[10]))
     assert body["accepted"] == 1
-    status, body = await post(api, {"pings": [ping("phone-1", trace[11]),
+    _, body = await post(api, {"pings": [ping("phone-1", trace[11]),
                                               ping("phone-1", trace[5])]})
     assert body["accepted"] == 1
     assert [(r["index"], r["code"]) for r in body["rejected"]] == [(1, "out_of_order")]
