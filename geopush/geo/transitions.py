@@ -3,6 +3,11 @@
 No clock of its own: pings carry their time, and timers (dwell, stale exit) fire when the caller
 says what time it is (`fire_due`). Processing a ping first fires every timer due by the ping's
 time, so the result never depends on how a device's pings are split into batches.
+
+Events come out in the order things happened: a ping's events at its ts (exits before enters),
+a timer's at its due time. Every event's `ts` follows that order except a stale exit's, which
+the contract dates at the stay's last confirming ping although it happens stale_after later
+(so a dwell that fell due before the stay went stale precedes it with a later `ts`).
 """
 
 from __future__ import annotations
