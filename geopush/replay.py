@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 import time
 from collections import Counter
@@ -27,8 +28,8 @@ from geopush.devices import Consent, DeviceProfile, has_location_consent
 from geopush.engine import DeviceSnapshot, Engine
 from geopush.errors import InvalidInput, Problem
 from geopush.geo.transitions import Event, Ping, Visit
-from geopush.pings import PingError, parse_ping
-from geopush.timeutil import format_ts
+from geopush.pings import DEVICE_ID, PingError, parse_ping
+from geopush.timeutil import format_ts, parse_ts
 from geopush.yamlspots import compose, line_of
 
 CHUNK = 10_000  # pings per engine call: one index query per chunk keeps big files fast
@@ -122,25 +123,63 @@ def _csv(
     if "device_id" not in columns and device_id is None:
         raise NoDeviceColumn(f"{path}: the CSV has no device_id column; give --device ID")
     width = len(columns)
-    for number, text in rest:
-        if not text.strip():
-            continue
-        row = next(csv.reader([text]))
+    at = {name: columns.index(name) if name in columns else None for name in CSV_COLUMNS}
+    dev_at, ts_at, lat_at, lon_at = at["device_id"], at["ts"], at["lat"], at["lon"]
+    acc_at, speed_at = at["accuracy_m"], at["speed_mps"]
+    assert ts_at is not None and lat_at is not None and lon_at is not None
+    lines_before = header[0]
+    # one reader over the whole file: a reader per line costs more than the ping itself
+    reader = csv.reader(text for _, text in rest)
+    for row in reader:
+        number = lines_before + reader.line_num
         if len(row) != width:
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue  # a blank line
             yield number, BadLine(number, f"{len(row)} fields: expected {width} "
                                   f"({','.join(columns)})")
             continue
-        obj: dict[str, Any] = {}
-        for name, raw in zip(columns, row, strict=True):
-            value = raw.strip()
-            if name == "device_id":
-                if value:
-                    obj[name] = value
-            elif name == "ts":
-                obj[name] = _number(value) if _EPOCH_MS.match(value) else value
-            elif value or name in ("lat", "lon"):
-                obj[name] = _number(value)
+        dev = (row[dev_at].strip() if dev_at is not None else "") or device_id
+        ts = row[ts_at].strip()
+        accuracy = row[acc_at].strip() if acc_at is not None else ""
+        speed = row[speed_at].strip() if speed_at is not None else ""
+        ping = _well_formed(dev, ts, row[lat_at], row[lon_at], accuracy, speed)
+        if ping is not None:
+            yield number, ping
+            continue
+        # something is off: the full parser says what, naming the field and the value
+        obj: dict[str, Any] = {"ts": _number(ts) if _EPOCH_MS.match(ts) else ts,
+                               "lat": _number(row[lat_at]), "lon": _number(row[lon_at])}
+        if dev_at is not None and row[dev_at].strip():
+            obj["device_id"] = row[dev_at].strip()
+        if accuracy:
+            obj["accuracy_m"] = _number(accuracy)
+        if speed:
+            obj["speed_mps"] = _number(speed)
         yield number, _ping(number, obj, device_id)
+
+
+def _well_formed(device: str | None, ts: str, lat_text: str, lon_text: str, accuracy_text: str,
+                 speed_text: str) -> Ping | None:
+    """The fast path for a good CSV row: the Ping parse_ping would give, or None to let
+    parse_ping explain the problem. Only ever stricter than parse_ping, never looser."""
+    if device is None or not DEVICE_ID.match(device):
+        return None
+    try:
+        lat = float(lat_text)
+        lon = float(lon_text)
+        accuracy = float(accuracy_text) if accuracy_text else None
+        speed = float(speed_text) if speed_text else None
+        epoch = parse_ts(float(ts) if _EPOCH_MS.match(ts) else ts, naive_is_utc=True)
+    except ValueError:
+        return None
+    # comparisons with NaN are false, so NaN falls through to parse_ping too
+    if not (-90.0 <= lat <= 90.0 and -180.0 <= lon <= 180.0):
+        return None
+    if accuracy is not None and not 0.0 <= accuracy < math.inf:
+        return None
+    if speed is not None and not 0.0 <= speed < math.inf:
+        return None
+    return Ping(device, epoch, lat, lon, accuracy, speed)
 
 
 class NoDeviceColumn(InvalidInput):
@@ -149,9 +188,9 @@ class NoDeviceColumn(InvalidInput):
 
 def _number(text: str) -> Any:
     try:
-        return float(text) if any(c in text for c in ".eEnN") else int(text)
+        return float(text)
     except ValueError:
-        return text  # parse_ping names the field and what was expected
+        return text.strip()  # parse_ping names the field and what was expected
 
 
 def _ping(number: int, obj: Any, device_id: str | None) -> Ping | BadLine:
@@ -350,7 +389,8 @@ class Replay:
     def _ingest(self, pings: list[Ping], lines: list[int]) -> None:
         devices = {p.device_id for p in pings}
         snapshots = {d: self.snapshots[d] for d in devices}
-        outcomes = self.engine.ingest(pings, snapshots, positions=lines)
+        # consent was checked in _admit, ping by ping, in file order
+        outcomes = self.engine.ingest(pings, snapshots, positions=lines, assume_consent=True)
         for device, outcome in outcomes.items():
             for rejected in outcome.rejected:
                 self._reject(rejected.index, rejected.code, rejected.message)

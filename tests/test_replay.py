@@ -125,7 +125,7 @@ def test_bad_csv_lines_are_reported_each_and_the_rest_is_read(tmp_path: Path) ->
         4: "ts = 'yesterday': expected RFC 3339 time with offset, or epoch milliseconds",
         5: "4 fields: expected 6 (device_id,ts,lat,lon,accuracy_m,speed_mps)",
         6: "lon = 194.0: expected a number from -180 to 180",
-        7: "accuracy_m = -3: expected a number ≥ 0, or null",
+        7: "accuracy_m = -3.0: expected a number ≥ 0, or null",
         8: "device_id = 'a b': expected 1–128 characters of A-Z a-z 0-9 . _ : @ -",
     }
     assert [line for line, r in records if isinstance(r, Ping)] == [2, 9]
