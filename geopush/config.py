@@ -164,8 +164,12 @@ def _problems(exc: ValidationError, path: Path, text: str) -> list[Problem]:
     for err in exc.errors():
         loc = [p for p in err["loc"] if isinstance(p, str | int)]
         key = ".".join(str(p) for p in loc)
-        line = line_of(tree, loc)
-        where = f"{path}:{line}" if line else str(path)
+        env_name = _env_name(loc)
+        if env_name is not None:
+            where = f"environment {env_name}"  # the override, not the file, holds the value
+        else:
+            line = line_of(tree, loc)
+            where = f"{path}:{line}" if line else str(path)
         value = err.get("input")
         if err["type"] == "extra_forbidden":
             message = f"{key}: unknown key"
@@ -175,6 +179,17 @@ def _problems(exc: ValidationError, path: Path, text: str) -> list[Problem]:
             expected = err["msg"]
         problems.append(Problem(where, message, field=key, value=_jsonable(value), expected=expected))
     return problems
+
+
+def _env_name(loc: list[str | int]) -> str | None:
+    """The GEOPUSH_<SECTION>__<KEY> variable set for this key (or a parent of it), if any."""
+    names = {name.upper(): name for name in os.environ if name.upper().startswith(ENV_PREFIX)}
+    parts = [str(p) for p in loc]
+    for depth in range(len(parts), 0, -1):
+        candidate = ENV_PREFIX + "__".join(parts[:depth]).upper()
+        if candidate in names:
+            return names[candidate]
+    return None
 
 
 def _jsonable(value: Any) -> Any:

@@ -64,6 +64,7 @@ def test_environment_override_is_validated(monkeypatch: pytest.MonkeyPatch) -> N
         load_settings(EMBEDDED)
     [problem] = raised.value.details
     assert problem.field == "geofence.stale_after" and problem.value == "soon"
+    assert problem.where == "environment GEOPUSH_GEOFENCE__STALE_AFTER"  # not the file
 
 
 def test_config_path_comes_from_geopush_config(tmp_path: Path,
