@@ -14,10 +14,11 @@ import inspect
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from geopush.config import Settings, config_json_schema, load_settings
+from geopush.config import GeofenceSettings, Settings, config_json_schema, load_settings
 from geopush.engine import Engine
 from geopush.errors import ConfigError, InvalidInput, Problem, StoreLoadError
 from geopush.geo.index import GeofenceIndex
@@ -149,53 +150,75 @@ def build_engine(settings: Settings, stores: StoreSet) -> Engine:
 # -- check -------------------------------------------------------------------------------------
 
 
+@dataclass
+class _Tally:
+    errors: int = 0
+    warnings: int = 0
+    geofences: int = 0
+    stores: int = 0
+
+
 def _check(args: argparse.Namespace) -> int:
+    """Every problem of the config, the stores and the rules, each with file:line; exit 1 on
+    any error. A broken config does not hide the stores' problems when --stores is given."""
     out = sys.stdout
-    errors = warnings = 0
+    tally = _Tally()
+    settings: Settings | None = None
     try:
-        settings: Settings | None = _settings(args)
+        settings = _settings(args)
     except ConfigError as exc:
         _print_error(exc, out)
-        errors += max(1, len(exc.details))
-        settings = None
-    default_radius = settings.geofence.default_radius_m if settings else 100.0
-    stores_file = settings.stores_file if settings else (
-        Path(args.stores).resolve() if args.stores else None)
-    geofences = stores = 0
+        tally.errors += max(1, len(exc.details))
+    if settings is not None:
+        stores_file: Path | None = settings.stores_file
+        rules_dir: Path | None = settings.rules_dir
+        default_radius = settings.geofence.default_radius_m
+    else:
+        stores_file = Path(args.stores).resolve() if args.stores else None
+        rules_dir = Path(args.rules).resolve() if args.rules else None
+        default_radius = GeofenceSettings().default_radius_m
     if stores_file is None:
         print("note: stores not checked (the config did not load; give --stores FILE)", file=out)
     else:
-        try:
-            text = stores_file.read_text(encoding="utf-8")
-        except OSError as exc:
-            print(f"error: {_show(stores_file)}: cannot read stores file: {exc.strerror}",
-                  file=out)
-            errors += 1
-        else:
-            store_set, report = parse_stores(text, source=_show(stores_file),
-                                             default_radius_m=default_radius)
-            for problem in report.problems:
-                _print_problem(problem, out)
-            errors += len(report.errors)
-            warnings += len(report.warnings)
-            if store_set is not None:
-                geofences = len(store_set)
-                stores = len({g.store_id for g in store_set.geofences})
-    rules_dir = settings.rules_dir if settings else (
-        Path(args.rules).resolve() if args.rules else None)
+        _check_stores(stores_file, default_radius, tally, out)
+    if rules_dir is not None:
+        _check_rules(rules_dir, tally, out)
+    if tally.errors:
+        print(f"failed: {tally.errors} error(s), {tally.warnings} warning(s)", file=out)
+        return ERRORS
+    print(f"ok: {tally.geofences} geofences ({tally.stores} stores), {tally.warnings} warning(s)",
+          file=out)
+    return OK
+
+
+def _check_stores(path: Path, default_radius_m: float, tally: _Tally, out: TextIO) -> None:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        print(f"error: {_show(path)}: cannot read stores file: {exc.strerror}", file=out)
+        tally.errors += 1
+        return
+    store_set, report = parse_stores(text, source=_show(path), default_radius_m=default_radius_m)
+    for problem in report.problems:
+        _print_problem(problem, out)
+    tally.errors += len(report.errors)
+    tally.warnings += len(report.warnings)
+    if store_set is not None:
+        tally.geofences = len(store_set)
+        tally.stores = len({g.store_id for g in store_set.geofences})
+
+
+def _check_rules(rules_dir: Path, tally: _Tally, out: TextIO) -> None:
+    if not rules_dir.is_dir():
+        print(f"warning: {_show(rules_dir)}: rules folder not found", file=out)
+        tally.warnings += 1
+        return
     rule_files = _rule_files(rules_dir)
     if rule_files:
+        # saying nothing would read as "rules are fine"; they are simply not checked yet
         print(f"warning: {_show(rules_dir)}: {len(rule_files)} rule file(s): rules: "
               f"{RULES_NOT_BUILT}", file=out)
-        warnings += 1
-    elif rules_dir is not None and not rules_dir.is_dir():
-        print(f"warning: {_show(rules_dir)}: rules folder not found", file=out)
-        warnings += 1
-    if errors:
-        print(f"failed: {errors} error(s), {warnings} warning(s)", file=out)
-        return ERRORS
-    print(f"ok: {geofences} geofences ({stores} stores), {warnings} warning(s)", file=out)
-    return OK
+        tally.warnings += 1
 
 
 # -- schema ------------------------------------------------------------------------------------

@@ -348,3 +348,20 @@ def test_replay_store_and_weather_options(capsys: pytest.CaptureFixture[str], wo
     assert code == 1 and "feature #0" in err
     code, _, err = _main(capsys, "replay", world.parent / "none.csv", "-c", world)
     assert code == 1 and "cannot read pings file" in err
+
+
+def test_check_goes_on_to_the_stores_when_the_config_is_broken(
+    capsys: pytest.CaptureFixture[str], world: Path
+) -> None:
+    world.write_text("geofence: {radius: 10}\n")
+    stores = world.parent / "stores.geojson"
+    stores.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "id": "x", "properties": {"timezone": "Mars/Olympus"},
+         "geometry": {"type": "Point", "coordinates": [14.0, 46.0]}}]}))
+    code, out, _ = _main(capsys, "check", "-c", world, "--stores", stores,
+                         "--rules", world.parent / "no-such-folder")
+    assert code == 1
+    assert f"error: {world}:1: geofence.radius: unknown key" in out
+    assert "timezone = 'Mars/Olympus'" in out
+    assert "no-such-folder: rules folder not found" in out
+    assert "failed: 2 error(s), 1 warning(s)" in out
