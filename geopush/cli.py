@@ -118,7 +118,7 @@ def _show(path: Path | None) -> str:
 def _print_problem(problem: Problem, out: TextIO) -> None:
     line = f"{problem.severity}: {problem.where}: {problem.message}"
     if problem.expected and "expected" not in problem.message:
-        line += f" (expected {problem.expected})"
+        line += f"; expected {problem.expected}"
     print(line, file=out)
 
 

@@ -124,7 +124,7 @@ class _Builder:
         if not isinstance(feature, dict) or feature.get("type") != "Feature":
             self.report.error(
                 f"{at}: feature #{index}",
-                f"expected a GeoJSON Feature, got {_short(feature)}",
+                f"expected a GeoJSON Feature, got {_say(feature)}",
                 field="type", value=_short(feature), expected="Feature",
             )
             return
@@ -149,7 +149,7 @@ class _Builder:
             return
         if isinstance(raw_id, bool) or not isinstance(raw_id, str | int):
             self.report.error(
-                f"{at}: feature #{index}", f"id = {_short(raw_id)}: expected a string or an integer",
+                f"{at}: feature #{index}", f"id = {_say(raw_id)}: expected a string or an integer",
                 field="id", value=_short(raw_id), expected="a unique string",
             )
             return
@@ -235,7 +235,7 @@ def _check_geometry(
         shape: BaseGeometry = Polygon(rings[0], rings[1:])
     elif gtype == "MultiPolygon":
         if not isinstance(coords, list) or not coords:
-            report.error(where, f"geometry.coordinates = {_short(coords)}: expected a list of "
+            report.error(where, f"geometry.coordinates = {_say(coords)}: expected a list of "
                          "polygons", field="geometry.coordinates", value=_short(coords),
                          expected="list of polygons")
             return None
@@ -271,7 +271,7 @@ def _polygon(
     coords: Any, fieldname: str, where: str, report: Report
 ) -> list[list[tuple[float, float]]] | None:
     if not isinstance(coords, list) or not coords:
-        report.error(where, f"{fieldname} = {_short(coords)}: expected a list of linear rings",
+        report.error(where, f"{fieldname} = {_say(coords)}: expected a list of linear rings",
                      field=fieldname, value=_short(coords), expected="list of linear rings")
         return None
     rings = []
@@ -279,7 +279,7 @@ def _polygon(
         name = f"{fieldname}[{r}]"
         if not isinstance(ring, list) or len(ring) < 4:
             report.error(where, f"{name}: expected a closed ring of at least 4 positions, got "
-                         f"{_short(ring)}", field=name, value=_short(ring),
+                         f"{_say(ring)}", field=name, value=_short(ring),
                          expected="at least 4 positions, first = last")
             return None
         positions = []
@@ -303,7 +303,7 @@ def _position(pos: Any, fieldname: str, where: str, report: Report) -> tuple[flo
         or len(pos) < 2
         or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in pos[:2])
     ):
-        report.error(where, f"{fieldname} = {_short(pos)}: expected [lon, lat] numbers",
+        report.error(where, f"{fieldname} = {_say(pos)}: expected [lon, lat] numbers",
                      field=fieldname, value=_short(pos), expected="[lon, lat]")
         return None
     lon, lat = float(pos[0]), float(pos[1])
@@ -343,7 +343,7 @@ def _as_text(value: Any, default: str, key: str, where: str, report: Report) -> 
         return default
     if isinstance(value, str | int) and not isinstance(value, bool) and str(value).strip():
         return str(value)
-    report.error(where, f"{key} = {_short(value)}: expected a non-empty string",
+    report.error(where, f"{key} = {_say(value)}: expected a non-empty string",
                  field=key, value=_short(value), expected="string")
     return default
 
@@ -353,7 +353,7 @@ def _tags(props: dict[str, Any], where: str, report: Report) -> tuple[str, ...]:
     given = props.get("tags")
     if given is not None:
         if not isinstance(given, list) or not all(isinstance(t, str) for t in given):
-            report.error(where, f"tags = {_short(given)}: expected a list of strings",
+            report.error(where, f"tags = {_say(given)}: expected a list of strings",
                          field="tags", value=_short(given), expected="list of strings")
         else:
             tags.extend(given)
@@ -371,7 +371,7 @@ def _timezone(props: dict[str, Any], lat: float, lon: float, where: str, report:
     if given is not None:
         if isinstance(given, str) and _is_zone(given):
             return given
-        report.error(where, f"timezone = {_short(given)}: expected an IANA time zone name "
+        report.error(where, f"timezone = {_say(given)}: expected an IANA time zone name "
                      "like Europe/Paris", field="timezone", value=_short(given),
                      expected="IANA time zone")
         return None
@@ -384,7 +384,7 @@ def _hours(props: dict[str, Any], timezone: str, lat: float, lon: float, where: 
     if expression is None:
         return None
     if not isinstance(expression, str):
-        report.warning(where, f"opening_hours = {_short(expression)}: not text; hours unknown",
+        report.warning(where, f"opening_hours = {_say(expression)}: not text; hours unknown",
                        field="opening_hours", value=_short(expression))
         return None
     try:
@@ -429,6 +429,12 @@ def _short(value: Any, limit: int = 60) -> Any:
         return value
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _say(value: Any) -> str:
+    """A bad value as an error message shows it: text quoted, anything else as JSON."""
+    short = _short(value)
+    return repr(short) if isinstance(value, str) else str(short)
 
 
 _FEATURES_KEY = re.compile(r'"features"\s*:\s*\[')
