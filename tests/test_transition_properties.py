@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from itertools import pairwise
 from dataclasses import dataclass
 
 from hypothesis import given, settings
@@ -159,7 +160,7 @@ def splits(draw: st.DrawFn, pings: list[Ping]) -> list[tuple[list[Ping], float |
     cuts = sorted(set(draw(st.lists(st.integers(1, max(1, len(pings) - 1)), max_size=6))))
     bounds = [0, *[c for c in cuts if c < len(pings)], len(pings)]
     batches = []
-    for lo, hi in zip(bounds, bounds[1:], strict=False):
+    for lo, hi in pairwise(bounds):
         fire_at = None
         if lo > 0 and draw(st.booleans()):
             fire_at = draw(st.floats(pings[lo - 1].ts, pings[lo].ts))
@@ -209,7 +210,7 @@ def test_devices_in_one_batch_do_not_affect_each_other(
     bounds = [0, *cuts, len(merged)]
     states: dict[str, DeviceState | None] = {}
     events: dict[str, list[Event]] = {"d1": [], "d2": []}
-    for lo, hi in zip(bounds, bounds[1:], strict=False):
+    for lo, hi in pairwise(bounds):
         for device, step in process_batch(TRACKER, merged[lo:hi], states).items():
             assert step.rejected == []
             states[device] = step.state
