@@ -58,7 +58,8 @@ async def _update(request: web.Request) -> DeviceUpdate:
         raise InvalidInput(f"expected a device object {{push_token, platform, locale, timezone, "
                            f"attributes, segments, consent}}, got {type_name(body)}")
     try:
-        update = DeviceUpdate.model_validate(body)
+        # strict: consent must be a JSON boolean, never "yes" or 1
+        update = DeviceUpdate.model_validate(body, strict=True)
     except ValidationError as exc:
         problems = [_problem(err) for err in exc.errors()]
         raise InvalidInput(f"invalid device: {problems[0].message}"
