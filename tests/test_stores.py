@@ -302,6 +302,12 @@ def test_not_a_feature_collection() -> None:
     assert (error.field, error.value, error.expected) == ("type", "Feature", "FeatureCollection")
 
 
+def test_an_empty_collection_loads_with_a_warning() -> None:
+    stores, report = parse_stores(_collection(), source="stores.geojson")
+    assert stores is not None and len(stores) == 0
+    assert [(w.where, w.field) for w in report.warnings] == [("stores.geojson:1", "features")]
+
+
 def test_features_must_be_a_list() -> None:
     [error] = _errors(json.dumps({"type": "FeatureCollection", "features": {}}))
     assert error.field == "features"

@@ -102,6 +102,9 @@ def parse_stores(
         )
         return None, report
 
+    if not features:
+        report.warning(f"{source}:1", "features: the collection is empty; no geofence can fire",
+                       field="features", value=0, expected="at least one Feature")
     lines = _feature_lines(text, len(features))
     builder = _Builder(source, default_radius_m, report)
     for index, feature in enumerate(features):
