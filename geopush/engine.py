@@ -59,6 +59,9 @@ class Engine:
         """Apply a batch of valid pings. Devices without location consent (or unknown ones)
         get every ping rejected `no_consent` and nothing stored. `positions` maps each ping to
         its index in the request (default: its index in `pings`)."""
+        if positions is not None and len(positions) != len(pings):
+            raise ValueError(f"positions: {len(positions)} given for {len(pings)} pings; "
+                             "expected one request index per ping")
         where = list(positions) if positions is not None else list(range(len(pings)))
         outcomes: dict[str, DeviceOutcome] = {}
         admitted: list[Ping] = []
