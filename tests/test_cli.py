@@ -149,6 +149,13 @@ def test_schema_config_prints_json_schema_alone_on_stdout(
     assert "geofence" in schema["properties"]
 
 
+def test_python_dash_m_geopush_runs_the_same_command() -> None:
+    done = subprocess.run([sys.executable, "-m", "geopush", "schema", "config"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0 and done.stderr == ""
+    assert json.loads(done.stdout)["additionalProperties"] is False
+
+
 def test_schema_rules_is_not_there_yet(capsys: pytest.CaptureFixture[str],
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "geopush.rules", None)  # as if the package did not exist
