@@ -15,12 +15,14 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio.client
+from redis.crc import key_slot
 
 from geopush.devices import Consent, ConsentChange, DeviceProfile, ErasureRecord, device_hash
 from geopush.engine import DeviceOutcome, DeviceSnapshot, Engine
 from geopush.geo.index import GeofenceIndex
 from geopush.geo.transitions import Event, Ping, Tracker
 from geopush.state.base import StateUnavailable
+from geopush.state.keys import Keys
 from geopush.state.memory import MemoryStore
 from geopush.state.redis import RedisStore
 
@@ -85,6 +87,33 @@ async def _all_keys_and_values(url: str) -> dict[str, str]:
     finally:
         await client.aclose()
     return dump
+
+
+# -- key layout ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device_id", ["abc", "way/281804082", "odd}{id", "ünï"])
+def test_a_devices_keys_share_one_cluster_slot(device_id: str) -> None:
+    keys = Keys("geopush").device(device_id).all()
+    assert len({key_slot(k.encode()) for k in keys}) == 1
+    assert all(k.startswith("geopush:{d:") for k in keys)
+
+
+async def test_key_prefix_separates_deployments_sharing_a_database(redis_url: str) -> None:
+    a, b = RedisStore(redis_url, key_prefix="tenant-a"), RedisStore(redis_url)
+    await a.open()
+    await b.open()
+    try:
+        await a.put_profile(_profile("dev-1"), None)
+        await a.track(["dev-1"], _ingest([Ping("dev-1", T0, *SHOPS[0])]))
+        assert await b.get_profile("dev-1") is None
+        assert await b.claim_due(T0 + 10_000, 10, 30) == []
+        assert set(await _all_keys_and_values(redis_url)) == {
+            "tenant-a:{d:dev-1}:profile", "tenant-a:{d:dev-1}:track", "tenant-a:{d:dev-1}:ver",
+            "tenant-a:timers"}
+    finally:
+        await a.close()
+        await b.close()
 
 
 # -- erasure -------------------------------------------------------------------------------
@@ -353,5 +382,18 @@ async def test_redis_down_is_unavailable_and_recovers_by_itself(
         outcome = (await store.track(["dev-1"], _ingest([ping])))["dev-1"]
         assert [e.type for e in outcome.events] == ["enter"]
         assert await store.claim_due(T0 + 180, 10, 30) == ["dev-1"]
+    finally:
+        await store.close()
+
+
+async def test_unavailable_errors_do_not_show_the_password() -> None:
+    store = RedisStore(f"redis://:s3cret-pw@127.0.0.1:{_free_port()}/0")
+    await store.open()
+    try:
+        with pytest.raises(StateUnavailable) as raised:
+            await store.get_profile("dev-1")
+        assert "s3cret-pw" not in str(raised.value)
+        assert "127.0.0.1" in str(raised.value)
+        assert not await store.healthy()
     finally:
         await store.close()
