@@ -13,6 +13,7 @@ import importlib
 import inspect
 import json
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -342,13 +343,13 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _report_rejections(path: Path, result: ReplayResult, out: TextIO) -> None:
-    shown: dict[str, int] = {}
+    shown: Counter[str] = Counter()
     for line, code, message in result.rejections:
-        shown[code] = shown.get(code, 0) + 1
+        shown[code] += 1
         # every malformed line is listed; consent and order problems repeat, so a sample
         if code == "invalid" or shown[code] <= _SHOWN_PER_CODE:
             print(f"{_show(path)}:{line}: {code}: {message}", file=out)
-    for code, count in sorted(shown.items()):
+    for code, count in sorted(result.rejected.items()):
         if code != "invalid" and count > _SHOWN_PER_CODE:
             print(f"{_show(path)}: ... and {count - _SHOWN_PER_CODE} more {code}", file=out)
 

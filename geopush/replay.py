@@ -33,6 +33,7 @@ from geopush.timeutil import format_ts, parse_ts
 from geopush.yamlspots import compose, line_of
 
 CHUNK = 10_000  # pings per engine call: one index query per chunk keeps big files fast
+KEPT_REJECTIONS = 1000  # per code other than `invalid`, kept with their line and message
 CSV_COLUMNS = ("device_id", "ts", "lat", "lon", "accuracy_m", "speed_mps")
 _COLUMN_ALIASES = {"ts_iso": "ts"}  # the trace CSVs of shared/data
 _EPOCH_MS = re.compile(r"^\d+(?:\.\d+)?$")
@@ -416,4 +417,7 @@ class Replay:
 
     def _reject(self, line: int, code: str, message: str) -> None:
         self.result.rejected[code] += 1
-        self.result.rejections.append((line, code, message))
+        # every malformed line is kept to be reported; consent and order rejections repeat
+        # for whole devices, so a sample is kept and the rest only counted (big files)
+        if code == "invalid" or self.result.rejected[code] <= KEPT_REJECTIONS:
+            self.result.rejections.append((line, code, message))

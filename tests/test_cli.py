@@ -372,3 +372,14 @@ def test_check_goes_on_to_the_stores_when_the_config_is_broken(
     assert "timezone = 'Mars/Olympus'" in out
     assert "no-such-folder: rules folder not found" in out
     assert "failed: 2 error(s), 1 warning(s)" in out
+
+
+def test_replay_lists_a_sample_of_repeated_rejections_and_counts_the_rest(
+    capsys: pytest.CaptureFixture[str], world: Path
+) -> None:
+    rows = [f"stranger,2026-06-01T10:{m:02d}:00Z,46.0,14.0,," for m in range(30)]
+    pings = _pings_csv(world.parent / "pings.csv", rows)
+    code, out, err = _main(capsys, "replay", pings, "-c", world, "--json", "--summary-only")
+    assert code == 0 and json.loads(out)["summary"]["rejected_by_code"] == {"no_consent": 30}
+    assert err.count(": no_consent: device 'stranger' is unknown") == 20
+    assert f"{pings}: ... and 10 more no_consent" in err
