@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -17,7 +18,10 @@ from geopush.cli import main
 REPO = Path(__file__).parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
 MUNICH = FIXTURES / "traces" / "barefoot_munich_x0001-001.csv"
-GEOPUSH = Path(sys.executable).parent / "geopush"  # the console script installed with the package
+# the console script installed with the package, next to this Python (a venv) or on the PATH
+GEOPUSH = Path(sys.executable).parent / "geopush"
+if not GEOPUSH.exists():
+    GEOPUSH = Path(shutil.which("geopush") or "geopush")
 
 STORES = {"type": "FeatureCollection", "features": [
     {"type": "Feature", "id": "node/1", "properties": {"name": "Corner Shop", "shop": "kiosk"},
