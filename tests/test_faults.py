@@ -1,0 +1,151 @@
+"""Redis faults (contract §10): with Redis stopped, pings and device calls get 503 with
+Retry-After, /readyz fails, nothing crashes, and the service recovers by itself when Redis is
+back. Each test runs its own redis-server on a free port and stops and starts it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis
+from aiohttp.test_utils import TestClient
+
+from geopush.app import create_app
+from tests.api_support import DEVICES, INGEST, free_port, load_trace, ping, settings_for
+
+Client = TestClient[Any, Any]
+MakeClient = Callable[..., Awaitable[Client]]
+RECOVERY_S = 15.0  # contract §10
+
+
+class PrivateRedis:
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/1"
+
+    def start(self) -> None:
+        server = shutil.which("redis-server")
+        assert server is not None
+        self.proc = subprocess.Popen(
+            [server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + 20
+        try:
+            while True:
+                try:
+                    client.ping()
+                    return
+                except redis.ConnectionError:
+                    assert self.proc.poll() is None, "redis-server exited"
+                    assert time.monotonic() < deadline, "redis-server did not start"
+                    time.sleep(0.05)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    if shutil.which("redis-server") is None:
+        message = "redis-server is not installed"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
+    server = PrivateRedis(tmp_path)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def _register(api: Client) -> aiohttp.ClientResponse:
+    return await api.put("/v1/devices/phone-1", headers=DEVICES,
+                         json={"consent": {"location": True}})
+
+
+async def _wait_ready(api: Client, within_s: float) -> float:
+    started = time.monotonic()
+    while (await api.get("/readyz")).status != 200:
+        assert time.monotonic() - started < within_s, f"not ready within {within_s} s"
+        await asyncio.sleep(0.1)
+    return time.monotonic() - started
+
+
+async def _assert_unavailable(resp: aiohttp.ClientResponse) -> None:
+    assert resp.status == 503
+    assert int(resp.headers["Retry-After"]) > 0
+    error = (await resp.json())["error"]
+    assert error["code"] == "unavailable" and "Redis" in error["message"]
+
+
+async def test_redis_down_means_503_and_the_service_recovers_by_itself(
+        tmp_path: Path, private_redis: PrivateRedis, aiohttp_client: MakeClient) -> None:
+    private_redis.start()
+    settings = settings_for(tmp_path, backend="redis", redis_url=private_redis.url)
+    api = await aiohttp_client(create_app(settings, timer_interval_s=0.2))
+    trace = load_trace()
+    assert (await _register(api)).status == 200
+    assert (await api.post("/v1/pings", headers=INGEST, json=ping("phone-1", trace[0]))
+            ).status == 200
+    ws = await api.ws_connect("/v1/stream", headers=INGEST)
+
+    private_redis.stop()
+    await _assert_unavailable(await api.post("/v1/pings", headers=INGEST,
+                                             json=ping("phone-1", trace[1])))
+    await _assert_unavailable(await _register(api))
+    await _assert_unavailable(await api.get("/v1/devices/phone-1", headers=DEVICES))
+    await _assert_unavailable(await api.delete("/v1/devices/phone-1", headers=DEVICES))
+    ready = await api.get("/readyz")
+    assert ready.status == 503 and "Retry-After" in ready.headers
+    assert (await ready.json())["error"]["details"][0]["field"] == "state_store"
+    assert (await api.get("/healthz")).status == 200
+    await ws.send_json(ping("phone-1", trace[2]))
+    answer = await ws.receive_json(timeout=10)
+    assert answer["seq"] == 1 and answer["error"]["code"] == "unavailable"
+    await asyncio.sleep(0.5)  # the timer job meets the outage too, and must survive it
+
+    private_redis.start()  # empty: started without persistence
+    await _wait_ready(api, RECOVERY_S)
+    assert (await _register(api)).status == 200
+    resp = await api.post("/v1/pings", headers=INGEST,
+                          json={"pings": [ping("phone-1", p) for p in trace[280:420]]})
+    assert resp.status == 200
+    assert [e["type"] for e in (await resp.json())["events"]] == ["enter", "exit"]
+    await ws.send_json(ping("phone-1", trace[421]))
+    answer = await ws.receive_json(timeout=10)
+    assert answer["seq"] == 2 and answer["accepted"] == 1
+    await ws.close()
+    metrics = await (await api.get("/metrics")).text()
+    assert 'geopush_state_unavailable_total{operation="track"}' in metrics
+    assert 'geopush_state_unavailable_total{operation="timers"}' in metrics
+
+
+async def test_the_service_starts_while_redis_is_down_and_becomes_ready(
+        tmp_path: Path, private_redis: PrivateRedis, aiohttp_client: MakeClient) -> None:
+    settings = settings_for(tmp_path, backend="redis", redis_url=private_redis.url)
+    api = await aiohttp_client(create_app(settings))
+    assert (await api.get("/readyz")).status == 503
+    await _assert_unavailable(await _register(api))
+    private_redis.start()
+    await _wait_ready(api, RECOVERY_S)
+    assert (await _register(api)).status == 200
