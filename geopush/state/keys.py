@@ -8,7 +8,10 @@ same script as device keys.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+from redis.crc import key_slot
 
 DEFAULT_PREFIX = "geopush"
 VISITS_KEPT = 1000  # visits remembered per device (when.visits looks back 90 days at most)
@@ -36,3 +39,13 @@ class Keys:
         base = f"{self.prefix}:{{d:{device_id}}}"
         return DeviceKeys(f"{base}:profile", f"{base}:consent", f"{base}:track",
                           f"{base}:visits", f"{base}:ver")
+
+
+def group_by_slot(keys: Keys, device_ids: Iterable[str]) -> dict[int, list[str]]:
+    """Devices by the Redis Cluster hash slot of their keys (a script may touch one slot only),
+    in the order given within each slot."""
+    groups: dict[int, list[str]] = {}
+    for device_id in device_ids:
+        slot = key_slot(keys.device(device_id).version.encode())
+        groups.setdefault(slot, []).append(device_id)
+    return groups

@@ -1,0 +1,155 @@
+"""Store-level throughput of `StateStore.track`, memory and Redis backends, in one process.
+
+    python benchmarks/bench_state.py [--devices D] [--batches B] [--repeat R]
+                                     [--redis-url URL] [--backend memory|redis|both]
+
+Shaped like HTTP batch ingestion: D devices, all with location consent, each batch one ping per
+device (so one batch = D devices = D pings), B batches in time order walking among three shops
+(entering, dwelling, leaving: stays, timers and visits are all written). The compute is the real
+engine; its time is measured inside `track` and reported apart, so "store overhead" is what the
+backend itself costs per device (reads, decoding, encoding, commits, round trips).
+
+Prints the median of R runs. Redis keys use a prefix of their own (removed afterwards), in the
+database of --redis-url (default 15; never database 0). Targets from the issue: store overhead
+of at least 100,000 devices/s (≤ 10 ms per 1000-device batch), i.e. an end-to-end ingestion of
+50,000 pings/s per process with Redis once the HTTP layer and engine (~10 µs/ping) are added.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from geopush.devices import Consent, DeviceProfile
+from geopush.engine import DeviceOutcome, DeviceSnapshot, Engine
+from geopush.geo.index import GeofenceIndex
+from geopush.geo.transitions import Ping, Tracker
+from geopush.state.base import StateStore
+from geopush.state.memory import MemoryStore
+
+TARGET_OVERHEAD_DPS = 100_000
+T0 = 1_780_000_000.0
+SHOPS = [(48.1374, 11.5755 + i * 0.004) for i in range(3)]  # 300 m apart
+ELSEWHERE = (48.14, 11.60)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    backends = ["memory", "redis"] if args.backend == "both" else [args.backend]
+    for backend in backends:
+        runs = [asyncio.run(_one_run(backend, args, seed)) for seed in range(args.repeat)]
+        total = statistics.median(r[0] for r in runs)
+        compute = statistics.median(r[1] for r in runs)
+        overhead = statistics.median(r[0] - r[1] for r in runs)
+        pings = args.devices * args.batches
+        print(f"{backend:6s}: {pings / total:9,.0f} pings/s through track "
+              f"({total / args.batches * 1e3:6.1f} ms per {args.devices}-device batch; "
+              f"compute {compute / args.batches * 1e3:5.1f} ms, "
+              f"store overhead {overhead / args.batches * 1e3:5.1f} ms = "
+              f"{pings / overhead:9,.0f} devices/s; target ≥ {TARGET_OVERHEAD_DPS:,})")
+    print(f"(median of {args.repeat} runs of {args.batches} batches; a shared machine varies)")
+    return 0
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--devices", type=int, default=1000)
+    parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--backend", choices=["memory", "redis", "both"], default="both")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/15")
+    args = parser.parse_args(argv)
+    if args.redis_url.rstrip("/").endswith(":6379") or args.redis_url.endswith("/0"):
+        parser.error("--redis-url: give a database other than 0, e.g. redis://127.0.0.1:6379/15")
+    return args
+
+
+def _engine() -> Engine:
+    index = GeofenceIndex([s[0] for s in SHOPS], [s[1] for s in SHOPS], [80.0] * 3,
+                          ids=[f"node/{i}" for i in range(3)],
+                          store_ids=[f"store-{i}" for i in range(3)])
+    return Engine(Tracker(index, stale_after_s=900.0, min_visit_s=120.0,
+                          dwell_plan=lambda _fid: (180.0,)))
+
+
+def _batches(devices: int, batches: int, seed: int) -> list[list[Ping]]:
+    rng = random.Random(seed)
+    where = [rng.randrange(4) for _ in range(devices)]
+    out = []
+    for b in range(batches):
+        batch = []
+        for d in range(devices):
+            if rng.random() < 0.2:  # a fifth of the devices move on each round
+                where[d] = rng.randrange(4)
+            lat, lon = SHOPS[where[d]] if where[d] < 3 else ELSEWHERE
+            batch.append(Ping(f"bench-dev-{d}", T0 + 60.0 * b + d * 0.001, lat, lon,
+                              accuracy_m=rng.choice([None, 10.0, 25.0])))
+        out.append(batch)
+    return out
+
+
+async def _one_run(backend: str, args: argparse.Namespace, seed: int) -> tuple[float, float]:
+    """(seconds in track, seconds of that in compute) over all batches."""
+    engine = _engine()
+    batches = _batches(args.devices, args.batches, seed)
+    ids = [p.device_id for p in batches[0]]
+    store: StateStore
+    prefix = f"geopush-bench-{os.getpid()}-{seed}"
+    if backend == "redis":
+        from geopush.state.redis import RedisStore
+
+        store = RedisStore(args.redis_url, key_prefix=prefix)
+    else:
+        store = MemoryStore()
+    await store.open()
+    try:
+        for device_id in ids:
+            await store.put_profile(DeviceProfile(
+                device_id=device_id, push_token="t" * 150, platform="android",
+                locale="de-DE", timezone="Europe/Berlin",
+                consent=Consent(location=True, marketing=True)), None)
+        computing = 0.0
+        total = 0.0
+        for batch in batches:
+            def compute(snaps: Mapping[str, DeviceSnapshot], batch: list[Ping] = batch
+                        ) -> Mapping[str, DeviceOutcome]:
+                nonlocal computing
+                started = time.perf_counter()
+                try:
+                    return engine.ingest([p for p in batch if p.device_id in snaps], snaps)
+                finally:
+                    computing += time.perf_counter() - started
+
+            started = time.perf_counter()
+            await store.track(ids, compute)
+            total += time.perf_counter() - started
+        return total, computing
+    finally:
+        if backend == "redis":
+            await _drop_prefix(args.redis_url, prefix)
+        await store.close()
+
+
+async def _drop_prefix(url: str, prefix: str) -> None:
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
+        for i in range(0, len(keys), 500):
+            await client.delete(*keys[i:i + 500])
+    finally:
+        await client.aclose()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
