@@ -229,59 +229,71 @@ class Tracker:
         else:
             lookup = _Near.from_pairs(near, self._inside_m)
         order = sorted(range(n), key=lambda i: pings[i].ts)
-        return self._run(device_id, state, pings, order, positions or None, lookup)
+        steps = self._run(pings, order, lookup, {device_id: state}, positions=positions or None,
+                          device_id=device_id)
+        return steps.get(device_id) or Step(state if state is not None else DeviceState())
 
     def _run(
-        self, device_id: str, state: DeviceState | None, pings: Sequence[Ping],
-        order: Iterable[int], positions: Sequence[int] | None, near: _Near,
-    ) -> Step:
-        """The per-ping loop, shaped for speed: most pings have no stay and nothing near, so
-        that path touches only locals; timers are looked at only once a ping reaches the
-        earliest due time (`due`, a lower bound: confirming a stay only delays its timer)."""
-        if state is None:
-            state = DeviceState()
-        step = Step(state, [], [], [])
-        stays = state.stays
-        recent = state.recent
-        last_ts = state.last_ts
+        self, pings: Sequence[Ping], order: Iterable[int], near: _Near,
+        states: Mapping[str, DeviceState | None], *, positions: Sequence[int] | None = None,
+        device_id: str | None = None,
+    ) -> dict[str, Step]:
+        """Apply pings in the given (time) order, each to its device's state.
+
+        One pass over the batch, shaped for speed: a batch of the service holds about one ping
+        per device, so there is no per-device setup beyond a Step; most pings have no stay and
+        nothing near, and that path is a few comparisons and an append. Timers are examined
+        only once a ping reaches its device's earliest due time (`dues`, kept for devices with
+        stays; a lower bound, as confirming a stay only delays its stale exit).
+        `device_id` overrides the pings' own (one device's call)."""
+        steps: dict[str, Step] = {}
+        dues: dict[str, float] = {}
         offsets = near.offsets
         max_accuracy = self.max_accuracy_m
-        due = self._next_due(stays) if stays else math.inf
         for i in order:
             ping = pings[i]
+            device = device_id or ping.device_id
+            step = steps.get(device)
+            if step is None:
+                state = states.get(device)
+                if state is None:
+                    state = DeviceState()
+                step = steps[device] = Step(state, [], [], [])
+                if state.stays:
+                    dues[device] = self._next_due(state.stays)
+            else:
+                state = step.state
             ts = ping.ts
+            last_ts = state.last_ts
             if last_ts is not None and ts < last_ts:
                 step.rejected.append(Rejection(
                     positions[i] if positions is not None else i, "out_of_order",
                     f"ts {ts!r} is older than this device's last processed ping ({last_ts!r})",
                 ))
                 continue
-            if ts >= due:
-                self._fire(device_id, step, ts)
-                due = self._next_due(stays) if stays else math.inf
+            stays = state.stays
+            if stays and ts >= dues[device]:
+                self._fire(device, step, ts)
+                dues[device] = self._next_due(stays) if stays else math.inf
             lo = offsets[i]
             hi = offsets[i + 1]
             if stays or lo != hi:
                 accuracy = ping.accuracy_m
                 if accuracy is None or accuracy <= max_accuracy:
-                    entered = self._move(device_id, step, ping, near, lo, hi)
-                    if entered < due:
-                        due = entered
-            last_ts = ts
-            recent.append((ts, ping.lat, ping.lon))
-            # Entries more than SPEED_MAX_AGE_S older than this ping can serve no later ping
-            # (pings come in time order); one exactly that old still can, at the same ts.
-            # Usually one entry goes per ping: a plain scan beats a bisect with a key.
-            cutoff = ts - SPEED_MAX_AGE_S
-            if recent[0][0] < cutoff:
-                cut = 1
-                while recent[cut][0] < cutoff:  # stops at the latest entry (ts ≥ cutoff)
-                    cut += 1
-                del recent[:cut]
-            if len(recent) > _RECENT_CAP:
-                del recent[:-_RECENT_CAP]
-        state.last_ts = last_ts
-        return step
+                    entered = self._move(device, step, ping, near, lo, hi)
+                    if entered < dues.get(device, math.inf):
+                        dues[device] = entered
+            state.last_ts = ts
+            # Trimmed once per call, below: _speed stops at the first entry old enough, so
+            # entries that went out of date during the call are never read.
+            state.recent.append((ts, ping.lat, ping.lon))
+        for step in steps.values():
+            recent = step.state.recent
+            last_ts = step.state.last_ts
+            if recent and last_ts is not None and (
+                    recent[0][0] < last_ts - SPEED_MAX_AGE_S or len(recent) > _RECENT_CAP):
+                _trim_recent(recent, last_ts)
+        return steps
 
     def _move(self, device_id: str, step: Step, ping: Ping, near: _Near, lo: int, hi: int
               ) -> float:
@@ -440,6 +452,20 @@ _EARTH_DIAMETER_M = 2.0 * EARTH_RADIUS_M
 _DWELL, _STALE = 0, 1  # timer kinds, in the order they fire when due at the same time
 
 
+def _trim_recent(recent: list[tuple[float, float, float]], last_ts: float) -> None:
+    """Keep what a later ping may need for its speed: the entries at most SPEED_MAX_AGE_S
+    older than the latest (one exactly that old still serves a ping at the same time), and
+    at most _RECENT_CAP of them."""
+    cutoff = last_ts - SPEED_MAX_AGE_S
+    if recent and recent[0][0] < cutoff:
+        cut = 1
+        while recent[cut][0] < cutoff:  # stops at the latest entry, whose ts ≥ cutoff
+            cut += 1
+        del recent[:cut]
+    if len(recent) > _RECENT_CAP:
+        del recent[:-_RECENT_CAP]
+
+
 def forget_stays(state: DeviceState) -> DeviceState:
     """Location consent revoked: end every stay and timer without events (contract §5)."""
     return DeviceState(state.last_ts, {}, [])
@@ -458,28 +484,10 @@ def process_batch(
         tracker.index.query([p.lat for p in pings], [p.lon for p in pings]), len(pings),
         tracker.index,
     )
-    groups: dict[str, list[int]] = {}
-    for i, device_id in enumerate([p.device_id for p in pings]):
-        group = groups.get(device_id)
-        if group is None:
-            groups[device_id] = [i]
-        else:
-            group.append(i)
-    run = tracker._run
-    return {
-        device_id: run(device_id, states.get(device_id), pings,
-                       _in_time_order(pings, order), None, near)
-        for device_id, order in groups.items()
-    }
-
-
-def _in_time_order(pings: Sequence[Ping], order: list[int]) -> list[int]:
-    """Batches usually arrive in time order: check that (cheap) before sorting (stable)."""
-    if len(order) > 1:
-        previous = -math.inf
-        for i in order:
-            ts = pings[i].ts
-            if ts < previous:
-                return sorted(order, key=lambda j: pings[j].ts)
-            previous = ts
-    return order
+    # Batches usually come in time order (then so does each device's share): one vectorised
+    # check spares a sort; otherwise a stable sort keeps equal times in input order, as a
+    # per-device stable sort would.
+    ts = np.fromiter([p.ts for p in pings], dtype=np.float64, count=len(pings))
+    in_order = bool((ts[1:] >= ts[:-1]).all())
+    order = range(len(pings)) if in_order else np.argsort(ts, kind="stable").tolist()
+    return tracker._run(pings, order, near, states)
