@@ -22,6 +22,7 @@ from aiohttp import WSCloseCode, web
 from geopush.api import devices, health, openapi, pings
 from geopush.api.appstate import (
     AUTH,
+    INGESTOR,
     LIVE,
     METRICS,
     SETTINGS,
@@ -32,6 +33,7 @@ from geopush.api.appstate import (
 )
 from geopush.api.auth import Authenticator
 from geopush.api.errors import Handler, error_middleware
+from geopush.api.ingest import Ingestor
 from geopush.api.wire import MAX_BODY_BYTES
 from geopush.config import Settings
 from geopush.engine import Engine
@@ -78,6 +80,8 @@ def create_app(settings: Settings, *, store: StateStore | None = None,
 
         store = make_store(settings)
     app[STATE] = store
+    live = app[LIVE]
+    app[INGESTOR] = Ingestor(store, lambda: live.engine, app[METRICS])
     app.cleanup_ctx.append(_geofencing_ctx)
     app.cleanup_ctx.append(_state_ctx)
     app.cleanup_ctx.append(_timers_ctx(timer_interval_s))

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from geopush.api.auth import Authenticator
+from geopush.api.ingest import Ingestor
 from geopush.config import Settings
 from geopush.engine import Engine
 from geopush.geo.index import GeofenceIndex
@@ -44,4 +45,5 @@ STATE = web.AppKey("state", StateStore)
 LIVE = web.AppKey("live", Live)
 METRICS = web.AppKey("metrics", Metrics)
 AUTH = web.AppKey("auth", Authenticator)
+INGESTOR = web.AppKey("ingestor", Ingestor)
 WEBSOCKETS = web.AppKey[weakref.WeakSet[web.WebSocketResponse]]("websockets")

@@ -1,57 +1,29 @@
 """Pings in, events out (contract §6): POST /v1/pings and the /v1/stream WebSocket.
 
-Both run the same `ingest`: each ping is validated on its own (a bad one is rejected `invalid`
-and the rest of the batch goes on), then the valid ones go through the state store's atomic
-per-device `track` with the pure engine as the computation.
+Both check the shape of what came in, then hand the ping objects to the app's Ingestor
+(geopush.api.ingest), which validates each ping and runs the valid ones through the engine.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from aiohttp import WSMsgType, web
 
-from geopush.api.appstate import AUTH, LIVE, METRICS, SETTINGS, STATE, WEBSOCKETS
+from geopush.api.appstate import AUTH, INGESTOR, METRICS, SETTINGS, WEBSOCKETS
 from geopush.api.errors import TooLarge, error_body
 from geopush.api.wire import MAX_BODY_BYTES, json_response, parse_json, read_json, type_name
-from geopush.engine import DeviceOutcome, DeviceSnapshot, Rejected
 from geopush.errors import GeopushError, InvalidInput, Problem
-from geopush.geo.transitions import Event, Ping
 from geopush.logs import fields
-from geopush.pings import PingError, parse_ping
-from geopush.state.base import StateUnavailable
-from geopush.timeutil import format_ts
 
 log = logging.getLogger("geopush.api.pings")
 routes = web.RouteTableDef()
 
 WS_HEARTBEAT_S = 30.0  # ping frames keep NATs open and find dead phones
 _SHAPE = 'a ping object {device_id, lat, lon, ts, …} or {"pings": [ping, …]}'
-
-
-@dataclass(slots=True)
-class IngestResult:
-    accepted: int = 0
-    rejected: list[Rejected] = field(default_factory=list)
-    events: list[Event] = field(default_factory=list)
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "accepted": self.accepted,
-            "rejected": [{"index": r.index, "code": r.code, "message": r.message}
-                         for r in self.rejected],
-            "events": [event_json(e) for e in self.events],
-        }
-
-
-def event_json(event: Event) -> dict[str, Any]:
-    return {"device_id": event.device_id, "geofence_id": event.geofence_id,
-            "store_id": event.store_id, "type": event.type, "ts": format_ts(event.ts)}
 
 
 def ping_items(payload: Any, max_batch: int, *, allow_list: bool) -> list[Any]:
@@ -84,51 +56,6 @@ def ping_items(payload: Any, max_batch: int, *, allow_list: bool) -> list[Any]:
     return items
 
 
-async def ingest(app: web.Application, items: Sequence[Any], now: float) -> IngestResult:
-    """Validate, then track; StateUnavailable propagates (503 for HTTP, an error answer on WS)."""
-    result = IngestResult()
-    valid: list[Ping] = []
-    positions: list[int] = []
-    for i, obj in enumerate(items):
-        try:
-            valid.append(parse_ping(obj, now=now))
-            positions.append(i)
-        except PingError as exc:
-            result.rejected.append(Rejected(i, "invalid", exc.message))
-    metrics = app[METRICS]
-    if valid:
-        engine = app[LIVE].engine
-        devices = dict.fromkeys(p.device_id for p in valid)
-
-        def compute(snapshots: Mapping[str, DeviceSnapshot]) -> Mapping[str, DeviceOutcome]:
-            # the store may call again for only the devices that changed meanwhile
-            if snapshots.keys() >= devices.keys():
-                return engine.ingest(valid, snapshots, positions=positions)
-            keep = [k for k, p in enumerate(valid) if p.device_id in snapshots]
-            return engine.ingest([valid[k] for k in keep], snapshots,
-                                 positions=[positions[k] for k in keep])
-
-        try:
-            outcomes = await app[STATE].track(devices.keys(), compute)
-        except StateUnavailable:
-            metrics.state_unavailable.labels("track").inc()
-            raise
-        for outcome in outcomes.values():
-            result.accepted += outcome.accepted
-            result.rejected.extend(outcome.rejected)
-            result.events.extend(outcome.events)
-        result.rejected.sort(key=lambda r: r.index)
-        result.events.sort(key=lambda e: e.ts)
-        metrics.count_events(result.events, "ping")
-        if result.events and log.isEnabledFor(logging.DEBUG):
-            for e in result.events:
-                log.debug("event", extra=fields(device_id=e.device_id, type=e.type,
-                                                geofence_id=e.geofence_id, ts=format_ts(e.ts),
-                                                source="ping"))
-    metrics.count_pings(result.accepted, result.rejected)
-    return result
-
-
 @routes.post("/v1/pings")
 async def post_pings(request: web.Request) -> web.Response:
     app = request.app
@@ -139,7 +66,7 @@ async def post_pings(request: web.Request) -> web.Response:
                        f"{MAX_BODY_BYTES} bytes (1 MiB)")
     items = ping_items(await read_json(request), app[SETTINGS].server.max_batch,
                        allow_list=False)
-    result = await ingest(app, items, time.time())
+    result = await app[INGESTOR].ingest(items, time.time())
     return json_response(result.as_json())
 
 
@@ -180,7 +107,7 @@ async def _answer(app: web.Application, text: str, seq: int) -> dict[str, Any]:
     try:
         items = ping_items(parse_json(text, "message"), app[SETTINGS].server.max_batch,
                            allow_list=True)
-        result = await ingest(app, items, time.time())
+        result = await app[INGESTOR].ingest(items, time.time())
     except GeopushError as exc:
         return _error_answer(seq, exc)
     except Exception:

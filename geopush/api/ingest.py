@@ -1,0 +1,186 @@
+"""Pings → state store → engine, for both POST /v1/pings and the /v1/stream WebSocket.
+
+Each ping is validated on its own (a bad one is rejected `invalid`, the rest goes on). The valid
+pings of requests that arrive together are then run as one group: one `track` call (one Redis
+round trip, one index query) for many small requests, the way databases group commits. A group
+never holds two requests with a device in common, so every device's outcome belongs to exactly
+one request and each request's answer is what it would be alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from geopush.engine import DeviceOutcome, DeviceSnapshot, Engine, Rejected
+from geopush.geo.transitions import Event, Ping
+from geopush.logs import fields
+from geopush.metrics import Metrics
+from geopush.pings import DEVICE_ID, MAX_FUTURE_S, PING_FIELDS, PingError, parse_ping
+from geopush.state.base import StateStore, StateUnavailable
+from geopush.timeutil import format_ts
+
+log = logging.getLogger("geopush.api.ingest")
+
+MAX_GROUP_PINGS = 2000  # a group's latency grows with its size; requests beyond wait for the next
+
+
+@dataclass(slots=True)
+class IngestResult:
+    accepted: int = 0
+    rejected: list[Rejected] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "accepted": self.accepted,
+            "rejected": [{"index": r.index, "code": r.code, "message": r.message}
+                         for r in self.rejected],
+            "events": [event_json(e) for e in self.events],
+        }
+
+
+def event_json(event: Event) -> dict[str, Any]:
+    return {"device_id": event.device_id, "geofence_id": event.geofence_id,
+            "store_id": event.store_id, "type": event.type, "ts": format_ts(event.ts)}
+
+
+def parse(obj: Any, now: float) -> Ping:
+    """parse_ping for the common wire form (numbers, epoch-ms ts) at a fraction of its cost;
+    anything else, and every error, is left to parse_ping itself."""
+    if type(obj) is dict and obj.keys() <= PING_FIELDS:
+        device_id: Any = obj.get("device_id")
+        lat: Any = obj.get("lat")
+        lon: Any = obj.get("lon")
+        ts: Any = obj.get("ts")
+        accuracy: Any = obj.get("accuracy_m")
+        speed: Any = obj.get("speed_mps")
+        # `type(x) in _NUMBER` leaves bools (and strings: RFC 3339 ts) to parse_ping
+        if (type(device_id) is str and type(lat) in _NUMBER and type(lon) in _NUMBER
+                and type(ts) in _NUMBER and -90.0 <= lat <= 90.0 and -180.0 <= lon <= 180.0
+                and 0 <= ts < 1e14 and ts / 1000.0 <= now + MAX_FUTURE_S
+                and (accuracy is None or (type(accuracy) in _NUMBER and 0 <= accuracy < math.inf))
+                and (speed is None or (type(speed) in _NUMBER and 0 <= speed < math.inf))
+                and DEVICE_ID.match(device_id)):
+            return Ping(device_id, ts / 1000.0, float(lat), float(lon),
+                        None if accuracy is None else float(accuracy),
+                        None if speed is None else float(speed))
+    return parse_ping(obj, now=now)
+
+
+_NUMBER = (int, float)
+
+
+class _Part:
+    """One request's valid pings inside a group."""
+
+    __slots__ = ("devices", "done", "pings", "positions")
+
+    def __init__(self, pings: list[Ping], positions: list[int], devices: set[str]) -> None:
+        self.pings = pings
+        self.positions = positions
+        self.devices = devices
+        self.done: asyncio.Future[dict[str, DeviceOutcome]] = (
+            asyncio.get_running_loop().create_future())
+
+
+class _Group:
+    __slots__ = ("devices", "parts", "size")
+
+    def __init__(self) -> None:
+        self.parts: list[_Part] = []
+        self.devices: set[str] = set()
+        self.size = 0
+
+
+class Ingestor:
+    def __init__(self, store: StateStore, engine: Callable[[], Engine], metrics: Metrics) -> None:
+        self._store = store
+        self._engine = engine  # the engine of the active stores (a reload swaps it)
+        self._metrics = metrics
+        self._pending: _Group | None = None
+        self._flushing: set[asyncio.Task[None]] = set()
+
+    async def ingest(self, items: Sequence[Any], now: float) -> IngestResult:
+        """StateUnavailable propagates (503 for HTTP, an error answer on the stream)."""
+        result = IngestResult()
+        valid: list[Ping] = []
+        positions: list[int] = []
+        for i, obj in enumerate(items):
+            try:
+                valid.append(parse(obj, now))
+                positions.append(i)
+            except PingError as exc:
+                result.rejected.append(Rejected(i, "invalid", exc.message))
+        if valid:
+            devices = {p.device_id for p in valid}
+            try:
+                outcomes = await self._join(_Part(valid, positions, devices))
+            except StateUnavailable:
+                self._metrics.state_unavailable.labels("track").inc()
+                raise
+            for outcome in outcomes.values():
+                result.accepted += outcome.accepted
+                result.rejected.extend(outcome.rejected)
+                result.events.extend(outcome.events)
+            result.rejected.sort(key=lambda r: r.index)
+            result.events.sort(key=lambda e: e.ts)
+            self._metrics.count_events(result.events, "ping")
+            if result.events and log.isEnabledFor(logging.DEBUG):
+                for e in result.events:
+                    log.debug("event", extra=fields(
+                        device_id=e.device_id, type=e.type, geofence_id=e.geofence_id,
+                        ts=format_ts(e.ts), source="ping"))
+        self._metrics.count_pings(result.accepted, result.rejected)
+        return result
+
+    def _join(self, part: _Part) -> asyncio.Future[dict[str, DeviceOutcome]]:
+        group = self._pending
+        if (group is None or not group.devices.isdisjoint(part.devices)
+                or group.size + len(part.pings) > MAX_GROUP_PINGS):
+            group = _Group()
+            self._pending = group
+            # run once every request already received in this loop iteration has joined
+            asyncio.get_running_loop().call_soon(self._launch, group)
+        group.parts.append(part)
+        group.devices |= part.devices
+        group.size += len(part.pings)
+        return part.done
+
+    def _launch(self, group: _Group) -> None:
+        if self._pending is group:
+            self._pending = None
+        task = asyncio.ensure_future(self._flush(group))
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
+
+    async def _flush(self, group: _Group) -> None:
+        pings = [p for part in group.parts for p in part.pings]
+        # each device is in one part only, so a part's own indexes identify its rejections
+        positions = [i for part in group.parts for i in part.positions]
+        engine = self._engine()
+
+        def compute(snapshots: Mapping[str, DeviceSnapshot]) -> Mapping[str, DeviceOutcome]:
+            # the store may call again for only the devices that changed meanwhile
+            if len(snapshots) >= len(group.devices):
+                return engine.ingest(pings, snapshots, positions=positions)
+            keep = [k for k, p in enumerate(pings) if p.device_id in snapshots]
+            return engine.ingest([pings[k] for k in keep], snapshots,
+                                 positions=[positions[k] for k in keep])
+
+        try:
+            outcomes = await self._store.track(group.devices, compute)
+        except BaseException as exc:
+            for part in group.parts:
+                if not part.done.done():
+                    part.done.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for part in group.parts:
+            if not part.done.done():
+                part.done.set_result({d: outcomes[d] for d in part.devices if d in outcomes})

@@ -1,0 +1,153 @@
+"""The Ingestor: its fast ping parser agrees with parse_ping, and concurrent requests grouped
+into one `track` call get exactly the answers they would get alone."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from geopush.api.ingest import Ingestor, parse
+from geopush.app import build_geofencing
+from geopush.devices import Consent, DeviceProfile
+from geopush.engine import DeviceOutcome
+from geopush.geo.stores import load_stores
+from geopush.metrics import Metrics
+from geopush.pings import PingError, parse_ping
+from geopush.state.base import Compute, StateUnavailable
+from geopush.state.memory import MemoryStore
+from tests.api_support import load_trace, ping, settings_for
+
+NOW = 1_800_000_000.0
+
+_numbers = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True), st.integers(-10**15, 10**15),
+    st.booleans(), st.none(), st.text(max_size=5),
+    st.sampled_from([0, -0.0, 90, -90, 90.0001, 180, -180.5, 1e14, 1e14 - 1,
+                     (NOW + 299) * 1000, (NOW + 301) * 1000, "2027-01-15T08:00:00Z"]))
+_ids = st.one_of(st.sampled_from(["phone-1", "a.b:c@d_e-f", "", "bad id", "x" * 129]),
+                 st.text(max_size=8), st.integers())
+_anything = st.dictionaries(
+    st.sampled_from(["device_id", "lat", "lon", "ts", "accuracy_m", "speed_mps", "alt"]),
+    st.one_of(_numbers, _ids), max_size=7)
+# mostly valid pings, each field now and then replaced by anything
+_near_valid = st.fixed_dictionaries(
+    {"device_id": st.one_of(st.sampled_from(["phone-1", "a.b:c@d_e-f"]), _ids),
+     "lat": st.one_of(st.floats(-90, 90), _numbers), "lon": st.one_of(st.floats(-180, 180),
+                                                                      _numbers),
+     "ts": st.one_of(st.integers(0, int(NOW * 1000)), st.floats(0, NOW * 1000), _numbers)},
+    optional={"accuracy_m": st.one_of(st.floats(0, 1e6), _numbers),
+              "speed_mps": st.one_of(st.floats(0, 100), _numbers), "alt": _numbers})
+_pings = st.one_of(_anything, _near_valid)
+
+
+def _outcome(obj: Any) -> Any:
+    try:
+        return parse_ping(obj, now=NOW)
+    except PingError as exc:
+        return ("error", exc.message)
+
+
+def _fast(obj: Any) -> Any:
+    try:
+        return parse(obj, NOW)
+    except PingError as exc:
+        return ("error", exc.message)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(_pings)
+def test_the_fast_parser_agrees_with_parse_ping(obj: dict[str, Any]) -> None:
+    expected, got = _outcome(obj), _fast(obj)
+    assert got == expected
+    if not isinstance(got, tuple):
+        assert all(type(v) is float or v is None
+                   for v in (got.ts, got.lat, got.lon, got.accuracy_m, got.speed_mps))
+
+
+@pytest.mark.parametrize("obj", [
+    {"device_id": "d", "lat": 1, "lon": 2, "ts": 1000},
+    {"device_id": "d", "lat": 1.5, "lon": -2, "ts": 1000.5, "accuracy_m": 0, "speed_mps": None},
+    {"device_id": "d", "lat": 1, "lon": 2, "ts": "2026-01-01T00:00:00+01:00"},
+])
+def test_the_fast_parser_gives_floats_like_parse_ping(obj: dict[str, Any]) -> None:
+    got = parse(obj, NOW)
+    assert got == parse_ping(obj, now=NOW)
+    assert all(isinstance(v, float) for v in (got.ts, got.lat, got.lon))
+    assert not math.isnan(got.ts)
+
+
+class _CountingStore(MemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[list[str]] = []
+        self.fail = False
+
+    async def track(self, device_ids: Collection[str], compute: Compute
+                    ) -> dict[str, DeviceOutcome]:
+        self.calls.append(list(device_ids))
+        if self.fail:
+            raise StateUnavailable("down")
+        return await super().track(device_ids, compute)
+
+
+async def _ingestor(tmp_path: Path, devices: list[str]) -> tuple[Ingestor, _CountingStore]:
+    settings = settings_for(tmp_path)
+    geo = build_geofencing(load_stores(settings.stores_file), settings)
+    store = _CountingStore()
+    for d in devices:
+        await store.put_profile(DeviceProfile(device_id=d, consent=Consent(location=True)), None)
+    return Ingestor(store, lambda: geo.engine, Metrics()), store
+
+
+async def test_concurrent_requests_are_grouped_and_answered_as_if_alone(tmp_path: Path) -> None:
+    devices = [f"d{i}" for i in range(20)]
+    grouped, store = await _ingestor(tmp_path, devices)
+    alone, _ = await _ingestor(tmp_path, devices)
+    trace = load_trace()
+    requests: list[list[dict[str, Any]]] = []
+    for i, d in enumerate(devices):
+        pings = [ping(d, p) for p in trace[290 + i:310 + i]]
+        pings.insert(3, {"device_id": d, "lat": 95})  # a rejection at index 3 of each
+        requests.append(pings)
+    now = time.time()
+    answers = await asyncio.gather(*(grouped.ingest(r, now) for r in requests))
+    assert len(store.calls) == 1 and sorted(store.calls[0]) == sorted(devices)
+    for request, answer in zip(requests, answers, strict=True):
+        expected = await alone.ingest(request, now)
+        assert answer.as_json() == expected.as_json()
+        assert [r.index for r in answer.rejected] == [3]
+
+
+async def test_requests_sharing_a_device_go_in_separate_groups_in_order(tmp_path: Path
+                                                                         ) -> None:
+    ingestor, store = await _ingestor(tmp_path, ["a", "b"])
+    trace = load_trace()
+    first = [ping("a", p) for p in trace[290:300]]
+    second = [ping("a", p) for p in trace[300:400]] + [ping("b", trace[0])]
+    now = time.time()
+    one, two = await asyncio.gather(ingestor.ingest(first, now), ingestor.ingest(second, now))
+    assert len(store.calls) == 2
+    assert one.accepted == 10 and two.accepted == 101
+    assert [e.type for e in one.events + two.events] == ["enter", "exit"]
+
+
+async def test_a_failed_group_fails_every_request_in_it(tmp_path: Path) -> None:
+    ingestor, store = await _ingestor(tmp_path, ["a", "b"])
+    store.fail = True
+    p = load_trace()[0]
+    results = await asyncio.gather(ingestor.ingest([ping("a", p)], time.time()),
+                                   ingestor.ingest([ping("b", p)], time.time()),
+                                   return_exceptions=True)
+    assert len(store.calls) == 1
+    assert all(isinstance(r, StateUnavailable) for r in results)
+    # and the next group works again
+    store.fail = False
+    assert (await ingestor.ingest([ping("a", p)], time.time())).accepted == 1
