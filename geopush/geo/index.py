@@ -104,6 +104,7 @@ class GeofenceIndex:
                     local.append(_to_local(poly, self.lat[i], self.lon[i]))
         self._local_polygons = np.array(local, dtype=object)
         self._has_polygons = bool(local)
+        self._polygon_fences = frozenset(np.flatnonzero(self._polygon_of >= 0).tolist())
         bounds = self._bounds(polygons)
         self._box_fence, boxes = _boxes(bounds, self.reach_m)
         self._tree = shapely.STRtree(boxes)
@@ -124,7 +125,7 @@ class GeofenceIndex:
         return len(self.lat)
 
     def is_polygon(self, fence: int) -> bool:
-        return bool(self._polygon_of[fence] >= 0)
+        return fence in self._polygon_fences
 
     def distance_to(self, fence: int, lat: float, lon: float) -> float:
         """Metres from a point to one fence (0 inside a polygon), whether in reach or not.

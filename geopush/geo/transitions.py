@@ -194,6 +194,8 @@ class Tracker:
         self._ids: list[str] = list(index.ids)
         self._store_ids: list[str] = list(index.store_ids)
         self._inside_m: list[float] = index.inside_m.tolist()
+        self._lat: list[float] = index.lat.tolist()
+        self._lon: list[float] = index.lon.tolist()
         self._dwells: dict[str, tuple[float, ...]] = {}
 
     def dwells(self, geofence_id: str) -> tuple[float, ...]:
@@ -306,7 +308,8 @@ class Tracker:
         ts = ping.ts
         speed: float | None = None
         have_speed = False  # computed once, and only if an event or a stay needs it
-        if stays:
+        # the usual case, one stay and the ping near that fence alone, has nothing to end
+        if stays and not (len(stays) == 1 and hi - lo == 1 and ids[fences[lo]] in stays):
             within_reach = {ids[fences[k]] for k in range(lo, hi)}
             # exits first: moving from one fence into its neighbour reads exit, then enter
             for fid in [f for f in stays if f not in within_reach]:
@@ -346,10 +349,13 @@ class Tracker:
         return entered
 
     def _distance(self, geofence_id: str, ping: Ping) -> float:
+        """Metres from the ping to a fence it left (so not in the batch lookup)."""
         fence = self.index.position.get(geofence_id)
         if fence is None:  # the fence went away in a reload
             return math.inf
-        return self.index.distance_to(fence, ping.lat, ping.lon)
+        if self.index.is_polygon(fence):
+            return self.index.distance_to(fence, ping.lat, ping.lon)
+        return _haversine_m(ping.lat, ping.lon, self._lat[fence], self._lon[fence])
 
     def _speed(self, state: DeviceState, ping: Ping) -> float | None:
         if ping.speed_mps is not None:
@@ -361,7 +367,7 @@ class Tracker:
                 continue
             if age > SPEED_MAX_AGE_S:
                 return None
-            return _short_distance_m(lat, lon, ping.lat, ping.lon) / age
+            return _haversine_m(lat, lon, ping.lat, ping.lon) / age
         return None
 
     # -- timers --------------------------------------------------------------------------
@@ -437,9 +443,9 @@ class Tracker:
                                      stay.enter_ts, ts))
 
 
-def _short_distance_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
-    """Haversine distance, inlined for the speed of every moving ping (no function calls to
-    math.radians; the same formula and radius as `geopush.geo.index.distance_m`)."""
+def _haversine_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
+    """`geopush.geo.index.distance_m` (same formula, same radius) without its calls to
+    math.radians and min: it runs for most pings near a fence."""
     p1 = lat1 * _RADIANS
     p2 = lat2 * _RADIANS
     a = (sin((p2 - p1) * 0.5) ** 2
