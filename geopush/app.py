@@ -148,10 +148,8 @@ async def _metrics_middleware(request: web.Request, handler: Handler) -> web.Str
     response = await handler(request)
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
-    metrics = request.app[METRICS]
-    metrics.request_seconds.labels(route, request.method).observe(
-        time.perf_counter() - started)
-    metrics.responses.labels(route, str(response.status)).inc()
+    request.app[METRICS].observe_request(route, request.method, response.status,
+                                         time.perf_counter() - started)
     return response
 
 

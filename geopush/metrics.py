@@ -7,6 +7,7 @@ counters. Label children are looked up once: the ping path increments them per r
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST as PROMETHEUS_CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -61,6 +62,20 @@ class Metrics:
                         for t in EVENT_TYPES for s in EVENT_SOURCES}
         for child in self._rejected.values():
             child.inc(0)
+        self._latency: dict[tuple[str, str], Any] = {}
+        self._responses: dict[tuple[str, int], Any] = {}
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Label children cached: `labels()` costs more than the observation itself."""
+        latency = self._latency.get((route, method))
+        if latency is None:
+            latency = self._latency[(route, method)] = self.request_seconds.labels(route, method)
+        latency.observe(seconds)
+        responses = self._responses.get((route, status))
+        if responses is None:
+            responses = self._responses[(route, status)] = self.responses.labels(route,
+                                                                                 str(status))
+        responses.inc()
 
     def count_pings(self, accepted: int, rejected: Iterable[Rejected]) -> None:
         if accepted:
