@@ -1,0 +1,70 @@
+"""Logs are JSON lines and never carry a raw device id (contract §8)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+
+from geopush.config import LoggingSettings
+from geopush.devices import device_hash
+from geopush.logs import configure_logging, fields, make_formatter, pseudonym
+
+
+def _record(msg: str, level: int = logging.INFO, **values: object) -> logging.LogRecord:
+    record = logging.LogRecord("geopush.test", level, __file__, 1, msg, None, None)
+    record.__dict__.update(fields(**values))
+    return record
+
+
+def test_a_json_line_has_time_level_event_and_fields() -> None:
+    formatter = make_formatter(LoggingSettings(pseudonym_key="k"))
+    line = json.loads(formatter.format(_record("timer_event", type="exit", n=3)))
+    assert line["event"] == "timer_event" and line["level"] == "info"
+    assert line["logger"] == "geopush.test" and line["ts"].endswith("Z")
+    assert line["type"] == "exit" and line["n"] == 3
+
+
+@pytest.mark.parametrize("format_", ["json", "text"])
+def test_device_ids_are_replaced_by_a_keyed_pseudonym(format_: str) -> None:
+    formatter = make_formatter(LoggingSettings(format=format_, pseudonym_key="secret-key"))
+    text = formatter.format(_record("event", device_id="phone-42"))
+    assert "phone-42" not in text
+    expected = device_hash("phone-42", "secret-key")[:16]
+    assert pseudonym("phone-42", "secret-key") == expected
+    assert expected in text
+    # another key, another pseudonym: the logs cannot be joined without the key
+    assert pseudonym("phone-42", "other-key") != expected
+
+
+def test_an_exception_is_one_json_line_with_its_traceback() -> None:
+    formatter = make_formatter(LoggingSettings())
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        import sys
+
+        record = _record("unexpected_error", logging.ERROR)
+        record.exc_info = sys.exc_info()
+    text = formatter.format(record)
+    assert "\n" not in text
+    line = json.loads(text)
+    assert line["error"] == "ValueError: boom" and "Traceback" in line["traceback"]
+
+
+def test_configure_logging_routes_every_logger_to_one_json_handler() -> None:
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging(LoggingSettings(level="WARNING"), stream)
+        logging.getLogger("aiohttp.access").info("not shown")
+        logging.getLogger("geopush.x").warning("shown", extra=fields(device_id="d1"))
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["event"] for line in lines] == ["shown"]
+    assert "d1" not in stream.getvalue()
