@@ -234,3 +234,43 @@ async def test_erase_removes_everything_and_keeps_the_erasure_record(store: Stat
 
 async def test_healthy(store: StateStore) -> None:
     assert await store.healthy() is True
+
+
+# -- batches and limits --------------------------------------------------------------------
+
+
+async def test_visits_keep_the_latest_up_to_the_limit(
+    store: StateStore, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for module in ("geopush.state.memory", "geopush.state.redis"):
+        monkeypatch.setattr(f"{module}.VISITS_KEPT", 3)
+    await _join(store, _profile())
+
+    def visit_at(start: float) -> list[tuple[float, tuple[float, float]]]:
+        return [(start, SHOP), (start + 400, SHOP), (start + 500, FAR)]
+
+    # four visits in one batch (one commit appends several), then two more one by one
+    await _ping(store, *[p for k in range(4) for p in visit_at(T0 + 1000 * k)])
+    for k in (4, 5):
+        await _ping(store, *visit_at(T0 + 1000 * k))
+    assert [(v.start, v.end) for v in await store.visits("dev-1")] == [
+        (T0 + 1000 * k, T0 + 1000 * k + 500) for k in (3, 4, 5)]
+
+
+async def test_a_batch_of_thousands_of_devices_commits_each_of_them(store: StateStore) -> None:
+    """More devices than the Redis commit script handles in one chunk, consenting or not."""
+    ids = [f"dev-{d}" for d in range(2500)]
+    for d, device_id in enumerate(ids):
+        if d % 10 != 9:  # every tenth is unknown
+            await store.put_profile(_profile(device_id, location=d % 10 != 8), None)
+    first = [Ping(d, T0, *SHOP, accuracy_m=10.0) for d in ids]
+    outcomes = await store.track(ids, lambda snaps: ENGINE.ingest(first, snaps))
+    entered = sorted(d for d, o in outcomes.items() if _types(o) == ["enter"])
+    assert entered == sorted(d for k, d in enumerate(ids) if k % 10 < 8)
+    assert all([r.code for r in outcomes[d].rejected] == ["no_consent"]
+               for k, d in enumerate(ids) if k % 10 >= 8)
+    second = [Ping(d, T0 + 500, *FAR, accuracy_m=10.0) for d in ids]
+    outcomes = await store.track(ids, lambda snaps: ENGINE.ingest(second, snaps))
+    assert sorted(d for d, o in outcomes.items() if _types(o) == ["exit"]) == entered
+    assert await store.claim_due(T0 + 10 * STALE_S, 5000, LEASE_S) == []  # no stay left
+    assert [v.end for v in await store.visits(entered[-1])] == [T0 + 500]

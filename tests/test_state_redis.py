@@ -22,7 +22,7 @@ from geopush.engine import DeviceOutcome, DeviceSnapshot, Engine
 from geopush.geo.index import GeofenceIndex
 from geopush.geo.transitions import Event, Ping, Tracker
 from geopush.state.base import StateUnavailable
-from geopush.state.keys import Keys
+from geopush.state.keys import Keys, group_by_slot
 from geopush.state.memory import MemoryStore
 from geopush.state.redis import RedisStore
 
@@ -397,3 +397,116 @@ async def test_unavailable_errors_do_not_show_the_password() -> None:
         assert not await store.healthy()
     finally:
         await store.close()
+
+
+# -- one script per batch ------------------------------------------------------------------
+
+
+async def test_a_conflict_on_one_device_does_not_hold_back_the_others_of_its_batch(
+    stores: tuple[RedisStore, RedisStore],
+) -> None:
+    tracker_store, api = stores
+    ids = ["calm-1", "busy-2", "calm-3"]
+    for device_id in ids:
+        await api.put_profile(_profile(device_id), None)
+    # the profile write bumps busy-2's version after the read: only its commit must fail
+    await _between_read_and_commit(
+        tracker_store, lambda: api.put_profile(_profile("busy-2"), None))
+    computed: list[list[str]] = []
+    batch = [Ping(d, T0, *SHOPS[0]) for d in ids]
+
+    def compute(snaps: Mapping[str, DeviceSnapshot]) -> dict[str, DeviceOutcome]:
+        computed.append(sorted(snaps))
+        return ENGINE.ingest([p for p in batch if p.device_id in snaps], snaps)
+
+    outcomes = await tracker_store.track(ids, compute)
+    assert computed == [sorted(ids), ["busy-2"]]
+    assert {d: [e.type for e in o.events] for d, o in outcomes.items()} == {
+        d: ["enter"] for d in ids}
+    assert sorted(await api.claim_due(T0 + 180, 10, 30)) == sorted(ids)
+
+
+@pytest.fixture
+def pipelined(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The command names of every pipeline executed, in order."""
+    seen: list[list[str]] = []
+    execute: Any = redis.asyncio.client.Pipeline.execute
+
+    async def recording_execute(self: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append([str(c[0][0]) for c in self.command_stack])
+        return await execute(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis.asyncio.client.Pipeline, "execute", recording_execute)
+    return seen
+
+
+async def test_a_batch_costs_the_same_few_commands_whatever_its_size(
+    stores: tuple[RedisStore, RedisStore], pipelined: list[list[str]],
+) -> None:
+    store, _ = stores
+    ids = [f"dev-{d}" for d in range(1500)]
+    for device_id in ids[::2]:
+        await store.put_profile(_profile(device_id), None)  # the others are unknown
+    await store.track(ids[:1], _ingest([Ping(ids[0], T0 - 10, 48.14, 11.60)]))  # scripts loaded
+    for step, (lat, lon) in enumerate((SHOPS[0], (48.14, 11.60))):  # enter (timers), exit
+        pipelined.clear()
+        batch = [Ping(d, T0 + 600 * step + i * 0.1, lat, lon) for i, d in enumerate(ids)]
+        await store.track(ids, _ingest(batch))
+        assert pipelined[0] == ["MGET", "ZMSCORE"]
+        assert pipelined[1] == (["ZADD", "EVALSHA"] if step == 0 else ["ZREM", "EVALSHA"])
+        assert len(pipelined) == 2
+
+
+def test_devices_are_grouped_by_cluster_slot_in_the_order_given() -> None:
+    keys = Keys("geopush")
+    ids = [f"dev-{d}" for d in range(200)] + ["odd}{id", "ünï"]
+    groups = group_by_slot(keys, ids)
+    assert sorted(d for group in groups.values() for d in group) == sorted(ids)
+    for slot, group in groups.items():
+        assert group == [d for d in ids if d in group]  # order kept
+        for device_id in group:
+            assert {key_slot(k.encode()) for k in keys.device(device_id).all()} == {slot}
+    assert len(groups) > 100  # spread over slots, not lumped together
+
+
+async def test_connections_pack_commands_as_redis_py_does(redis_url: str) -> None:
+    store = RedisStore(redis_url)
+    await store.open()
+    try:
+        fast = store._redis.connection_pool.connection_class()
+        plain = redis.asyncio.Connection()
+        for args in [("SET", "k", "v"), ("EVALSHA", "ab" * 20, 2, "k1", b"k2", 1.5, -3, 10**20,
+                                          "ünï", b"", "", b"\x00\xff", 0.1 + 0.2),
+                     ("SCRIPT LOAD", "return 1"), ("GET", bytearray(b"k")),
+                     ("GET", memoryview(b"k"))]:
+            assert b"".join(fast.pack_command(*args)) == b"".join(plain.pack_command(*args))
+        bad: Any
+        for bad in (True, None):
+            with pytest.raises(redis.DataError):
+                fast.pack_command("SET", "k", bad)
+    finally:
+        await store.close()
+
+
+async def test_scripts_lost_between_read_and_commit_are_loaded_and_the_batch_retried(
+    private_redis: _PrivateRedis,
+) -> None:
+    store = RedisStore(f"redis://127.0.0.1:{private_redis.port}/0")
+    admin = redis.asyncio.Redis(port=private_redis.port)
+    await store.open()
+    try:
+        ids = ["dev-1", "dev-2"]
+        for device_id in ids:
+            await store.put_profile(_profile(device_id), None)
+        await store.track(ids, _ingest([Ping(d, T0, 48.14, 11.60) for d in ids]))
+        await _between_read_and_commit(store, admin.script_flush)  # as a Redis restart would
+        outcomes = await store.track(ids, _ingest([Ping(d, T0 + 60, *SHOPS[1]) for d in ids]))
+        assert {d: [e.type for e in o.events] for d, o in outcomes.items()} == {
+            d: ["enter"] for d in ids}
+        assert sorted(await store.claim_due(T0 + 300, 10, 30)) == ids
+        # the state was written: the stay is remembered, no second enter
+        again = await store.track(ids, _ingest([Ping(d, T0 + 120, *SHOPS[1]) for d in ids]))
+        assert [e for o in again.values() for e in o.events] == []
+    finally:
+        await store.close()
+        await admin.aclose()

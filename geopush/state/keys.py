@@ -9,7 +9,7 @@ same script as device keys.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from redis.crc import key_slot
 
@@ -17,8 +17,7 @@ DEFAULT_PREFIX = "geopush"
 VISITS_KEPT = 1000  # visits remembered per device (when.visits looks back 90 days at most)
 
 
-@dataclass(frozen=True, slots=True)
-class DeviceKeys:
+class DeviceKeys(NamedTuple):  # a tuple: built for every device of every batch, ~4x cheaper
     profile: str  # JSON of DeviceProfile
     consent: str  # list of JSON ConsentChange, oldest first
     track: str  # JSON {"state": DeviceState.to_dict(), "next_due": float | null}
@@ -26,7 +25,7 @@ class DeviceKeys:
     version: str  # integer, INCR'd by every write of the device (the CAS of `track`)
 
     def all(self) -> tuple[str, str, str, str, str]:
-        return (self.profile, self.consent, self.track, self.visits, self.version)
+        return self
 
 
 class Keys:

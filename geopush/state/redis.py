@@ -49,49 +49,45 @@ SOCKET_TIMEOUT_S = 2.0
 CONNECT_TIMEOUT_S = 1.0
 
 # KEYS: track, ver, visits of each device in turn. ARGV: visits kept, then for each device:
-# expected version ('' = none), track JSON ('' = write nothing, only check the version and bump
-# it if the device exists), number of visits n, n visit JSONs. Each device is checked and
-# written on its own (a conflict on one does not hold back the others). Returns the 1-based
-# positions of the devices whose version had moved.
-# Versions are read with one MGET and written with the tracks by MSET, a few calls for the
-# whole batch instead of three per device; `unpack` is bounded by Lua's stack, hence chunks.
+# expected version ('' = none), the version to set ('' = leave it: a device with no version
+# and nothing to write), track JSON ('' = leave it), number of visits n, n visit JSONs. Each
+# device is checked and written on its own (a conflict on one does not hold back the others).
+# Returns the 1-based positions of the devices whose version was not the one expected.
+# Versions are read with one MGET and written with the tracks by MSET: a few calls for the
+# whole batch instead of three per device. `unpack` is bounded by Lua's stack, hence chunks.
 _COMMIT = """
 local kept = -tonumber(ARGV[1])
-local devices = #KEYS / 3
+local count = #KEYS / 3
 local versions = {}
-for first = 1, devices, 1000 do
+for first = 1, count, 1000 do
   local names = {}
-  for i = first, math.min(first + 999, devices) do names[#names + 1] = KEYS[3 * i - 1] end
+  for i = first, math.min(first + 999, count) do names[i - first + 1] = KEYS[3 * i - 1] end
   local got = redis.call('MGET', unpack(names))
   for j = 1, #got do versions[first + j - 1] = got[j] end
 end
-local conflicts, sets = {}, {}
-local a = 2
-for i = 1, devices do
-  local expected, track, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
-  local current = versions[i] or ''
-  if current ~= expected then
-    conflicts[#conflicts + 1] = i
-  elseif track ~= '' or current ~= '' then
-    local bumped = string.format('%d', (tonumber(current) or 0) + 1)
-    if track ~= '' then
-      sets[#sets + 1] = KEYS[3 * i - 2]
-      sets[#sets + 1] = track
+local conflicts, sets, c, s, a = {}, {}, 0, 0, 2
+for i = 1, count do
+  local n = tonumber(ARGV[a + 3])
+  if (versions[i] or '') ~= ARGV[a] then
+    c = c + 1
+    conflicts[c] = i
+  elseif ARGV[a + 1] ~= '' then
+    if ARGV[a + 2] ~= '' then
+      sets[s + 1], sets[s + 2], s = KEYS[3 * i - 2], ARGV[a + 2], s + 2
     end
-    sets[#sets + 1] = KEYS[3 * i - 1]
-    sets[#sets + 1] = bumped
+    sets[s + 1], sets[s + 2], s = KEYS[3 * i - 1], ARGV[a + 1], s + 2
     if n > 0 then
-      redis.call('RPUSH', KEYS[3 * i], unpack(ARGV, a + 3, a + 2 + n))
+      redis.call('RPUSH', KEYS[3 * i], unpack(ARGV, a + 4, a + 3 + n))
       redis.call('LTRIM', KEYS[3 * i], kept, -1)
     end
-    if #sets >= 1000 then
-      redis.call('MSET', unpack(sets))
-      sets = {}
+    if s >= 1000 then
+      redis.call('MSET', unpack(sets, 1, s))
+      s = 0
     end
   end
-  a = a + 3 + n
+  a = a + 4 + n
 end
-if #sets > 0 then redis.call('MSET', unpack(sets)) end
+if s > 0 then redis.call('MSET', unpack(sets, 1, s)) end
 return conflicts
 """
 
@@ -342,7 +338,8 @@ class RedisStore(StateStore):
                     unschedule.append(device_id)
                 else:
                     schedule[device_id] = due
-            writes[device_id] = (read.version, track, len(visits), *visits)
+            bumped = str(int(read.version) + 1) if read.version else ("1" if track else "")
+            writes[device_id] = (read.version, bumped, track, len(visits), *visits)
         if not writes:
             return []
         groups = self._per_slot(list(writes))
