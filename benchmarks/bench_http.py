@@ -40,7 +40,7 @@ DEVICES = 2000
 BATCH = 1000
 BATCH_CONNECTIONS = 2
 SINGLE_CONNECTIONS = 64
-PING_SPACING_MS = 200  # 5 Hz per device: a long run stays in the past, no timer falls due
+PING_SPACING_MS = 1000  # 1 Hz per device, as phones report while moving
 WARMUP_S = 1.5
 
 TARGETS = {
@@ -92,9 +92,15 @@ async def _run_load(args: argparse.Namespace) -> dict[str, Any]:
     stop = False
 
     async def batch_worker(session: aiohttp.ClientSession, devices: list[str]) -> None:
-        per_device = BATCH // len(devices)
+        # 100 devices × 10 s of pings a batch, the connection's devices taken in turn, so
+        # each device's clock moves slowly and stays in the past
+        per_batch = 100
+        turn = 0
         while not stop:
-            pings = [walkers.next(d) for d in devices for _ in range(per_device)]
+            first = (turn * per_batch) % len(devices)
+            turn += 1
+            chosen = devices[first:first + per_batch]
+            pings = [walkers.next(d) for d in chosen for _ in range(BATCH // len(chosen))]
             async with session.post(f"{url}/v1/pings", data=orjson.dumps({"pings": pings}),
                                     headers=headers) as resp:
                 body = orjson.loads(await resp.read())
@@ -151,8 +157,6 @@ async def _run_load(args: argparse.Namespace) -> dict[str, Any]:
 
     connections = args.connections
     groups = [walkers.ids[i::connections] for i in range(connections)]
-    if args.mode == "batch":
-        groups = [g[:100] for g in groups]  # 100 devices × 10 pings a batch
     worker = {"batch": batch_worker, "single": single_worker,
               "raw-single": raw_single_worker}[args.mode]
     connector = aiohttp.TCPConnector(limit=connections)
@@ -360,8 +364,8 @@ def _measure(backend: str, args: argparse.Namespace, directory: Path) -> dict[st
         assert server.proc is not None
         pid = server.proc.pid
         batch = _load(server.url, "batch", args.duration, 1, BATCH_CONNECTIONS, start_ms, pid)
-        # the single-ping devices continue where the batches left them
-        start_ms += 3_000_000
+        # the single-ping devices continue after where the batches left them
+        start_ms += 900_000
         mode = "raw-single" if args.client == "raw" else "single"
         single = _load(server.url, mode, args.duration, args.clients, SINGLE_CONNECTIONS,
                        start_ms, pid)
