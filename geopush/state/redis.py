@@ -268,11 +268,11 @@ class RedisStore(StateStore):
             snapshots = {d: r.snapshot for d, r in reads.items()}
             outcomes = {d: o for d, o in compute(snapshots).items() if d in reads}
             conflicts = await self._commit(reads, outcomes)
-            for device_id, outcome in outcomes.items():
-                if device_id not in conflicts:
-                    committed[device_id] = outcome
             if not conflicts:
+                committed.update(outcomes)
                 return committed
+            retry = set(conflicts)
+            committed.update((d, o) for d, o in outcomes.items() if d not in retry)
             pending = conflicts
         raise StateUnavailable(
             f"{len(pending)} device(s) changed under every one of {MAX_ATTEMPTS} attempts; "
@@ -289,29 +289,29 @@ class RedisStore(StateStore):
     async def _read(self, device_ids: Sequence[str]) -> dict[str, _Read]:
         groups = self._per_slot(device_ids)
         ordered = [d for group in groups for d in group]
-        keys = [self.keys.device(d) for d in ordered]
+        device_keys = [self.keys.device(d) for d in ordered]
         async with self._guard():
             pipe = self._redis.pipeline(transaction=False)
             start = 0
             for group in groups:
-                pipe.mget([name for k in keys[start:start + len(group)]
+                pipe.mget([name for k in device_keys[start:start + len(group)]
                            for name in (k.profile, k.track, k.version)])
                 start += len(group)
             pipe.zmscore(self.keys.timers, ordered)
             results = await pipe.execute()
         timers = results.pop()
-        values = iter([v for values in results for v in values])
+        values = iter(results[0] if len(results) == 1 else [v for vs in results for v in vs])
+        profile_from_json = DeviceProfile.model_validate_json
         reads = {}
-        for device_id, device_keys, profile_raw, track_raw, version, timer in zip(
-                ordered, keys, values, values, values, timers, strict=True):
-            profile = (DeviceProfile.model_validate_json(profile_raw)
-                       if profile_raw is not None else None)
+        for device_id, keys, profile_raw, track_raw, version, timer in zip(
+                ordered, device_keys, values, values, values, timers, strict=True):
             state: DeviceState | None = None
             due: float | None = None
             if track_raw is not None:
                 state, due = decode_track(track_raw)
-            reads[device_id] = _Read(DeviceSnapshot(profile, state), device_keys, version or b"",
-                                     due, float(timer) if timer is not None else None)
+            profile = profile_from_json(profile_raw) if profile_raw is not None else None
+            reads[device_id] = _Read(DeviceSnapshot(profile, state), keys, version or b"", due,
+                                     timer)
         return reads
 
     async def _commit(self, reads: dict[str, _Read], outcomes: dict[str, DeviceOutcome]
@@ -322,24 +322,27 @@ class RedisStore(StateStore):
         writes: dict[str, tuple[Any, ...]] = {}  # device → its ARGV of the commit script
         for device_id, outcome in outcomes.items():
             read = reads[device_id]
+            visits: list[bytes] = []
             if outcome.state is not None:
                 due = outcome.next_due
                 track = encode_track(outcome.state, due)
-                visits = [encode_visit(v) for v in outcome.visits]
+                if outcome.visits:
+                    visits = [encode_visit(v) for v in outcome.visits]
             else:
                 # nothing to write, but a timer left behind (by a failed attempt, an erasure
                 # race or a revoked consent) is put back in line with the stored state
                 due = read.stored_due if read.snapshot.state is not None else None
                 if read.timer == due:
                     continue
-                track, visits = b"", []
+                track = b""
             if read.timer != due:
                 if due is None:
                     unschedule.append(device_id)
                 else:
                     schedule[device_id] = due
-            bumped = str(int(read.version) + 1) if read.version else ("1" if track else "")
-            writes[device_id] = (read.version, bumped, track, len(visits), *visits)
+            version = read.version
+            bumped = str(int(version) + 1) if version else ("1" if track else "")
+            writes[device_id] = (version, bumped, track, len(visits), *visits)
         if not writes:
             return []
         groups = self._per_slot(list(writes))
