@@ -1,9 +1,9 @@
 """Every Redis key name geopush uses, in one place.
 
 All keys of one device share the hash tag `{d:<device_id>}` so they live in one Redis Cluster
-slot: the per-device Lua scripts (commit, profile write) touch only those keys. The global
-timers sorted set and the erasure hash are in slots of their own; nothing writes them in the
-same script as device keys.
+slot: the profile script touches one device's keys, the batch commit script those of devices
+of one slot (`group_by_slot`) on a cluster. The global timers sorted set and the erasure hash
+are in slots of their own; nothing writes them in the same script as device keys.
 """
 
 from __future__ import annotations

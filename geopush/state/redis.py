@@ -45,6 +45,7 @@ from geopush.state.codec import decode_track, decode_visit, encode_track, encode
 from geopush.state.keys import VISITS_KEPT, DeviceKeys, Keys, group_by_slot
 
 MAX_ATTEMPTS = 10  # of read → compute → commit for one device before giving up (503)
+DEVICES_PER_CALL = 1000  # in one MGET or commit script: Redis serves no one else meanwhile
 SOCKET_TIMEOUT_S = 2.0
 CONNECT_TIMEOUT_S = 1.0
 
@@ -280,11 +281,15 @@ class RedisStore(StateStore):
         )
 
     def _per_slot(self, device_ids: Sequence[str]) -> list[list[str]]:
-        """The devices in groups one command or script may touch together: all of them on a
-        single Redis; those of one hash slot each on a Redis Cluster."""
-        if not isinstance(self._redis, RedisCluster):
-            return [list(device_ids)]
-        return list(group_by_slot(self.keys, device_ids).values())
+        """The devices in groups one command or script may touch together: those of one hash
+        slot each on a Redis Cluster, all of them on a single Redis; and at most
+        DEVICES_PER_CALL in a group, so that no script blocks Redis for long."""
+        if isinstance(self._redis, RedisCluster):
+            slots: Collection[list[str]] = group_by_slot(self.keys, device_ids).values()
+        else:
+            slots = [list(device_ids)]
+        return [group[i:i + DEVICES_PER_CALL] for group in slots
+                for i in range(0, len(group), DEVICES_PER_CALL)]
 
     async def _read(self, device_ids: Sequence[str]) -> dict[str, _Read]:
         groups = self._per_slot(device_ids)
