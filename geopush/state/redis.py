@@ -306,7 +306,8 @@ class RedisStore(StateStore):
             results = await pipe.execute()
         timers = results.pop()
         values = iter(results[0] if len(results) == 1 else [v for vs in results for v in vs])
-        profile_from_json = DeviceProfile.model_validate_json
+        # the validator itself: model_validate_json's wrapper costs a fifth of the call
+        profile_from_json = DeviceProfile.__pydantic_validator__.validate_json
         reads = {}
         for device_id, keys, profile_raw, track_raw, version, timer in zip(
                 ordered, device_keys, values, values, values, timers, strict=True):
