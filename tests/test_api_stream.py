@@ -4,6 +4,7 @@ answer naming the problem and the socket stays open."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -128,3 +129,22 @@ async def test_the_server_sends_heartbeats(api: Client, monkeypatch: pytest.Monk
     async with api.ws_connect("/v1/stream", headers=INGEST, autoping=False) as ws:
         message = await asyncio.wait_for(ws.receive(), 10)
         assert message.type is aiohttp.WSMsgType.PING
+
+
+async def test_a_phone_that_vanishes_mid_answer_is_no_error(
+        api: Client, caplog: pytest.LogCaptureFixture) -> None:
+    good = ping("phone-1", load_trace()[300])
+    with caplog.at_level("ERROR"):
+        ws = await api.ws_connect("/v1/stream", headers=INGEST)
+        await ws.send_str(orjson.dumps([good] * 200).decode())
+        connection = ws._response.connection
+        assert connection is not None and connection.transport is not None
+        connection.transport.abort()  # gone without a close frame
+        for _ in range(100):
+            metrics = await (await api.get("/metrics")).text()
+            if "geopush_websocket_connections 0.0" in metrics:
+                break
+            await asyncio.sleep(0.05)
+    assert "geopush_websocket_connections 0.0" in metrics
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert (await api.get("/healthz")).status == 200

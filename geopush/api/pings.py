@@ -96,7 +96,10 @@ async def stream(request: web.Request) -> web.WebSocketResponse:
                     "JSON text message"))
             else:
                 continue
-            await ws.send_json(answer, dumps=_dumps)
+            try:
+                await ws.send_json(answer, dumps=_dumps)
+            except ConnectionResetError:
+                break  # the phone went away mid-answer: nothing left to tell it
     finally:
         sockets.discard(ws)
         metrics.websockets.dec()
