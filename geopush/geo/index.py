@@ -160,7 +160,12 @@ class GeofenceIndex:
         keep = dist <= self.reach_m[fence]
         if len(self._box_fence) != len(self) and keep.any():
             keep &= _first_of_repeats(ping, fence)
-        return Proximity(ping[keep], fence[keep], dist[keep])
+        ping, fence, dist = ping[keep], fence[keep], dist[keep]
+        if len(ping) > 1 and not bool((ping[1:] >= ping[:-1]).all()):
+            # GEOS answers in input order today; the tracker relies on it, so make sure
+            order = np.argsort(ping, kind="stable")
+            ping, fence, dist = ping[order], fence[order], dist[order]
+        return Proximity(ping, fence, dist)
 
     def _bounds(self, polygons: Sequence[BaseGeometry | None] | None) -> FloatArray:
         """minlon, minlat, maxlon, maxlat of each fence's own shape (a circle's is its centre)."""
