@@ -179,9 +179,13 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await runner.setup()
-        _tune_garbage_collector()
         site = web.TCPSite(runner, host, settings.server.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise GeopushError(f"cannot listen on {host}:{settings.server.port} "
+                               f"(server.host, server.port): {exc.strerror or exc}") from None
+        _tune_garbage_collector()
         urls = [f"http://{a[0]}:{a[1]}" for a in runner.addresses if isinstance(a, tuple)]
         log.info("listening", extra=fields(urls=urls, backend=settings.storage.backend,
                                            auth=app[AUTH].enabled))

@@ -241,3 +241,18 @@ def test_serve_refuses_to_start_on_store_errors(tmp_path: Path) -> None:
     assert "cannot start" in result.stderr
     assert "shop-1" in result.stderr and "radius_m" in result.stderr
     assert not (tmp_path / "state.json").exists()
+
+
+async def test_serve_says_which_address_it_cannot_listen_on(tmp_path: Path) -> None:
+    import socket
+
+    from geopush.app import serve
+    from geopush.errors import GeopushError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = settings_for(tmp_path, server={"host": "127.0.0.1", "port": port})
+        with pytest.raises(GeopushError, match=f"cannot listen on 127.0.0.1:{port}"):
+            await serve(settings)
