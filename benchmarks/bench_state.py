@@ -10,6 +10,9 @@ dwelling, leaving: stays, timers and visits are all written). The compute is the
 engine; its time is measured inside `track` and reported apart, so "store overhead" is what the
 backend itself costs per device (reads, decoding, encoding, commits, round trips).
 
+Runs with the garbage collector tuned as `geopush serve` tunes it (start-up objects frozen, a
+larger young generation: geopush.app.GC_THRESHOLDS); --default-gc keeps CPython's defaults.
+
 Prints the median of R runs. Redis keys use a prefix of their own (removed afterwards), in the
 database of --redis-url (default 15; never database 0). Targets from the issue: store overhead
 of at least 100,000 devices/s (≤ 10 ms per 1000-device batch), i.e. an end-to-end ingestion of
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import random
 import statistics
@@ -31,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from geopush.app import GC_THRESHOLDS
 from geopush.devices import Consent, DeviceProfile
 from geopush.engine import DeviceOutcome, DeviceSnapshot, Engine
 from geopush.geo.index import GeofenceIndex
@@ -39,6 +44,7 @@ from geopush.state.base import StateStore
 from geopush.state.memory import MemoryStore
 
 TARGET_OVERHEAD_DPS = 100_000
+DEFAULT_GC_THRESHOLDS = gc.get_threshold()
 T0 = 1_780_000_000.0
 SHOPS = [(48.1374, 11.5755 + i * 0.004) for i in range(3)]  # 300 m apart
 ELSEWHERE = (48.14, 11.60)
@@ -83,6 +89,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--backend", choices=["memory", "redis", "both"], default="both")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/15")
+    parser.add_argument("--default-gc", action="store_true",
+                        help="CPython's garbage collector settings instead of the service's")
     args = parser.parse_args(argv)
     if args.redis_url.rstrip("/").endswith(":6379") or args.redis_url.endswith("/0"):
         parser.error("--redis-url: give a database other than 0, e.g. redis://127.0.0.1:6379/15")
@@ -132,6 +140,10 @@ async def _one_run(backend: str, args: argparse.Namespace, seed: int) -> _Run:
                 device_id=device_id, push_token="t" * 150, platform="android",
                 locale="de-DE", timezone="Europe/Berlin",
                 consent=Consent(location=True, marketing=True)), None)
+        if not args.default_gc:
+            gc.collect()
+            gc.freeze()
+            gc.set_threshold(*GC_THRESHOLDS)
         computing = computing_cpu = total = total_cpu = 0.0
         for batch in batches:
             def compute(snaps: Mapping[str, DeviceSnapshot], batch: list[Ping] = batch
@@ -150,6 +162,8 @@ async def _one_run(backend: str, args: argparse.Namespace, seed: int) -> _Run:
             total_cpu += time.process_time() - started_cpu
         return _Run(total, computing, total_cpu, computing_cpu)
     finally:
+        gc.set_threshold(*DEFAULT_GC_THRESHOLDS)
+        gc.unfreeze()
         if backend == "redis":
             await _drop_prefix(args.redis_url, prefix)
         await store.close()
