@@ -45,7 +45,8 @@ from geopush.geo.transitions import Tracker
 from geopush.logs import configure_logging, fields
 from geopush.metrics import Metrics
 from geopush.state.base import StateStore, StateUnavailable
-from geopush.timers import TimerClaimer
+from geopush.state.factory import make_store
+from geopush.timers import INTERVAL_S, TimerClaimer
 
 log = logging.getLogger("geopush.app")
 
@@ -67,7 +68,7 @@ def build_geofencing(stores: StoreSet, settings: Settings) -> Geofencing:
 
 
 def create_app(settings: Settings, *, store: StateStore | None = None,
-               timer_interval_s: float = 1.0) -> web.Application:
+               timer_interval_s: float = INTERVAL_S) -> web.Application:
     """The app, not started; `store` replaces the one the settings describe (tests)."""
     app = web.Application(middlewares=[_metrics_middleware, error_middleware],
                           client_max_size=MAX_BODY_BYTES)
@@ -77,8 +78,6 @@ def create_app(settings: Settings, *, store: StateStore | None = None,
     app[LIVE] = Live()
     app[WEBSOCKETS] = weakref.WeakSet()
     if store is None:
-        from geopush.state.factory import make_store
-
         store = make_store(settings)
     app[STATE] = store
     live = app[LIVE]
