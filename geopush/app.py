@@ -53,6 +53,9 @@ log = logging.getLogger("geopush.app")
 LOOPBACK = "127.0.0.1"
 TIMERS_STOP_S = 5.0  # a round in progress finishes; a state store call times out sooner
 
+# metric labels take only these: a client inventing methods must not invent time series
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
 _Ctx = Callable[[web.Application], AsyncIterator[None]]
 
 
@@ -148,7 +151,8 @@ async def _metrics_middleware(request: web.Request, handler: Handler) -> web.Str
     response = await handler(request)
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
-    request.app[METRICS].observe_request(route, request.method, response.status,
+    method = request.method if request.method in _METHODS else "other"
+    request.app[METRICS].observe_request(route, method, response.status,
                                          time.perf_counter() - started)
     return response
 

@@ -108,3 +108,11 @@ async def test_an_unexpected_error_is_500_without_traceback_and_logged(
     assert (await resp.json())["error"]["code"] == "internal"
     assert any(r.getMessage() == "unexpected_error" and r.exc_info for r in caplog.records)
     assert (await api.get("/healthz")).status == 200
+
+
+async def test_invented_methods_do_not_invent_metric_series(api: Client) -> None:
+    for method in ("BREW", "WHEN", "FOO"):
+        resp = await api.request(method, "/v1/pings")
+        assert resp.status == 405
+    text = await (await api.get("/metrics")).text()
+    assert "BREW" not in text and 'method="other"' in text
