@@ -1,6 +1,6 @@
 """The `redis` backend: any number of instances share one Redis (or Redis Cluster).
 
-Atomicity of `track` is optimistic. Every write of a device INCRs its `:ver` key. One
+Atomicity of `track` is optimistic. Every write of a device adds one to its `:ver` key. One
 pipelined round trip reads profile, track and version of every device in a batch (one MGET)
 and their timers (one ZMSCORE); the pure compute runs; one pipelined round trip commits the
 batch with one Lua script that compare-and-sets each device on its version. Devices whose
@@ -10,7 +10,8 @@ Commands are few and big because redis-py spends ~10-30 µs of Python per comman
 Redis itself; the connections pack commands with hiredis, which is ~6x faster than redis-py's
 own packer on commands of thousands of arguments. On a Redis Cluster a script may touch one
 hash slot only, so the batch is split per slot (`_per_slot`): still one pipelined round trip
-per node, one MGET and one script per slot.
+per node, one MGET and one script per slot. (`open` makes a single-node client today; the
+split applies once a RedisCluster client is used.)
 
 The timers sorted set lives in another cluster slot than the device, so it cannot be in the
 device's script. It is a hint (firing re-checks the state), kept right by two rules:
