@@ -412,7 +412,8 @@ def _is_zone(name: str) -> bool:
 def _finder() -> Any:
     from timezonefinder import TimezoneFinder
 
-    return TimezoneFinder()
+    # in_memory: no data files left open for the life of the process (ResourceWarning at exit)
+    return TimezoneFinder(in_memory=True)
 
 
 def timezone_at(lat: float, lon: float) -> str:
