@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio.client
+from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from geopush.devices import Consent, ConsentChange, DeviceProfile, ErasureRecord, device_hash
@@ -511,3 +512,23 @@ async def test_scripts_lost_between_read_and_commit_are_loaded_and_the_batch_ret
     finally:
         await store.close()
         await admin.aclose()
+
+
+async def test_on_a_cluster_each_call_touches_one_slot_and_at_most_a_thousand_devices(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = RedisStore("redis://127.0.0.1:1/0")
+    cluster = RedisCluster(host="127.0.0.1", port=1)  # never connects: only the grouping runs
+    monkeypatch.setattr(store, "_client", cluster)
+    monkeypatch.setattr("geopush.state.redis.DEVICES_PER_CALL", 3)
+    ids = [f"dev-{d}" for d in range(300)]
+    # seven more devices in dev-0's slot (the hash tag ends at the first '}'), so that one
+    # slot holds more devices than one call may take
+    crowd = [f"dev-0}}{n}" for n in range(7)]
+    groups = store._per_slot(ids + crowd)
+    assert sorted(d for g in groups for d in g) == sorted(ids + crowd)
+    for group in groups:
+        assert 1 <= len(group) <= 3
+        assert len({key_slot(store.keys.device(d).version.encode()) for d in group}) == 1
+    assert sum(1 for g in groups if set(g) & ({"dev-0", *crowd})) == 3  # 8 devices, by 3
+    await cluster.aclose()
