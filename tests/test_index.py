@@ -262,6 +262,62 @@ def test_query_returns_exactly_the_pairs_within_reach(seed: int) -> None:
     assert (np.diff(prox.ping) >= 0).all()  # grouped by ping, in ping order
 
 
+def _edge_distance_m(polygon: Polygon, lat: float, lon: float) -> float:
+    """Metres from a point outside a small polygon to its boundary, by haversine to points
+    every ~0.2 m along the edges (independent of the index's local projection)."""
+    coords = np.asarray(polygon.exterior.coords)
+    best = math.inf
+    for (lon1, lat1), (lon2, lat2) in zip(coords[:-1], coords[1:], strict=True):
+        steps = max(2, int(chord_distance_m(lat1, lon1, lat2, lon2) / 0.2))
+        t = np.linspace(0.0, 1.0, steps + 1)
+        d = haversine_m(lat, lon, lat1 + t * (lat2 - lat1), lon1 + t * (lon2 - lon1))
+        best = min(best, float(d.min()))
+    return best
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_query_on_polygons_returns_exactly_the_pairs_within_reach(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    hubs = [(0.5, 10.0), (48.0, 11.0), (-37.8, 145.0), (70.0, 25.0), (80.0, 20.0)]
+    squares, clat, clon, buffers = [], [], [], []
+    for _ in range(120):
+        centre = destination(*hubs[rng.integers(len(hubs))], rng.uniform(0, 360),
+                             rng.uniform(0, 1_500))
+        squares.append(square(*centre, float(rng.uniform(20, 100))))
+        clat.append(centre[0])
+        clon.append(centre[1])
+        buffers.append(float(rng.choice([0.0, 5.0, 20.0])))
+    hysteresis = 25.0
+    index = GeofenceIndex(clat, clon, buffers, squares, hysteresis_m=hysteresis)
+    plat, plon = [], []
+    for _ in range(200):
+        fence = int(rng.integers(len(squares)))
+        lat, lon = destination(clat[fence], clon[fence], rng.uniform(0, 360),
+                               rng.uniform(0, 200))
+        plat.append(lat)
+        plon.append(lon)
+    found = pairs(index, plat, plon)
+    expected = {}
+    for p in range(len(plat)):
+        for f in range(len(squares)):
+            if chord_distance_m(plat[p], plon[p], clat[f], clon[f]) > 600:
+                continue  # too far to be in reach of a square of at most 200 m
+            if shapely.contains_xy(squares[f], plon[p], plat[p]):
+                d = 0.0
+            else:
+                d = _edge_distance_m(squares[f], plat[p], plon[p])
+            reach = buffers[f] + hysteresis
+            if abs(d - reach) < 0.3:
+                found.pop((p, f), None)  # too close to the boundary to call
+            elif d < reach:
+                expected[p, f] = d
+    assert set(found) == set(expected)
+    assert sum(d == 0 for d in expected.values()) > 20  # inside, and
+    assert sum(d > 0 for d in expected.values()) > 20  # within reach outside
+    for key, d in expected.items():
+        assert found[key] == pytest.approx(d, abs=0.3)
+
+
 def test_query_returns_each_pair_once_for_fences_split_at_the_antimeridian() -> None:
     index = GeofenceIndex([0.0, 0.0], [179.9999, -179.9999], [100.0, 100.0])
     prox = index.query([0.0, 0.0, 0.0], [180.0, -180.0, 179.9995])
