@@ -8,6 +8,7 @@ and the reference pair sets from a brute-force scan of every (ping, fence) pair.
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -265,9 +266,8 @@ def test_query_returns_exactly_the_pairs_within_reach(seed: int) -> None:
 def _edge_distance_m(polygon: Polygon, lat: float, lon: float) -> float:
     """Metres from a point outside a small polygon to its boundary, by haversine to points
     every ~0.2 m along the edges (independent of the index's local projection)."""
-    coords = np.asarray(polygon.exterior.coords)
     best = math.inf
-    for (lon1, lat1), (lon2, lat2) in zip(coords[:-1], coords[1:], strict=True):
+    for (lon1, lat1), (lon2, lat2) in pairwise(polygon.exterior.coords):
         steps = max(2, int(chord_distance_m(lat1, lon1, lat2, lon2) / 0.2))
         t = np.linspace(0.0, 1.0, steps + 1)
         d = haversine_m(lat, lon, lat1 + t * (lat2 - lat1), lon1 + t * (lon2 - lon1))
