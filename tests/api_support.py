@@ -19,7 +19,6 @@ from typing import Any
 from geopush.config import Settings
 
 FIXTURES = Path(__file__).parent / "fixtures"
-_SHARED_TRACES = Path("/work/shared/data/traces")
 TRACE_NAME = "barefoot_munich_x0001-001.csv"
 
 INGEST_KEY = "ingest-key-0123456789"
@@ -39,9 +38,7 @@ HYSTERESIS_M = 25.0
 
 
 def trace_path() -> Path:
-    """The fixture copy if it is there, else the shared data set."""
-    local = FIXTURES / "traces" / TRACE_NAME
-    return local if local.exists() else _SHARED_TRACES / TRACE_NAME
+    return FIXTURES / "traces" / TRACE_NAME
 
 
 @dataclass(frozen=True)
