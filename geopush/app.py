@@ -20,7 +20,8 @@ from contextlib import suppress
 
 from aiohttp import WSCloseCode, web
 
-from geopush.api import devices, health, openapi, pings
+from geopush.api import admin, devices, health, openapi, pings
+from geopush.api.admin import install_geofencing
 from geopush.api.appstate import (
     AUTH,
     INGESTOR,
@@ -29,7 +30,6 @@ from geopush.api.appstate import (
     SETTINGS,
     STATE,
     WEBSOCKETS,
-    Geofencing,
     Live,
 )
 from geopush.api.auth import Authenticator
@@ -37,11 +37,8 @@ from geopush.api.errors import Handler, error_middleware
 from geopush.api.ingest import Ingestor
 from geopush.api.wire import MAX_BODY_BYTES
 from geopush.config import Settings
-from geopush.engine import Engine
 from geopush.errors import GeopushError
-from geopush.geo.index import GeofenceIndex
-from geopush.geo.stores import StoreSet, load_stores
-from geopush.geo.transitions import Tracker
+from geopush.geofencing import load_geofencing
 from geopush.logs import configure_logging, fields
 from geopush.metrics import Metrics
 from geopush.state.base import StateStore, StateUnavailable
@@ -57,17 +54,6 @@ TIMERS_STOP_S = 5.0  # a round in progress finishes; a state store call times ou
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 _Ctx = Callable[[web.Application], AsyncIterator[None]]
-
-
-def build_geofencing(stores: StoreSet, settings: Settings) -> Geofencing:
-    index = GeofenceIndex.from_stores(stores, hysteresis_m=settings.geofence.exit_hysteresis_m)
-    tracker = Tracker(
-        index,
-        max_accuracy_m=settings.geofence.max_accuracy_m,
-        stale_after_s=settings.geofence.stale_after,
-        min_visit_s=settings.visits.min_dwell,
-    )
-    return Geofencing(stores, index, Engine(tracker), time.time())
 
 
 def create_app(settings: Settings, *, store: StateStore | None = None,
@@ -89,23 +75,13 @@ def create_app(settings: Settings, *, store: StateStore | None = None,
     app.cleanup_ctx.append(_state_ctx)
     app.cleanup_ctx.append(_timers_ctx(timer_interval_s))
     app.on_shutdown.append(_close_websockets)
-    for module in (pings, devices, health, openapi):
+    for module in (pings, devices, admin, health, openapi):
         app.router.add_routes(module.routes)
     return app
 
 
 async def _geofencing_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    stores = load_stores(settings.stores_file, default_radius_m=settings.geofence.default_radius_m)
-    for warning in stores.warnings:
-        log.warning("stores_warning", extra=fields(where=warning.where, message=warning.message))
-    geofencing = build_geofencing(stores, settings)
-    app[LIVE].geofencing = geofencing
-    metrics = app[METRICS]
-    metrics.geofences.set(len(stores))
-    metrics.stores_loaded_at.set(geofencing.loaded_at)
-    log.info("stores_loaded", extra=fields(file=str(settings.stores_file),
-                                           geofences=len(stores)))
+    install_geofencing(app, load_geofencing(app[SETTINGS]))
     yield
 
 

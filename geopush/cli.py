@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from geopush.config import GeofenceSettings, Settings, config_json_schema, load_settings
-from geopush.engine import Engine
 from geopush.errors import ConfigError, InvalidInput, Problem, StoreLoadError
-from geopush.geo.index import GeofenceIndex
-from geopush.geo.stores import StoreSet, load_stores, parse_stores
-from geopush.geo.transitions import Event, Tracker
+from geopush.geo.stores import load_stores, parse_stores
+from geopush.geo.transitions import Event
+from geopush.geofencing import build_engine
 from geopush.replay import NoDeviceColumn, Replay, ReplayResult, load_devices, parse_weather
 from geopush.replay import read_pings as read_ping_file
 from geopush.timeutil import format_ts
@@ -136,16 +135,6 @@ def _rule_files(rules_dir: Path | None) -> list[Path]:
     return sorted([*rules_dir.glob("*.yaml"), *rules_dir.glob("*.yml")])
 
 
-def build_engine(settings: Settings, stores: StoreSet) -> Engine:
-    """The engine as the service wires it, from the settings and a validated store set."""
-    index = GeofenceIndex.from_stores(stores, hysteresis_m=settings.geofence.exit_hysteresis_m)
-    tracker = Tracker(
-        index,
-        max_accuracy_m=settings.geofence.max_accuracy_m,
-        stale_after_s=settings.geofence.stale_after,
-        min_visit_s=settings.visits.min_dwell,
-    )
-    return Engine(tracker)
 
 
 # -- check -------------------------------------------------------------------------------------

@@ -15,10 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from geopush.api.ingest import Ingestor, parse
-from geopush.app import build_geofencing
 from geopush.devices import Consent, DeviceProfile
 from geopush.engine import DeviceOutcome
 from geopush.geo.stores import load_stores
+from geopush.geofencing import build_geofencing
 from geopush.metrics import Metrics
 from geopush.pings import PingError, parse_ping
 from geopush.state.base import Compute, StateUnavailable

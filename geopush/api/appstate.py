@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
 import weakref
-from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -11,20 +11,9 @@ from geopush.api.auth import Authenticator
 from geopush.api.ingest import Ingestor
 from geopush.config import Settings
 from geopush.engine import Engine
-from geopush.geo.index import GeofenceIndex
-from geopush.geo.stores import StoreSet
+from geopush.geofencing import Geofencing
 from geopush.metrics import Metrics
 from geopush.state.base import StateStore
-
-
-@dataclass(frozen=True)
-class Geofencing:
-    """The active stores and what is built from them; replaced whole, never edited."""
-
-    stores: StoreSet
-    index: GeofenceIndex
-    engine: Engine
-    loaded_at: float
 
 
 class Live:
@@ -32,6 +21,7 @@ class Live:
 
     def __init__(self) -> None:
         self.geofencing: Geofencing | None = None
+        self.reload_lock = asyncio.Lock()
 
     @property
     def engine(self) -> Engine:

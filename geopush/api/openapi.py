@@ -50,6 +50,8 @@ _RESPONSES = {
     "TooLarge": _error(f"Body over 1 MiB, or more than {MAX_PINGS} pings"),
     "Unavailable": _error("The state store is unreachable; retry after Retry-After seconds",
                           _RETRY_AFTER),
+    "Unprocessable": _error("The new stores have errors (every one in details, with file:line, "
+                            "feature, field and value); the previous stores stay active"),
 }
 
 
@@ -268,6 +270,25 @@ def _operations() -> dict[str, Any]:
                     "responses": _responses(
                         {"200": _json(_ref("DeviceExport"), "The device's data")}, "404")},
         },
+        "/v1/admin/reload": {"post": {
+            "operationId": "reload",
+            "summary": "Reload the stores file and swap it in atomically",
+            "description": "Loads and validates stores_file whole; on errors nothing changes "
+                           "and the answer lists every error.",
+            "security": [{"bearer": ["admin"]}],
+            "responses": {
+                "200": _json({"type": "object",
+                              "required": ["status", "geofences", "loaded_at", "warnings"],
+                              "properties": {"status": {"const": "reloaded"},
+                                             "geofences": {"type": "integer", "minimum": 0},
+                                             "loaded_at": {"type": "string"},
+                                             "warnings": {"type": "array"}}},
+                             "The new stores are active"),
+                "401": {"$ref": "#/components/responses/Unauthorized"},
+                "403": {"$ref": "#/components/responses/Forbidden"},
+                "422": {"$ref": "#/components/responses/Unprocessable"},
+            },
+        }},
         "/healthz": {"get": {"operationId": "healthz", "summary": "The process is alive",
                              "security": [], "responses": {"200": _json(
                                  {"type": "object", "properties": {"status": {"const": "ok"}}},
