@@ -18,7 +18,16 @@ from hypothesis import strategies as st
 from shapely.geometry import Polygon
 
 from geopush.geo.index import EARTH_RADIUS_M, GeofenceIndex
-from geopush.geo.transitions import DeviceState, Event, Ping, Step, Tracker, Visit, process_batch
+from geopush.geo.transitions import (
+    DeviceState,
+    Event,
+    Ping,
+    Step,
+    Tracker,
+    Visit,
+    _haversine_m,
+    process_batch,
+)
 
 M_PER_DEG = EARTH_RADIUS_M * math.pi / 180
 LAT0, LON0 = 46.0, 14.0
@@ -239,3 +248,49 @@ def test_next_due_is_exactly_when_fire_due_first_has_work(pings: list[Ping], lat
     else:
         assert fired.events and fired.events[0].type in ("dwell", "exit")
         assert fired.events[0].ts == due or fired.events[0].stale
+
+
+# One big circle around A: every ping lies inside, so each one confirms the stay and leaves
+# its derived speed in `stay.speed_mps`.
+WIDE = Tracker(GeofenceIndex([LAT0], [LON0], [5_000.0], hysteresis_m=HYSTERESIS, ids=["W"]),
+               stale_after_s=1e9)
+speed_gaps = st.one_of(st.sampled_from([0.0, 0.5, 1.0, 4.0, 4.999, 5.0, 5.001, 60.0, 119.999,
+                                        120.0, 120.001, 200.0]),
+                       st.floats(0, 30, allow_nan=False))
+
+
+def _speed_from_whole_history(before: list[Ping], ping: Ping) -> float | None:
+    """Contract §5 read literally: the latest earlier accepted ping that is 5–120 s older."""
+    for old in reversed(before):
+        age = ping.ts - old.ts
+        if age >= 5.0:
+            return None if age > 120.0 else _haversine_m(old.lat, old.lon, ping.lat,
+                                                         ping.lon) / age
+    return None
+
+
+@SETTINGS
+@given(st.lists(st.tuples(speed_gaps, st.floats(-1000, 1000, allow_nan=False)), min_size=1,
+                max_size=60),
+       st.integers(1, 5), st.floats(1_000.0, 2e9))
+def test_short_speed_memory_gives_the_speed_of_the_whole_history(
+    steps: list[tuple[float, float]], batch: int, start: float
+) -> None:
+    """`recent` keeps only a few pings (SPEED MEMORY in transitions.py), yet every ping's
+    derived speed is the one the whole history gives, through batches and state round trips."""
+    ts = start
+    pings = []
+    for gap, north in steps:
+        ts += gap
+        pings.append(Ping("d1", ts, _north(north), LON0))
+    state: DeviceState | None = None
+    for k in range(0, len(pings), batch):
+        for j, ping in enumerate(pings[k:k + batch]):
+            # one ping per call, so the stay's speed after it is that ping's
+            step = process_batch(WIDE, [ping], {"d1": state})["d1"] if j % 2 else \
+                WIDE.process("d1", state, [ping])
+            state = step.state
+            assert state.stays["W"].speed_mps == _speed_from_whole_history(pings[:k + j], ping)
+            assert len(state.recent) <= 1 + sum(1 for p in pings[:k + j + 1]
+                                                if ping.ts - p.ts < 5.0)
+        state = _roundtrip(state)

@@ -343,9 +343,24 @@ def test_state_round_trips_through_json() -> None:
 
 
 def test_state_keeps_only_recent_pings_for_speed() -> None:
+    """Only what a later ping may take for its speed: the pings of the last 5 s and the
+    latest before them (see SPEED MEMORY in geopush/geo/transitions.py)."""
     state = run([at(t, 1000) for t in range(0, 600, 10)]).state
-    assert [r[0] for r in state.recent] == list(range(470, 600, 10))
+    assert [r[0] for r in state.recent] == [580, 590]
     assert state.last_ts == 590
+
+
+@pytest.mark.parametrize(("times", "kept"), [
+    pytest.param([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [5, 6, 7, 8, 9, 10], id="1-hz"),
+    pytest.param([0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5], id="exactly-5-s"),
+    pytest.param([0, 0, 0, 7, 7], [0, 7, 7], id="equal-times"),
+    pytest.param([0, 120], [0, 120], id="exactly-120-s"),
+    pytest.param([0, 121], [121], id="too-old"),
+    pytest.param([0, 100, 101, 150], [101, 150], id="gap"),
+])
+def test_speed_memory(times: list[float], kept: list[float]) -> None:
+    state = run([at(t, 1000) for t in times]).state
+    assert [r[0] for r in state.recent] == kept
 
 
 @pytest.mark.parametrize(("script", "due"), [

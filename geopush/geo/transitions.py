@@ -28,6 +28,19 @@ SPEED_MIN_AGE_S = 5.0  # derived speed: the latest accepted ping 5–120 s older
 SPEED_MAX_AGE_S = 120.0
 _RECENT_CAP = 256  # bound on remembered pings for pathological ping rates
 
+# SPEED MEMORY. A ping at t takes for its speed the latest accepted ping with t - ts >= 5 s,
+# none if that one has t - ts > 120 s (`Tracker._speed` walks `recent` newest first). Pings are
+# accepted in ts order, so every later ping has t' >= T, T the newest accepted ts, and float
+# subtraction is monotone: t' - ts >= T - ts. Hence, of two remembered pings a before b:
+# - if T - b.ts >= 5, then t' - b.ts >= 5 for every later ping, which reaches b (or something
+#   newer) before a: a is never taken again;
+# - if T - a.ts > 120, then t' - a.ts > 120: were a ever the latest old enough, the answer would
+#   be "no speed" with or without it.
+# So `recent` keeps, oldest first, only pings with T - ts < 5 s and at most one before them
+# (the latest with T - ts >= 5, if at most 120 s old): ~6 entries at 1 Hz instead of 120, and
+# the speed is the same as from the whole history (tests/test_transition_properties.py). The
+# only approximation is _RECENT_CAP, reached only by more than 256 pings within 5 s.
+
 
 @dataclass(frozen=True, slots=True)
 class Ping:
@@ -116,14 +129,64 @@ class Rejection:
     message: str
 
 
-@dataclass(slots=True)
 class Step:
-    """What one call produced for one device."""
+    """What one call produced for one device.
 
-    state: DeviceState
-    events: list[Event] = field(default_factory=list)
-    visits: list[Visit] = field(default_factory=list)
-    rejected: list[Rejection] = field(default_factory=list)
+    `events`, `visits` and `rejected` are lists made on first use: most devices of a batch
+    get none, and three empty lists per device and batch are most of what a quiet ping
+    allocates (and what the garbage collector then has to look at)."""
+
+    __slots__ = ("_events", "_rejected", "_visits", "state")
+
+    def __init__(self, state: DeviceState, events: list[Event] | None = None,
+                 visits: list[Visit] | None = None, rejected: list[Rejection] | None = None
+                 ) -> None:
+        self.state = state
+        self._events = events
+        self._visits = visits
+        self._rejected = rejected
+
+    @property
+    def events(self) -> list[Event]:
+        if self._events is None:
+            self._events = []
+        return self._events
+
+    @events.setter
+    def events(self, value: list[Event]) -> None:
+        self._events = value
+
+    @property
+    def visits(self) -> list[Visit]:
+        if self._visits is None:
+            self._visits = []
+        return self._visits
+
+    @visits.setter
+    def visits(self, value: list[Visit]) -> None:
+        self._visits = value
+
+    @property
+    def rejected(self) -> list[Rejection]:
+        if self._rejected is None:
+            self._rejected = []
+        return self._rejected
+
+    @rejected.setter
+    def rejected(self, value: list[Rejection]) -> None:
+        self._rejected = value
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Step):
+            return NotImplemented
+        return (self.state, self.events, self.visits, self.rejected) == (
+            other.state, other.events, other.visits, other.rejected)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclass it replaced
+
+    def __repr__(self) -> str:
+        return (f"Step(state={self.state!r}, events={self.events!r}, visits={self.visits!r}, "
+                f"rejected={self.rejected!r})")
 
 
 DwellPlan = Callable[[str], Sequence[float]]
@@ -260,7 +323,7 @@ class Tracker:
                 state = states.get(device)
                 if state is None:
                     state = DeviceState()
-                step = steps[device] = Step(state, [], [], [])
+                step = steps[device] = Step(state)
                 if state.stays:
                     dues[device] = self._next_due(state.stays)
             else:
@@ -286,15 +349,14 @@ class Tracker:
                     if entered < dues.get(device, math.inf):
                         dues[device] = entered
             state.last_ts = ts
-            # Trimmed once per call, below: _speed stops at the first entry old enough, so
-            # entries that went out of date during the call are never read.
-            state.recent.append((ts, ping.lat, ping.lon))
-        for step in steps.values():
-            recent = step.state.recent
-            last_ts = step.state.last_ts
-            if recent and last_ts is not None and (
-                    recent[0][0] < last_ts - SPEED_MAX_AGE_S or len(recent) > _RECENT_CAP):
-                _trim_recent(recent, last_ts)
+            recent = state.recent
+            recent.append((ts, ping.lat, ping.lon))
+            # Forget what no later ping can take for its speed (SPEED MEMORY, above).
+            while len(recent) > 1 and (ts - recent[1][0] >= SPEED_MIN_AGE_S
+                                       or ts - recent[0][0] > SPEED_MAX_AGE_S):
+                del recent[0]
+            if len(recent) > _RECENT_CAP:
+                del recent[:-_RECENT_CAP]
         return steps
 
     def _move(self, device_id: str, step: Step, ping: Ping, near: _Near, lo: int, hi: int
@@ -456,20 +518,6 @@ def _haversine_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
 _RADIANS = math.pi / 180.0
 _EARTH_DIAMETER_M = 2.0 * EARTH_RADIUS_M
 _DWELL, _STALE = 0, 1  # timer kinds, in the order they fire when due at the same time
-
-
-def _trim_recent(recent: list[tuple[float, float, float]], last_ts: float) -> None:
-    """Keep what a later ping may need for its speed: the entries at most SPEED_MAX_AGE_S
-    older than the latest (one exactly that old still serves a ping at the same time), and
-    at most _RECENT_CAP of them."""
-    cutoff = last_ts - SPEED_MAX_AGE_S
-    if recent and recent[0][0] < cutoff:
-        cut = 1
-        while recent[cut][0] < cutoff:  # stops at the latest entry, whose ts ≥ cutoff
-            cut += 1
-        del recent[:cut]
-    if len(recent) > _RECENT_CAP:
-        del recent[:-_RECENT_CAP]
 
 
 def forget_stays(state: DeviceState) -> DeviceState:
