@@ -4,6 +4,7 @@ into one `track` call get exactly the answers they would get alone."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 from collections.abc import Collection
@@ -18,6 +19,7 @@ from geopush.api.ingest import Ingestor, parse
 from geopush.devices import Consent, DeviceProfile
 from geopush.engine import DeviceOutcome
 from geopush.geo.stores import load_stores
+from geopush.geo.transitions import Ping
 from geopush.geofencing import build_geofencing
 from geopush.metrics import Metrics
 from geopush.pings import PingError, parse_ping
@@ -82,6 +84,18 @@ def test_the_fast_parser_gives_floats_like_parse_ping(obj: dict[str, Any]) -> No
     assert got == parse_ping(obj, now=NOW)
     assert all(isinstance(v, float) for v in (got.ts, got.lat, got.lon))
     assert not math.isnan(got.ts)
+
+
+def test_the_fast_parser_builds_a_whole_ping_through_its_slots() -> None:
+    # it fills Ping's fields by their slot setters: a field added to Ping must be filled too
+    assert [f.name for f in dataclasses.fields(Ping)] == [
+        "device_id", "ts", "lat", "lon", "accuracy_m", "speed_mps"]
+    got = parse({"device_id": "d", "lat": 1, "lon": 2, "ts": 1500, "speed_mps": 3}, NOW)
+    expected = Ping("d", 1.5, 1.0, 2.0, None, 3.0)
+    assert type(got) is Ping
+    assert got == expected and hash(got) == hash(expected) and repr(got) == repr(expected)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        got.lat = 5.0  # type: ignore[misc]
 
 
 class _CountingStore(MemoryStore):

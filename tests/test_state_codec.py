@@ -1,0 +1,59 @@
+"""Device state as stored JSON: compact arrays, lossless, earlier tracks still readable."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from geopush.geo.transitions import DeviceState, Stay
+from geopush.state.codec import decode_track, encode_track, track_from_json, track_to_json
+
+
+def _state() -> DeviceState:
+    stays = {
+        "g1": Stay("g1", "s1", 1_780_000_000.0, 1_780_000_009.5, 48.1, 11.5, 12.25, 1.5,
+                   [300.0]),
+        "g2": Stay("g2", "s2", 1_780_000_001.0, 1_780_000_002.0, 48.2, 11.6, 0.0, None, []),
+    }
+    recent = [(1_780_000_000.0 + i, 48.1 + i * 1e-5, 11.5) for i in range(7)]
+    return DeviceState(1_780_000_010.0, stays, recent)
+
+
+@pytest.mark.parametrize("state", [_state(), DeviceState(), DeviceState(5.0, {}, [(5.0, 1.0, 2.0)])])
+@pytest.mark.parametrize("due", [None, 1_780_000_300.0])
+def test_a_track_reads_back_as_written(state: DeviceState, due: float | None) -> None:
+    assert decode_track(encode_track(state, due)) == (state, due)
+    assert track_from_json(orjson.loads(orjson.dumps(track_to_json(state, due)))) == (state, due)
+
+
+def test_a_track_is_arrays_without_key_names() -> None:
+    raw = encode_track(_state(), 7.0)
+    assert orjson.loads(raw)[:2] == [1_780_000_010.0, 7.0]
+    assert b"geofence_id" not in raw and b"last_ts" not in raw and b"state" not in raw
+
+
+def test_decoded_states_share_nothing_with_each_other() -> None:
+    raw = encode_track(_state(), None)
+    first, _ = decode_track(raw)
+    second, _ = decode_track(raw)
+    first.stays["g1"].dwells_fired.append(600.0)
+    first.recent.append((1.0, 2.0, 3.0))
+    assert second == _state()
+
+
+def test_tracks_of_the_earlier_object_format_are_still_read() -> None:
+    state = _state()
+    legacy = orjson.dumps({"state": state.to_dict(), "next_due": 9.5})
+    assert decode_track(legacy) == (state, 9.5)
+
+
+@pytest.mark.parametrize("data", [
+    3, None, "x", [], [1.0, None, []], [1.0, None, [["g1", "s1"]], []],
+    [1.0, None, [["g1", "s1", 1, 2, 3, 4, 5, 6, 7]], []], [1.0, None, [], [3]],
+    {"state": 3}, {"next_due": 1.0},
+])
+def test_what_is_not_a_track_raises(data: Any) -> None:
+    with pytest.raises((ValueError, TypeError, KeyError, IndexError, AttributeError)):
+        track_from_json(data)
