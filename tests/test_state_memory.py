@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import pytest
 from geopush.devices import Consent, ConsentChange, DeviceProfile, ErasureRecord
 from geopush.engine import DeviceOutcome, DeviceSnapshot, Engine
 from geopush.geo.index import GeofenceIndex
-from geopush.geo.transitions import Ping, Tracker
+from geopush.geo.transitions import DeviceState, Ping, Stay, Tracker
 from geopush.state.memory import MemoryStore, SnapshotError
 
 T0 = 1_780_000_000.0
@@ -104,3 +106,66 @@ async def test_compute_failing_halfway_leaves_the_state_as_it_was() -> None:
     with pytest.raises(RuntimeError):
         await store.track(["d"], half_then_boom)
     assert await _ping(store, "d", T0 + 120, FAR) == ["exit"]  # the stay was still open
+
+
+async def _stored_state(store: MemoryStore, device_id: str) -> DeviceState:
+    def peek(snaps: Mapping[str, DeviceSnapshot]) -> dict[str, DeviceOutcome]:
+        state = snaps[device_id].state
+        assert state is not None
+        seen.append(copy.deepcopy(state))
+        return {}
+
+    seen: list[DeviceState] = []
+    await store.track([device_id], peek)
+    return seen[0]
+
+
+def _scribble(state: DeviceState) -> None:
+    """Change every field of the state and of its stays in place."""
+    state.last_ts = -1.0
+    state.recent.append((1.0, 2.0, 3.0))
+    state.recent = []
+    for stay in state.stays.values():
+        for f in dataclasses.fields(Stay):
+            value = getattr(stay, f.name)
+            if isinstance(value, list):
+                value.append(1.0)
+            else:
+                setattr(stay, f.name, "scribbled")
+    state.stays["extra"] = Stay("extra", "s", 1.0, 1.0, 0.0, 0.0, 0.0, None)
+    state.stays.pop("node/1", None)
+
+
+@pytest.mark.parametrize("fail", [True, False])
+async def test_a_state_compute_changed_in_place_is_put_back_unless_it_is_written(
+        fail: bool) -> None:
+    store = MemoryStore()
+    await store.put_profile(_profile("d"), None)
+    assert await _ping(store, "d", T0, SHOP) == ["enter"]
+    assert await _ping(store, "d", T0 + 700, SHOP) == ["dwell"]
+    before = await _stored_state(store, "d")
+    assert before.stays and before.stays["node/1"].dwells_fired == [600.0]
+
+    def scribble(snaps: Mapping[str, DeviceSnapshot]) -> dict[str, DeviceOutcome]:
+        state = snaps["d"].state
+        assert state is not None
+        _scribble(state)
+        if fail:
+            raise RuntimeError("boom")
+        return {"d": DeviceOutcome(None)}  # nothing to write: the changes are not kept
+
+    if fail:
+        with pytest.raises(RuntimeError):
+            await store.track(["d"], scribble)
+    else:
+        await store.track(["d"], scribble)
+    assert await _stored_state(store, "d") == before
+    assert await _ping(store, "d", T0 + 760, FAR) == ["exit"]
+
+
+def test_the_saved_fields_are_every_field_of_a_state() -> None:
+    # MemoryStore.track saves these before compute may change them: a new field needs saving
+    assert [f.name for f in dataclasses.fields(DeviceState)] == ["last_ts", "stays", "recent"]
+    assert [f.name for f in dataclasses.fields(Stay)] == [
+        "geofence_id", "store_id", "enter_ts", "confirmed_ts", "lat", "lon", "distance_m",
+        "speed_mps", "dwells_fired"]

@@ -91,18 +91,35 @@ class MemoryStore(StateStore):
 
     async def track(self, device_ids: Collection[str], compute: Compute) -> dict[str, DeviceOutcome]:
         snapshots = {}
+        saved: list[_Saved] = []
+        tracks = self._tracks
+        profiles = self._profiles
         for device_id in device_ids:
-            stored = self._tracks.get(device_id)
-            # a copy: compute may mutate the state it is given, and may raise halfway
-            state = _copy_state(stored[0]) if stored is not None else None
-            snapshots[device_id] = DeviceSnapshot(self._profiles.get(device_id), state)
-        outcomes = dict(compute(snapshots))
+            stored = tracks.get(device_id)
+            if stored is None:
+                snapshots[device_id] = DeviceSnapshot(profiles.get(device_id), None)
+                continue
+            # compute gets the stored state itself and may mutate it: what it can change is
+            # saved first, and put back if it fails or writes no new state for the device
+            state = stored[0]
+            saved.append(_Saved(device_id, state))
+            snapshots[device_id] = DeviceSnapshot(profiles.get(device_id), state)
+        try:
+            outcomes = dict(compute(snapshots))
+        except BaseException:
+            for undo in saved:
+                undo.restore()
+            raise
+        for undo in saved:
+            outcome = outcomes.get(undo.device_id)
+            if outcome is None or outcome.state is not undo.state:
+                undo.restore()
         for device_id, outcome in outcomes.items():
             if outcome.state is None:
-                stored = self._tracks.get(device_id)
+                stored = tracks.get(device_id)
                 self._timers.set(device_id, stored[1] if stored is not None else None)
                 continue
-            self._tracks[device_id] = (outcome.state, outcome.next_due)
+            tracks[device_id] = (outcome.state, outcome.next_due)
             if outcome.visits:
                 kept = self._visits.setdefault(device_id, [])
                 kept.extend(outcome.visits)
@@ -200,10 +217,32 @@ class _Timers:
         return dict(self._due)
 
 
-def _copy_state(state: DeviceState) -> DeviceState:
-    stays = {
-        fid: Stay(s.geofence_id, s.store_id, s.enter_ts, s.confirmed_ts, s.lat, s.lon,
-                  s.distance_m, s.speed_mps, list(s.dwells_fired))
-        for fid, s in state.stays.items()
-    }
-    return DeviceState(state.last_ts, stays, list(state.recent))
+class _Saved:
+    """A stored state's fields and its stays' fields, copied shallowly (lists copied) before
+    compute may change them in place: much cheaper than copying the state for every device
+    of every batch, and restored only in the rare case compute fails or writes nothing."""
+
+    __slots__ = ("device_id", "last_ts", "recent", "state", "stays")
+
+    def __init__(self, device_id: str, state: DeviceState) -> None:
+        self.device_id = device_id
+        self.state = state
+        self.last_ts = state.last_ts
+        self.recent = state.recent[:]
+        self.stays = (
+            [(s, s.geofence_id, s.store_id, s.enter_ts, s.confirmed_ts, s.lat, s.lon,
+              s.distance_m, s.speed_mps, s.dwells_fired[:]) for s in state.stays.values()]
+            if state.stays else None)
+
+    def restore(self) -> None:
+        state = self.state
+        state.last_ts = self.last_ts
+        state.recent = self.recent
+        stays: dict[str, Stay] = {}
+        for (stay, geofence_id, store_id, enter_ts, confirmed_ts, lat, lon, distance_m,
+             speed_mps, dwells_fired) in self.stays or ():
+            stay.geofence_id, stay.store_id, stay.enter_ts = geofence_id, store_id, enter_ts
+            stay.confirmed_ts, stay.lat, stay.lon = confirmed_ts, lat, lon
+            stay.distance_m, stay.speed_mps, stay.dwells_fired = distance_m, speed_mps, dwells_fired
+            stays[geofence_id] = stay
+        state.stays = stays
