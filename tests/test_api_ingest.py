@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from geopush.api import ingest
 from geopush.api.ingest import Ingestor, parse
 from geopush.devices import Consent, DeviceProfile
 from geopush.engine import DeviceOutcome
@@ -96,6 +97,21 @@ def test_the_fast_parser_builds_a_whole_ping_through_its_slots() -> None:
     assert got == expected and hash(got) == hash(expected) and repr(got) == repr(expected)
     with pytest.raises(dataclasses.FrozenInstanceError):
         got.lat = 5.0  # type: ignore[misc]
+
+
+def test_device_ids_seen_valid_are_remembered_within_a_bound(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ingest, "_valid_ids", set())
+    monkeypatch.setattr(ingest, "MAX_REMEMBERED_IDS", 3)
+    for i in range(5):
+        assert parse({"device_id": f"d{i}", "lat": 1, "lon": 2, "ts": 1000}, NOW).device_id
+    assert ingest._valid_ids == {"d3", "d4"}  # cleared when full, then filled again
+    for bad in ("bad id", "", "x" * 129):
+        with pytest.raises(PingError, match="device_id"):
+            parse({"device_id": bad, "lat": 1, "lon": 2, "ts": 1000}, NOW)
+        with pytest.raises(PingError, match="device_id"):  # twice: never remembered
+            parse({"device_id": bad, "lat": 1, "lon": 2, "ts": 1000}, NOW)
+    assert ingest._valid_ids == {"d3", "d4"}
 
 
 class _CountingStore(MemoryStore):

@@ -20,7 +20,7 @@ from geopush.engine import DeviceOutcome, DeviceSnapshot, Engine, Rejected
 from geopush.geo.transitions import Event, Ping
 from geopush.logs import fields
 from geopush.metrics import Metrics
-from geopush.pings import DEVICE_ID, MAX_FUTURE_S, PING_FIELDS, PingError, parse_ping
+from geopush.pings import DEVICE_ID, MAX_FUTURE_S, PingError, parse_ping
 from geopush.state.base import StateStore, StateUnavailable
 from geopush.timeutil import format_ts
 
@@ -52,20 +52,24 @@ def event_json(event: Event) -> dict[str, Any]:
 def parse(obj: Any, now: float) -> Ping:
     """parse_ping for the common wire form (numbers, epoch-ms ts) at a fraction of its cost;
     anything else, and every error, is left to parse_ping itself."""
-    if type(obj) is dict and obj.keys() <= PING_FIELDS:
-        device_id: Any = obj.get("device_id")
-        lat: Any = obj.get("lat")
-        lon: Any = obj.get("lon")
-        ts: Any = obj.get("ts")
-        accuracy: Any = obj.get("accuracy_m")
-        speed: Any = obj.get("speed_mps")
-        # `type(x) in _NUMBER` leaves bools (and strings: RFC 3339 ts) to parse_ping
+    if type(obj) is dict:
+        get = obj.get
+        device_id: Any = get("device_id")
+        lat: Any = get("lat")
+        lon: Any = get("lon")
+        ts: Any = get("ts")
+        accuracy: Any = get("accuracy_m")
+        speed: Any = get("speed_mps")
+        # `type(x) in _NUMBER` leaves bools (and strings: RFC 3339 ts) to parse_ping. The four
+        # required fields are there, so the length tells whether any field is not a ping's.
         if (type(device_id) is str and type(lat) in _NUMBER and type(lon) in _NUMBER
-                and type(ts) in _NUMBER and -90.0 <= lat <= 90.0 and -180.0 <= lon <= 180.0
+                and type(ts) in _NUMBER
+                and len(obj) == 4 + ("accuracy_m" in obj) + ("speed_mps" in obj)
+                and -90.0 <= lat <= 90.0 and -180.0 <= lon <= 180.0
                 and 0 <= ts < 1e14 and ts / 1000.0 <= now + MAX_FUTURE_S
                 and (accuracy is None or (type(accuracy) in _NUMBER and 0 <= accuracy < math.inf))
                 and (speed is None or (type(speed) in _NUMBER and 0 <= speed < math.inf))
-                and DEVICE_ID.match(device_id)):
+                and (device_id in _valid_ids or _new_valid_id(device_id))):
             ping = _new_ping(Ping)
             _set_device_id(ping, device_id)
             _set_ts(ping, ts / 1000.0)
@@ -75,6 +79,21 @@ def parse(obj: Any, now: float) -> Ping:
             _set_speed(ping, None if speed is None else float(speed))
             return ping
     return parse_ping(obj, now=now)
+
+
+# Device ids seen valid, so that a device's every ping is not matched against DEVICE_ID again
+# (the match costs more than a set lookup several times over). Bounded: ids are client input.
+_valid_ids: set[str] = set()
+MAX_REMEMBERED_IDS = 100_000
+
+
+def _new_valid_id(device_id: str) -> bool:
+    if DEVICE_ID.match(device_id) is None:
+        return False
+    if len(_valid_ids) >= MAX_REMEMBERED_IDS:
+        _valid_ids.clear()
+    _valid_ids.add(device_id)
+    return True
 
 
 _NUMBER = (int, float)
