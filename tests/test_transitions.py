@@ -9,6 +9,7 @@ buffer 1.1 km north of A; B a circle of 100 m just south of A. Hysteresis 25 m, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -24,6 +25,9 @@ from geopush.geo.transitions import (
     Ping,
     Step,
     Tracker,
+    Visit,
+    _event,
+    _visit,
     forget_stays,
     process_batch,
 )
@@ -430,3 +434,32 @@ def _is_jsonable(value: Any) -> bool:
 def test_to_dict_is_strict_json() -> None:
     state = run([at(0, 50), at(1, -122)]).state
     assert _is_jsonable(state.to_dict())
+
+
+@pytest.mark.parametrize("extra", [{}, {"dwell_s": 300.0}, {"stale": True}])
+def test_fast_event_is_the_frozen_dataclass(extra: dict[str, Any]) -> None:
+    fast = _event("d", "f", "s", "exit", 1.0, 2.0, 3.0, 4.0, None, **extra)
+    slow = Event("d", "f", "s", "exit", 1.0, 2.0, 3.0, 4.0, None, **extra)
+    assert type(fast) is Event
+    assert fast == slow and hash(fast) == hash(slow) and repr(fast) == repr(slow)
+    assert dataclasses.astuple(fast) == dataclasses.astuple(slow)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.ts = 5.0  # type: ignore[misc]
+
+
+def test_fast_visit_is_the_frozen_dataclass() -> None:
+    fast = _visit("d", "s", "f", 1.0, 400.0)
+    assert type(fast) is Visit and fast == Visit("d", "s", "f", 1.0, 400.0)
+    assert hash(fast) == hash(Visit("d", "s", "f", 1.0, 400.0))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.end = 5.0  # type: ignore[misc]
+
+
+def test_step_lists_are_made_on_first_use() -> None:
+    step = Step(DeviceState())
+    assert step.events == [] and step.visits == [] and step.rejected == []
+    step.events.append(Event("d", "f", "s", "enter", 1.0, 2.0, 3.0, 4.0, None))
+    assert len(step.events) == 1 and step.visits == []
+    assert Step(DeviceState()) == Step(DeviceState(), [], [], [])
+    assert Step(DeviceState()) != step
+    assert "events=[]" in repr(Step(DeviceState()))

@@ -78,6 +78,63 @@ class Visit:
     end: float
 
 
+# Event and Visit are frozen dataclasses, whose __init__ sets each field through
+# object.__setattr__: ~3 µs an Event on the reference VM, a tenth of a ping near a fence. The
+# tracker builds them as a plain twin with the same slots (ordinary stores), then makes it the
+# real class: CPython allows that between classes of identical slot layout, and the result is
+# an ordinary, frozen Event (tests/test_transitions.py checks it equals the constructor's).
+
+
+class _EventDraft:
+    __slots__ = Event.__slots__
+
+    def __init__(self, device_id: str, geofence_id: str, store_id: str, type: EventType,
+                 ts: float, lat: float, lon: float, distance_m: float, speed_mps: float | None,
+                 dwell_s: float | None = None, stale: bool = False) -> None:
+        self.device_id = device_id
+        self.geofence_id = geofence_id
+        self.store_id = store_id
+        self.type = type
+        self.ts = ts
+        self.lat = lat
+        self.lon = lon
+        self.distance_m = distance_m
+        self.speed_mps = speed_mps
+        self.dwell_s = dwell_s
+        self.stale = stale
+
+
+class _VisitDraft:
+    __slots__ = Visit.__slots__
+
+    def __init__(self, device_id: str, store_id: str, geofence_id: str, start: float,
+                 end: float) -> None:
+        self.device_id = device_id
+        self.store_id = store_id
+        self.geofence_id = geofence_id
+        self.start = start
+        self.end = end
+
+
+def _event(device_id: str, geofence_id: str, store_id: str, type: EventType, ts: float,
+           lat: float, lon: float, distance_m: float, speed_mps: float | None,
+           dwell_s: float | None = None, stale: bool = False) -> Event:
+    """`Event(...)`, four times faster (see above)."""
+    draft: Any = _EventDraft(device_id, geofence_id, store_id, type, ts, lat, lon, distance_m,
+                             speed_mps, dwell_s, stale)
+    draft.__class__ = Event
+    event: Event = draft
+    return event
+
+
+def _visit(device_id: str, store_id: str, geofence_id: str, start: float, end: float) -> Visit:
+    """`Visit(...)`, faster (see _event)."""
+    draft: Any = _VisitDraft(device_id, store_id, geofence_id, start, end)
+    draft.__class__ = Visit
+    visit: Visit = draft
+    return visit
+
+
 @dataclass(slots=True)
 class Stay:
     geofence_id: str
@@ -315,6 +372,8 @@ class Tracker:
         dues: dict[str, float] = {}
         offsets = near.offsets
         max_accuracy = self.max_accuracy_m
+        min_age, max_age, cap = SPEED_MIN_AGE_S, SPEED_MAX_AGE_S, _RECENT_CAP
+        inf = math.inf
         for i in order:
             ping = pings[i]
             device = device_id or ping.device_id
@@ -324,10 +383,12 @@ class Tracker:
                 if state is None:
                     state = DeviceState()
                 step = steps[device] = Step(state)
-                if state.stays:
-                    dues[device] = self._next_due(state.stays)
+                stays = state.stays
+                if stays:
+                    dues[device] = self._next_due(stays)
             else:
                 state = step.state
+                stays = state.stays
             ts = ping.ts
             last_ts = state.last_ts
             if last_ts is not None and ts < last_ts:
@@ -336,27 +397,28 @@ class Tracker:
                     f"ts {ts!r} is older than this device's last processed ping ({last_ts!r})",
                 ))
                 continue
-            stays = state.stays
             if stays and ts >= dues[device]:
                 self._fire(device, step, ts)
-                dues[device] = self._next_due(stays) if stays else math.inf
+                dues[device] = self._next_due(stays) if stays else inf
             lo = offsets[i]
-            hi = offsets[i + 1]
-            if stays or lo != hi:
+            if stays or lo != offsets[i + 1]:
                 accuracy = ping.accuracy_m
                 if accuracy is None or accuracy <= max_accuracy:
-                    entered = self._move(device, step, ping, near, lo, hi)
-                    if entered < dues.get(device, math.inf):
+                    entered = self._move(device, step, ping, near, lo, offsets[i + 1])
+                    if entered != inf and entered < dues.get(device, inf):
                         dues[device] = entered
             state.last_ts = ts
             recent = state.recent
             recent.append((ts, ping.lat, ping.lon))
             # Forget what no later ping can take for its speed (SPEED MEMORY, above).
-            while len(recent) > 1 and (ts - recent[1][0] >= SPEED_MIN_AGE_S
-                                       or ts - recent[0][0] > SPEED_MAX_AGE_S):
+            n = len(recent)
+            if n > 1 and (ts - recent[1][0] >= min_age or ts - recent[0][0] > max_age):
                 del recent[0]
-            if len(recent) > _RECENT_CAP:
-                del recent[:-_RECENT_CAP]
+                while len(recent) > 1 and (ts - recent[1][0] >= min_age
+                                           or ts - recent[0][0] > max_age):
+                    del recent[0]
+            elif n > cap:
+                del recent[:-cap]
         return steps
 
     def _move(self, device_id: str, step: Step, ping: Ping, near: _Near, lo: int, hi: int
@@ -388,12 +450,15 @@ class Tracker:
             fid = ids[fence]
             dist = near.distance_m[k]
             if not have_speed:
-                speed, have_speed = self._speed(step.state, ping), True
+                speed = ping.speed_mps
+                if speed is None:
+                    speed = self._speed(step.state, ping)
+                have_speed = True
             stay = stays.get(fid)
             if stay is None:
                 store_id = self._store_ids[fence]
                 stays[fid] = Stay(fid, store_id, ts, ts, ping.lat, ping.lon, dist, speed)
-                step.events.append(Event(device_id, fid, store_id, "enter", ts, ping.lat,
+                step.events.append(_event(device_id, fid, store_id, "enter", ts, ping.lat,
                                          ping.lon, dist, speed))
                 plan = self._dwells.get(fid)
                 if plan is None:
@@ -489,7 +554,7 @@ class Tracker:
                 continue
             if kind == _DWELL:
                 stay.dwells_fired.append(dwell)
-                step.events.append(Event(device_id, fid, stay.store_id, "dwell", t, stay.lat,
+                step.events.append(_event(device_id, fid, stay.store_id, "dwell", t, stay.lat,
                                          stay.lon, stay.distance_m, stay.speed_mps, dwell_s=dwell))
             else:
                 del state.stays[fid]
@@ -498,10 +563,10 @@ class Tracker:
 
     def _end(self, device_id: str, step: Step, stay: Stay, ts: float, lat: float, lon: float,
              dist: float, speed: float | None, *, stale: bool) -> None:
-        step.events.append(Event(device_id, stay.geofence_id, stay.store_id, "exit", ts, lat,
+        step.events.append(_event(device_id, stay.geofence_id, stay.store_id, "exit", ts, lat,
                                  lon, dist, speed, stale=stale))
         if ts - stay.enter_ts >= self.min_visit_s:
-            step.visits.append(Visit(device_id, stay.store_id, stay.geofence_id,
+            step.visits.append(_visit(device_id, stay.store_id, stay.geofence_id,
                                      stay.enter_ts, ts))
 
 
