@@ -181,3 +181,44 @@ async def test_a_failed_group_fails_every_request_in_it(tmp_path: Path) -> None:
     # and the next group works again
     store.fail = False
     assert (await ingestor.ingest([ping("a", p)], time.time())).accepted == 1
+
+
+@pytest.mark.parametrize("first_fails", [False, True])
+async def test_requests_arriving_while_a_group_is_in_the_store_form_one_next_group(
+        tmp_path: Path, first_fails: bool) -> None:
+    devices = [f"d{i}" for i in range(6)]
+    ingestor, store = await _ingestor(tmp_path, devices)
+    release = asyncio.Event()
+    inner_track = store.track
+
+    async def slow_track(device_ids: Collection[str], compute: Compute
+                         ) -> dict[str, DeviceOutcome]:
+        if len(store.calls) == 0:  # the first group waits in the "store"
+            store.fail = first_fails
+            store.calls.append(list(device_ids))
+            await release.wait()
+            store.fail = False
+            if first_fails:
+                raise StateUnavailable("down")
+            return await MemoryStore.track(store, device_ids, compute)
+        return await inner_track(device_ids, compute)
+
+    store.track = slow_track  # type: ignore[method-assign]
+    p = load_trace()[0]
+    first = asyncio.ensure_future(ingestor.ingest([ping("d0", p)], time.time()))
+    await asyncio.sleep(0.01)
+    later = []
+    for d in devices[1:]:  # one a loop iteration: each would have been a group of its own
+        later.append(asyncio.ensure_future(ingestor.ingest([ping(d, p)], time.time())))
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.01)
+    assert store.calls == [["d0"]]  # none started while the first is in the store
+    release.set()
+    answers = await asyncio.gather(*later)
+    assert [a.accepted for a in answers] == [1] * 5
+    assert len(store.calls) == 2 and sorted(store.calls[1]) == devices[1:]
+    if first_fails:
+        with pytest.raises(StateUnavailable):
+            await first
+    else:
+        assert (await first).accepted == 1

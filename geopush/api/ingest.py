@@ -4,7 +4,8 @@ Each ping is validated on its own (a bad one is rejected `invalid`, the rest goe
 pings of requests that arrive together are then run as one group: one `track` call (one Redis
 round trip, one index query) for many small requests, the way databases group commits. A group
 never holds two requests with a device in common, so every device's outcome belongs to exactly
-one request and each request's answer is what it would be alone.
+one request and each request's answer is what it would be alone. One group at a time is in the
+store; the next gathers the requests that arrive meanwhile, so groups grow with the load.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +29,7 @@ from geopush.timeutil import format_ts
 log = logging.getLogger("geopush.api.ingest")
 
 MAX_GROUP_PINGS = 2000  # a group's latency grows with its size; requests beyond wait for the next
+MAX_FLUSHING = 1  # groups in the state store at once; the next one gathers requests meanwhile
 
 
 @dataclass(slots=True)
@@ -133,7 +136,8 @@ class Ingestor:
         self._store = store
         self._engine = engine  # the engine of the active stores (a reload swaps it)
         self._metrics = metrics
-        self._pending: _Group | None = None
+        self._pending: _Group | None = None  # the group requests join; queued already
+        self._queued: deque[_Group] = deque()  # groups waiting for their turn, oldest first
         self._flushing: set[asyncio.Task[None]] = set()
 
     async def ingest(self, items: Sequence[Any], now: float) -> IngestResult:
@@ -175,19 +179,30 @@ class Ingestor:
                 or group.size + len(part.pings) > MAX_GROUP_PINGS):
             group = _Group()
             self._pending = group
+            self._queued.append(group)
             # run once every request already received in this loop iteration has joined
-            asyncio.get_running_loop().call_soon(self._launch, group)
+            asyncio.get_running_loop().call_soon(self._launch)
         group.parts.append(part)
         group.devices |= part.devices
         group.size += len(part.pings)
         return part.done
 
-    def _launch(self, group: _Group) -> None:
-        if self._pending is group:
-            self._pending = None
-        task = asyncio.ensure_future(self._flush(group))
-        self._flushing.add(task)
-        task.add_done_callback(self._flushing.discard)
+    def _launch(self) -> None:
+        """Start the oldest queued groups while fewer than MAX_FLUSHING run. A group left
+        waiting keeps taking requests (up to MAX_GROUP_PINGS), so under load groups grow
+        while the store is busy: fewer, bigger commits, and never two of this instance's
+        groups competing for one device."""
+        while self._queued and len(self._flushing) < MAX_FLUSHING:
+            group = self._queued.popleft()
+            if self._pending is group:
+                self._pending = None
+            task = asyncio.ensure_future(self._flush(group))
+            self._flushing.add(task)
+            task.add_done_callback(self._flushed)
+
+    def _flushed(self, task: asyncio.Task[None]) -> None:
+        self._flushing.discard(task)
+        self._launch()
 
     async def _flush(self, group: _Group) -> None:
         pings = [p for part in group.parts for p in part.pings]
