@@ -16,6 +16,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 from geopush.engine import DeviceOutcome, DeviceSnapshot, Engine, Rejected
@@ -100,6 +101,8 @@ def _new_valid_id(device_id: str) -> bool:
 
 
 _NUMBER = (int, float)
+_by_index = attrgetter("index")
+_by_ts = attrgetter("ts")
 # Ping is a frozen dataclass: its __init__ sets each field through object.__setattr__, about
 # half the cost of this whole fast path. Its slots' own setters fill the same fields in half
 # the time (Ping has no __post_init__; tests hold the result equal to parse_ping's).
@@ -162,8 +165,10 @@ class Ingestor:
                 result.accepted += outcome.accepted
                 result.rejected.extend(outcome.rejected)
                 result.events.extend(outcome.events)
-            result.rejected.sort(key=lambda r: r.index)
-            result.events.sort(key=lambda e: e.ts)
+            if len(result.rejected) > 1:
+                result.rejected.sort(key=_by_index)
+            if len(result.events) > 1:
+                result.events.sort(key=_by_ts)
             self._metrics.count_events(result.events, "ping")
             if result.events and log.isEnabledFor(logging.DEBUG):
                 for e in result.events:
