@@ -1,7 +1,8 @@
 """Throughput of the pure core: geofence lookup, and lookup + transitions, in one process.
 
     python benchmarks/bench_core.py [--fences N] [--pings P] [--devices D] [--big-fences M]
-                                    [--repeat R] [--chunk C] [--seed S] [--gc-threshold T0,T1,T2]
+                                    [--repeat R] [--chunk C] [--seed S]
+                                    [--gc-threshold T0,T1,T2 | --cpython-gc]
 
 Synthetic but shaped like production: N geofences (circles of 50–300 m, 2 % polygons) clustered
 around towns at latitudes from the equator to Svalbard and across the antimeridian; P pings from
@@ -12,6 +13,8 @@ realistic mix of accuracies (some too coarse to count) and of reported speeds. E
 Prints the median of R runs of (a) GeofenceIndex.query alone and (b) process_batch (lookup +
 transitions, device states carried from chunk to chunk as the service does), peak RSS, and the
 build time and RSS growth of an index of M geofences; targets are printed next to the figures.
+The garbage collector is tuned as `geopush serve` tunes it (start-up objects frozen, thresholds
+geopush.app.GC_THRESHOLDS) unless --gc-threshold or --cpython-gc says otherwise.
 See benchmarks/README.md for measured figures.
 """
 
@@ -34,6 +37,7 @@ import shapely
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from geopush.app import GC_THRESHOLDS
 from geopush.geo.index import EARTH_RADIUS_M, GeofenceIndex
 from geopush.geo.transitions import DeviceState, Ping, Tracker, process_batch
 
@@ -70,8 +74,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     gc.freeze()
     if args.gc_threshold:
         gc.set_threshold(*args.gc_threshold)
-    print(f"garbage collector thresholds {gc.get_threshold()}"
-          + (" (tuned with --gc-threshold)" if args.gc_threshold else " (CPython's defaults)"))
+        how = "set with --gc-threshold"
+    elif args.cpython_gc:
+        how = "CPython's defaults, --cpython-gc"
+    else:
+        gc.set_threshold(*GC_THRESHOLDS)
+        how = "as `geopush serve` sets them: geopush.app.GC_THRESHOLDS"
+    print(f"garbage collector thresholds {gc.get_threshold()} ({how})")
 
     lookup = [_time(lambda: run_lookup(index, pings, args.chunk)) for _ in range(args.repeat)]
     pairs = run_lookup(index, pings, args.chunk)
@@ -125,8 +134,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=3, help="runs per measure (median)")
     parser.add_argument("--chunk", type=int, default=10_000, help="pings per batch")
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--gc-threshold", type=_thresholds, default=None, metavar="T0,T1,T2",
-                        help="gc.set_threshold for the timed runs (default: CPython's)")
+    gc_choice = parser.add_mutually_exclusive_group()
+    gc_choice.add_argument("--gc-threshold", type=_thresholds, default=None, metavar="T0,T1,T2",
+                           help="gc.set_threshold for the timed runs (default: the service's, "
+                                f"{','.join(map(str, GC_THRESHOLDS))})")
+    gc_choice.add_argument("--cpython-gc", action="store_true",
+                           help="keep CPython's default thresholds (700,10,10)")
     parser.add_argument("--only-build", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for name in ("fences", "pings", "devices", "repeat", "chunk"):
