@@ -82,13 +82,18 @@ class Engine:
         if not admitted:
             return outcomes
         states = {d: s.state for d, s in snapshots.items()}
+        next_due = self.tracker.next_due
         for device_id, step in process_batch(self.tracker, admitted, states).items():
-            outcome = DeviceOutcome(step.state, self.tracker.next_due(step.state),
+            state = step.state
+            # most devices of a batch have no stay: no timer to look up
+            outcome = DeviceOutcome(state, next_due(state) if state.stays else None,
                                     step.events, step.visits)
-            outcome.rejected = [
-                Rejected(admitted_at[r.position], r.code, r.message) for r in step.rejected
-            ]
-            outcome.accepted = per_device[device_id] - len(step.rejected)
+            rejected = step.rejected
+            if rejected:
+                outcome.rejected = [
+                    Rejected(admitted_at[r.position], r.code, r.message) for r in rejected
+                ]
+            outcome.accepted = per_device[device_id] - len(rejected)
             outcomes[device_id] = outcome
         return outcomes
 

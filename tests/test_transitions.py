@@ -9,9 +9,11 @@ buffer 1.1 km north of A; B a circle of 100 m just south of A. Hysteresis 25 m, 
 
 from __future__ import annotations
 
+import copy as copy_module
 import dataclasses
 import json
 import math
+import pickle
 from dataclasses import dataclass
 from typing import Any
 
@@ -463,3 +465,20 @@ def test_step_lists_are_made_on_first_use() -> None:
     assert Step(DeviceState()) == Step(DeviceState(), [], [], [])
     assert Step(DeviceState()) != step
     assert "events=[]" in repr(Step(DeviceState()))
+
+
+def test_ping_is_a_frozen_dataclass_built_fast() -> None:
+    ping = Ping("d", 1.0, 2.0, 3.0, speed_mps=4.0)
+    assert type(ping) is Ping
+    assert ping == Ping(device_id="d", ts=1.0, lat=2.0, lon=3.0, accuracy_m=None, speed_mps=4.0)
+    assert hash(ping) == hash(Ping("d", 1.0, 2.0, 3.0, None, 4.0))
+    assert repr(ping) == ("Ping(device_id='d', ts=1.0, lat=2.0, lon=3.0, accuracy_m=None, "
+                          "speed_mps=4.0)")
+    assert [f.name for f in dataclasses.fields(Ping)] == list(Ping.__slots__)
+    assert dataclasses.replace(ping, ts=9.0) == Ping("d", 9.0, 2.0, 3.0, None, 4.0)
+    assert copy_module.copy(ping) == ping and copy_module.deepcopy(ping) == ping
+    assert pickle.loads(pickle.dumps(ping)) == ping
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ping.ts = 5.0  # type: ignore[misc]
+    with pytest.raises(TypeError, match="lat"):
+        Ping("d", 1.0)  # type: ignore[call-arg]
