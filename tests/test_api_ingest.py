@@ -222,3 +222,34 @@ async def test_requests_arriving_while_a_group_is_in_the_store_form_one_next_gro
             await first
     else:
         assert (await first).accepted == 1
+
+
+async def test_while_the_store_fails_queued_groups_do_not_wait_for_each_other(
+        tmp_path: Path) -> None:
+    ingestor, store = await _ingestor(tmp_path, ["a", "b"])
+    release = asyncio.Event()
+    started: list[list[str]] = []
+
+    async def hanging_track(device_ids: Collection[str], compute: Compute
+                            ) -> dict[str, DeviceOutcome]:
+        started.append(sorted(device_ids))
+        await release.wait()  # a store that answers only after its timeout
+        raise StateUnavailable("timed out")
+
+    store.track = hanging_track  # type: ignore[method-assign]
+    p = load_trace()[0]
+    first = asyncio.ensure_future(ingestor.ingest([ping("b", p)], time.time()))
+    await asyncio.sleep(0.01)
+    # two groups queue behind it (they share device "a")
+    queued = [asyncio.ensure_future(ingestor.ingest([ping("a", p)], time.time())),
+              asyncio.ensure_future(ingestor.ingest([ping("a", p)], time.time()))]
+    await asyncio.sleep(0.01)
+    assert started == [["b"]]
+    release.set()  # the first times out: the store is failing ...
+    release = asyncio.Event()
+    await asyncio.sleep(0.01)
+    assert started == [["b"], ["a"], ["a"]]  # ... so both queued groups started at once
+    release.set()
+    for task in [first, *queued]:
+        with pytest.raises(StateUnavailable):
+            await task

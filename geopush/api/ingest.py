@@ -142,6 +142,7 @@ class Ingestor:
         self._pending: _Group | None = None  # the group requests join; queued already
         self._queued: deque[_Group] = deque()  # groups waiting for their turn, oldest first
         self._flushing: set[asyncio.Task[None]] = set()
+        self._failing = False  # the last group's commit failed: the store may be down
 
     async def ingest(self, items: Sequence[Any], now: float) -> IngestResult:
         """StateUnavailable propagates (503 for HTTP, an error answer on the stream)."""
@@ -196,8 +197,9 @@ class Ingestor:
         """Start the oldest queued groups while fewer than MAX_FLUSHING run. A group left
         waiting keeps taking requests (up to MAX_GROUP_PINGS), so under load groups grow
         while the store is busy: fewer, bigger commits, and never two of this instance's
-        groups competing for one device."""
-        while self._queued and len(self._flushing) < MAX_FLUSHING:
+        groups competing for one device. While the store fails, groups start at once: one
+        after the other, each would wait out the store's timeout behind the previous one."""
+        while self._queued and (self._failing or len(self._flushing) < MAX_FLUSHING):
             group = self._queued.popleft()
             if self._pending is group:
                 self._pending = None
@@ -226,12 +228,14 @@ class Ingestor:
         try:
             outcomes = await self._store.track(group.devices, compute)
         except BaseException as exc:
+            self._failing = True
             for part in group.parts:
                 if not part.done.done():
                     part.done.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise
             return
+        self._failing = False
         for part in group.parts:
             if not part.done.done():
                 part.done.set_result({d: outcomes[d] for d in part.devices if d in outcomes})
