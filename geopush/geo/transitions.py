@@ -407,9 +407,11 @@ class Tracker:
         max_accuracy = self.max_accuracy_m
         min_age, max_age, cap = SPEED_MIN_AGE_S, SPEED_MAX_AGE_S, _RECENT_CAP
         inf = math.inf
+        devices = ([p.device_id for p in pings] if device_id is None
+                   else [device_id] * len(pings))
         for i in order:
             ping = pings[i]
-            device = device_id or ping.device_id
+            device = devices[i]
             step = steps.get(device)
             if step is None:
                 state = states.get(device)
