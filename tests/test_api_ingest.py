@@ -87,10 +87,7 @@ def test_the_fast_parser_gives_floats_like_parse_ping(obj: dict[str, Any]) -> No
     assert not math.isnan(got.ts)
 
 
-def test_the_fast_parser_builds_a_whole_ping_through_its_slots() -> None:
-    # it fills Ping's fields by their slot setters: a field added to Ping must be filled too
-    assert [f.name for f in dataclasses.fields(Ping)] == [
-        "device_id", "ts", "lat", "lon", "accuracy_m", "speed_mps"]
+def test_the_fast_parser_builds_a_whole_ping() -> None:
     got = parse({"device_id": "d", "lat": 1, "lon": 2, "ts": 1500, "speed_mps": 3}, NOW)
     expected = Ping("d", 1.5, 1.0, 2.0, None, 3.0)
     assert type(got) is Ping

@@ -74,14 +74,9 @@ def parse(obj: Any, now: float) -> Ping:
                 and (accuracy is None or (type(accuracy) in _NUMBER and 0 <= accuracy < math.inf))
                 and (speed is None or (type(speed) in _NUMBER and 0 <= speed < math.inf))
                 and (device_id in _valid_ids or _new_valid_id(device_id))):
-            ping = _new_ping(Ping)
-            _set_device_id(ping, device_id)
-            _set_ts(ping, ts / 1000.0)
-            _set_lat(ping, float(lat))
-            _set_lon(ping, float(lon))
-            _set_accuracy(ping, None if accuracy is None else float(accuracy))
-            _set_speed(ping, None if speed is None else float(speed))
-            return ping
+            return Ping(device_id, ts / 1000.0, float(lat), float(lon),
+                        None if accuracy is None else float(accuracy),
+                        None if speed is None else float(speed))
     return parse_ping(obj, now=now)
 
 
@@ -103,13 +98,6 @@ def _new_valid_id(device_id: str) -> bool:
 _NUMBER = (int, float)
 _by_index = attrgetter("index")
 _by_ts = attrgetter("ts")
-# Ping is a frozen dataclass: its __init__ sets each field through object.__setattr__, about
-# half the cost of this whole fast path. Its slots' own setters fill the same fields in half
-# the time (Ping has no __post_init__; tests hold the result equal to parse_ping's).
-_new_ping = object.__new__
-_set_device_id, _set_ts, _set_lat, _set_lon, _set_accuracy, _set_speed = (
-    getattr(Ping, name).__set__
-    for name in ("device_id", "ts", "lat", "lon", "accuracy_m", "speed_mps"))
 
 
 class _Part:
