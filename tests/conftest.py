@@ -6,6 +6,10 @@ With CI=true a test that needs Redis fails when Redis is missing; elsewhere it i
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,3 +68,63 @@ def redis_url(redis_db: int) -> Iterator[str]:
     client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=redis_db)
     client.flushdb()
     client.close()
+
+
+class PrivateRedis:
+    """A throwaway redis-server on its own free port that a test may stop and start (faults,
+    recovery); nobody else uses it. Not started until the test says so."""
+
+    def __init__(self, workdir: Path) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port: int = s.getsockname()[1]
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/1"
+
+    def start(self) -> None:
+        import redis
+
+        server = shutil.which("redis-server")
+        assert server is not None
+        self.proc = subprocess.Popen(
+            [server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + 20
+        try:
+            while True:
+                try:
+                    client.ping()
+                    return
+                except redis.ConnectionError:
+                    assert self.proc.poll() is None, "redis-server exited"
+                    assert time.monotonic() < deadline, "redis-server did not start"
+                    time.sleep(0.05)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    """A PrivateRedis, stopped at the end; with CI=true a missing redis-server fails the test."""
+    if shutil.which("redis-server") is None:
+        message = "redis-server is not installed"
+        if _in_ci():
+            pytest.fail(message)
+        pytest.skip(message)
+    server = PrivateRedis(tmp_path)
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -5,77 +5,23 @@ back. Each test runs its own redis-server on a free port and stops and starts it
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
-import redis
 from aiohttp.test_utils import TestClient
 
 from geopush.app import create_app
-from tests.api_support import DEVICES, INGEST, free_port, load_trace, ping, settings_for
+from tests.api_support import DEVICES, INGEST, load_trace, ping, settings_for
+from tests.conftest import PrivateRedis
 
 Client = TestClient[Any, Any]
 MakeClient = Callable[..., Awaitable[Client]]
 RECOVERY_S = 15.0  # contract §10
 
 
-class PrivateRedis:
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/1"
-
-    def start(self) -> None:
-        server = shutil.which("redis-server")
-        assert server is not None
-        self.proc = subprocess.Popen(
-            [server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
-        deadline = time.monotonic() + 20
-        try:
-            while True:
-                try:
-                    client.ping()
-                    return
-                except redis.ConnectionError:
-                    assert self.proc.poll() is None, "redis-server exited"
-                    assert time.monotonic() < deadline, "redis-server did not start"
-                    time.sleep(0.05)
-        finally:
-            client.close()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-        self.proc = None
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    if shutil.which("redis-server") is None:
-        message = "redis-server is not installed"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(message)
-        pytest.skip(message)
-    server = PrivateRedis(tmp_path)
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def _register(api: Client) -> aiohttp.ClientResponse:

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import random
-import shutil
 import socket
-import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import pytest
@@ -26,6 +24,7 @@ from geopush.state.base import StateUnavailable
 from geopush.state.keys import Keys, group_by_slot
 from geopush.state.memory import MemoryStore
 from geopush.state.redis import RedisStore
+from tests.conftest import PrivateRedis
 
 T0 = 1_780_000_000.0
 # three shops 300 m apart on a line, so a walk along it enters, dwells and leaves them
@@ -313,54 +312,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class _PrivateRedis:
-    """A throwaway redis-server nobody else uses, so it can be stopped and started."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
-        try:
-            while True:
-                try:
-                    client.ping()
-                    return
-                except redis.ConnectionError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
-        finally:
-            client.close()
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
-
-
 @pytest.fixture
-def private_redis() -> Iterator[_PrivateRedis]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    server = _PrivateRedis(_free_port())
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+def private_redis(private_redis: PrivateRedis) -> PrivateRedis:
+    """The shared private redis-server, already started."""
+    private_redis.start()
+    return private_redis
 
 
 async def test_redis_down_is_unavailable_and_recovers_by_itself(
-    private_redis: _PrivateRedis,
+    private_redis: PrivateRedis,
 ) -> None:
     store = RedisStore(f"redis://127.0.0.1:{private_redis.port}/0")
     await store.open()
@@ -491,7 +451,7 @@ async def test_connections_pack_commands_as_redis_py_does(redis_url: str) -> Non
 
 
 async def test_scripts_lost_between_read_and_commit_are_loaded_and_the_batch_retried(
-    private_redis: _PrivateRedis,
+    private_redis: PrivateRedis,
 ) -> None:
     store = RedisStore(f"redis://127.0.0.1:{private_redis.port}/0")
     admin = redis.asyncio.Redis(port=private_redis.port)
