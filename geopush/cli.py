@@ -304,7 +304,6 @@ def _replay(args: argparse.Namespace) -> int:
             return ERRORS
     replay = Replay(
         build_engine(settings, stores),
-        stale_after_s=settings.geofence.stale_after,
         devices=devices,
         assume_consent=args.assume_consent,
         keep_events=not args.summary_only,

@@ -324,14 +324,12 @@ class Replay:
         self,
         engine: Engine,
         *,
-        stale_after_s: float,
         devices: Mapping[str, DeviceProfile] | None = None,
         assume_consent: bool = False,
         keep_events: bool = True,
         chunk: int = CHUNK,
     ) -> None:
         self.engine = engine
-        self.stale_after_s = stale_after_s
         self.assume_consent = assume_consent
         self.keep_events = keep_events
         self.chunk = chunk
@@ -402,7 +400,7 @@ class Replay:
     def _run_clocks_out(self) -> None:
         for device, last in self.clock.items():
             snap = self.snapshots[device]
-            outcome = self.engine.fire(device, snap, last + self.stale_after_s)
+            outcome = self.engine.fire(device, snap, last + self.engine.tracker.stale_after_s)
             if outcome.state is not None:
                 snap.state = outcome.state
             self._record(outcome.events, outcome.visits)

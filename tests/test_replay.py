@@ -52,7 +52,7 @@ def _ping(device: str, minutes: float, *, inside: bool = True, **extra: Any) -> 
 def _run(pings: Sequence[Ping | BadLine], *, chunk: int = 10_000, assume_consent: bool = True,
          devices: dict[str, DeviceProfile] | None = None,
          dwells: Sequence[float] = ()) -> ReplayResult:
-    replay = Replay(_engine(dwells), stale_after_s=STALE_S, devices=devices,
+    replay = Replay(_engine(dwells), devices=devices,
                     assume_consent=assume_consent, chunk=chunk)
     return replay.run((line, p) for line, p in enumerate(pings, start=2))
 

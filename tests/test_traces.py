@@ -63,8 +63,7 @@ def _replay(pings: Iterable[Ping], stores: Sequence[Store], *,
     settings = load_settings(REPO / "config" / "geopush.yaml")
     if min_dwell_s is not None:
         settings = settings.model_copy(update={"visits": VisitSettings(min_dwell=min_dwell_s)})
-    replay = Replay(build_engine(settings, store_set),
-                    stale_after_s=settings.geofence.stale_after, assume_consent=True)
+    replay = Replay(build_engine(settings, store_set), assume_consent=True)
     return replay.run(enumerate(pings, start=2))
 
 
