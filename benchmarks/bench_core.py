@@ -248,19 +248,18 @@ def run_lookup(index: GeofenceIndex, pings: Sequence[Ping], chunk: int) -> int:
 
 
 def run_transitions(tracker: Tracker, pings: Sequence[Ping], chunk: int) -> None:
-    """Batch after batch, each device's state carried to its next batch as a store would."""
+    """Batch after batch, each device's state carried to its next batch as a store would
+    (process_batch leaves every device's new state in `states`)."""
     states: dict[str, DeviceState | None] = {}
     for start in range(0, len(pings), chunk):
-        for device_id, step in process_batch(tracker, pings[start:start + chunk], states).items():
-            states[device_id] = step.state
+        process_batch(tracker, pings[start:start + chunk], states)
 
 
 def count_events(tracker: Tracker, pings: Sequence[Ping], chunk: int) -> dict[str, int]:
     states: dict[str, DeviceState | None] = {}
     counts: dict[str, int] = {}
     for start in range(0, len(pings), chunk):
-        for device_id, step in process_batch(tracker, pings[start:start + chunk], states).items():
-            states[device_id] = step.state
+        for step in process_batch(tracker, pings[start:start + chunk], states).values():
             for event in step.events:
                 counts[event.type] = counts.get(event.type, 0) + 1
     return counts

@@ -82,18 +82,21 @@ class Engine:
         if not admitted:
             return outcomes
         states = {d: s.state for d, s in snapshots.items()}
+        steps = process_batch(self.tracker, admitted, states)  # fills in `states`
         next_due = self.tracker.next_due
-        for device_id, step in process_batch(self.tracker, admitted, states).items():
-            state = step.state
+        for device_id, count in per_device.items():
+            state = states[device_id]
+            assert state is not None  # process_batch gave every device of the batch one
             # most devices of a batch have no stay: no timer to look up
-            outcome = DeviceOutcome(state, next_due(state) if state.stays else None,
-                                    step.events, step.visits)
-            rejected = step.rejected
-            if rejected:
-                outcome.rejected = [
-                    Rejected(admitted_at[r.position], r.code, r.message) for r in rejected
-                ]
-            outcome.accepted = per_device[device_id] - len(rejected)
+            outcome = DeviceOutcome(state, next_due(state) if state.stays else None)
+            step = steps.get(device_id)
+            if step is not None:
+                outcome.events = step.events
+                outcome.visits = step.visits
+                if step.rejected:
+                    outcome.rejected = [Rejected(admitted_at[r.position], r.code, r.message)
+                                        for r in step.rejected]
+            outcome.accepted = count - len(outcome.rejected)
             outcomes[device_id] = outcome
         return outcomes
 

@@ -418,6 +418,28 @@ def test_process_batch_groups_devices_and_reports_batch_positions() -> None:
     assert process_batch(TRACKER, [], {}) == {}
 
 
+def test_process_batch_leaves_every_device_its_state_and_steps_only_where_something_happened(
+) -> None:
+    known = run([at(0, 500)]).state
+    states: dict[str, DeviceState | None] = {DEV: known}
+    quiet = Ping("quiet", 10, A_LAT + 5000 / M_PER_DEG, A_LON)  # far from every fence
+    steps = process_batch(TRACKER, [at(10, 0), quiet], states)
+    assert set(states) == {DEV, "quiet"}
+    assert states[DEV] is known and set(known.stays) == {"A"}  # changed in place
+    new = states["quiet"]
+    assert new is not None and new.last_ts == 10 and not new.stays
+    assert set(steps) == {DEV} and steps[DEV].state is known
+    assert [e.type for e in steps[DEV].events] == ["enter"]
+
+
+def test_a_tracker_with_another_dwell_plan_does_not_trust_the_cached_due() -> None:
+    state = run([at(0, 0), at(60, 0)]).state  # TRACKER's plan: A's first dwell at 300 s
+    sooner = Tracker(INDEX, max_accuracy_m=100.0, stale_after_s=7200.0, min_visit_s=300.0,
+                     dwell_plan=lambda fid: (120.0,) if fid == "A" else ())
+    step = sooner.process(DEV, state, [at(130, 0)])
+    assert [(e.type, e.ts, e.dwell_s) for e in step.events] == [("dwell", 120.0, 120.0)]
+
+
 def test_a_shared_tracker_keeps_devices_apart() -> None:
     one = TRACKER.process("a", None, [Ping("a", 0, A_LAT, A_LON)])
     two = TRACKER.process("b", None, [Ping("b", 0, A_LAT + 1, A_LON)])

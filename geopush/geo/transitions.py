@@ -13,7 +13,7 @@ the contract dates at the stay's last confirming ping although it happens stale_
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from math import asin, cos, sin, sqrt
 from typing import Any, Literal
@@ -189,6 +189,11 @@ class DeviceState:
     stays: dict[str, Stay] = field(default_factory=dict)
     # (ts, lat, lon) of accepted pings of the last SPEED_MAX_AGE_S, oldest first, for speed
     recent: list[tuple[float, float, float]] = field(default_factory=list)
+    # The tracker's cache of when a timer of these stays may next be due: a lower bound, valid
+    # only for the dwell plan it was worked out with (`due_plan`), so a tracker with other
+    # rules works it out again. Not part of the state: not compared, not stored.
+    due: float | None = field(default=None, compare=False, repr=False)
+    due_plan: object = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -372,7 +377,7 @@ class Tracker:
         positions: Sequence[int] | None = None,
     ) -> Step:
         """Apply one device's pings, taken in timestamp order (a stable sort: equal times keep
-        their input order).
+        their input order). `state` is changed in place and is the returned step's state.
 
         `near[i]` lists (fence index, distance m) within reach of pings[i], as a batch query of
         the index gives them; without it the pings are looked up here. `positions` are the
@@ -384,68 +389,86 @@ class Tracker:
         else:
             lookup = _Near.from_pairs(near, self._inside_m)
         order = sorted(range(n), key=lambda i: pings[i].ts)
-        steps = self._run(pings, order, lookup, {device_id: state}, positions=positions or None,
+        states: dict[str, DeviceState | None] = {device_id: state}
+        steps = self._run(pings, order, lookup, states, positions=positions or None,
                           device_id=device_id)
-        return steps.get(device_id) or Step(state if state is not None else DeviceState())
+        return steps.get(device_id) or Step(states[device_id] or DeviceState())
 
     def _run(
         self, pings: Sequence[Ping], order: Iterable[int], near: _Near,
-        states: Mapping[str, DeviceState | None], *, positions: Sequence[int] | None = None,
-        device_id: str | None = None,
+        states: MutableMapping[str, DeviceState | None], *,
+        positions: Sequence[int] | None = None, device_id: str | None = None,
     ) -> dict[str, Step]:
-        """Apply pings in the given (time) order, each to its device's state.
+        """Apply pings in the given (time) order, each to its device's state in `states`,
+        changed in place (a device without one gets a new one there). Returns a Step for each
+        device with events, visits or rejections.
 
         One pass over the batch, shaped for speed: a batch of the service holds about one ping
-        per device, so there is no per-device setup beyond a Step; most pings have no stay and
+        per device, so a device costs nothing beyond its state; most pings have no stay and
         nothing near, and that path is a few comparisons and an append. Timers are examined
-        only once a ping reaches its device's earliest due time (`dues`, kept for devices with
-        stays; a lower bound, as confirming a stay only delays its stale exit).
-        `device_id` overrides the pings' own (one device's call)."""
+        only once a ping reaches the state's `due` (a lower bound, as confirming a stay only
+        delays its stale exit). `device_id` overrides the pings' own (one device's call)."""
         steps: dict[str, Step] = {}
-        dues: dict[str, float] = {}
         offsets = near.offsets
         max_accuracy = self.max_accuracy_m
         min_age, max_age, cap = SPEED_MIN_AGE_S, SPEED_MAX_AGE_S, _RECENT_CAP
         inf = math.inf
+        plan = self._dwells  # identifies this tracker's dwell plan (DeviceState.due_plan)
         devices = ([p.device_id for p in pings] if device_id is None
                    else [device_id] * len(pings))
         for i in order:
             ping = pings[i]
             device = devices[i]
-            step = steps.get(device)
-            if step is None:
-                state = states.get(device)
-                if state is None:
-                    state = DeviceState()
-                step = steps[device] = Step(state)
-                stays = state.stays
-                if stays:
-                    dues[device] = self._next_due(stays)
-            else:
-                state = step.state
-                stays = state.stays
+            state = states.get(device)
+            if state is None:
+                state = states[device] = DeviceState()
             ts = ping.ts
             last_ts = state.last_ts
             if last_ts is not None and ts < last_ts:
+                step = steps.get(device) or steps.setdefault(device, Step(state))
                 step.rejected.append(Rejection(
                     positions[i] if positions is not None else i, "out_of_order",
                     f"ts {ts!r} is older than this device's last processed ping ({last_ts!r})",
                 ))
                 continue
-            if stays and ts >= dues[device]:
-                self._fire(device, step, ts)
-                dues[device] = self._next_due(stays) if stays else inf
+            stays = state.stays
+            if stays:
+                due = state.due
+                if due is None or state.due_plan is not plan:
+                    due = state.due = self._next_due(stays)
+                    state.due_plan = plan
+                if ts >= due:
+                    self._fire(device, state, steps, ts)
+                    state.due = self._next_due(stays) if stays else inf
             lo = offsets[i]
-            if stays or lo != offsets[i + 1]:
+            hi = offsets[i + 1]
+            if stays or lo != hi:
                 accuracy = ping.accuracy_m
                 if accuracy is None or accuracy <= max_accuracy:
-                    entered = self._move(device, step, ping, near, lo, offsets[i + 1])
-                    if entered != inf and entered < dues.get(device, inf):
-                        dues[device] = entered
+                    had_stays = bool(stays)
+                    entered = self._move(device, state, steps, ping, near, lo, hi)
+                    # with no stay before, `due` is whatever it last was: replace it
+                    if entered != inf and (not had_stays
+                                           or entered < state.due):  # type: ignore[operator]
+                        state.due = entered
+                        state.due_plan = plan
             state.last_ts = ts
-            recent = state.recent
-            recent.append((ts, ping.lat, ping.lon))
             # Forget what no later ping can take for its speed (SPEED MEMORY, above).
+            recent = state.recent
+            entry = (ts, ping.lat, ping.lon)
+            if recent and ts - recent[-1][0] >= min_age:
+                # the usual case, pings more than 5 s apart: only the newest remembered ping
+                # and this one can serve, and the newest only if young enough
+                newest = recent[-1]
+                if ts - newest[0] > max_age:
+                    state.recent = [entry]
+                elif len(recent) == 2:
+                    recent[0] = newest
+                    recent[1] = entry
+                else:
+                    state.recent = [newest, entry]
+                continue
+            recent.append(entry)
             n = len(recent)
             if n > 1 and (ts - recent[1][0] >= min_age or ts - recent[0][0] > max_age):
                 del recent[0]
@@ -456,14 +479,14 @@ class Tracker:
                 del recent[:-cap]
         return steps
 
-    def _move(self, device_id: str, step: Step, ping: Ping, near: _Near, lo: int, hi: int
-              ) -> float:
+    def _move(self, device_id: str, state: DeviceState, steps: dict[str, Step], ping: Ping,
+              near: _Near, lo: int, hi: int) -> float:
         """An accurate ping: end the stays it is beyond reach of, enter or confirm the fences
         it is inside. Returns the earliest due time of the stays it began (inf: none)."""
         ids = self._ids
         fences = near.fence
         inside = near.inside
-        stays = step.state.stays
+        stays = state.stays
         ts = ping.ts
         speed: float | None = None
         have_speed = False  # computed once, and only if an event or a stay needs it
@@ -474,7 +497,8 @@ class Tracker:
             for fid in [f for f in stays if f not in within_reach]:
                 ended = stays.pop(fid)
                 if not have_speed:
-                    speed, have_speed = self._speed(step.state, ping), True
+                    speed, have_speed = self._speed(state, ping), True
+                step = steps.get(device_id) or steps.setdefault(device_id, Step(state))
                 self._end(device_id, step, ended, ts, ping.lat, ping.lon,
                           self._distance(fid, ping), speed, stale=False)
         entered = math.inf
@@ -487,12 +511,13 @@ class Tracker:
             if not have_speed:
                 speed = ping.speed_mps
                 if speed is None:
-                    speed = self._speed(step.state, ping)
+                    speed = self._speed(state, ping)
                 have_speed = True
             stay = stays.get(fid)
             if stay is None:
                 store_id = self._store_ids[fence]
                 stays[fid] = Stay(fid, store_id, ts, ts, ping.lat, ping.lon, dist, speed)
+                step = steps.get(device_id) or steps.setdefault(device_id, Step(state))
                 step.events.append(_event(device_id, fid, store_id, "enter", ts, ping.lat,
                                          ping.lon, dist, speed))
                 plan = self._dwells.get(fid)
@@ -536,10 +561,14 @@ class Tracker:
 
     def fire_due(self, device_id: str, state: DeviceState | None, now: float) -> Step:
         """Fire every dwell and stale exit due at or before `now`."""
-        step = Step(state if state is not None else DeviceState())
-        if step.state.stays:
-            self._fire(device_id, step, now)
-        return step
+        if state is None:
+            return Step(DeviceState())
+        steps: dict[str, Step] = {}
+        if state.stays:
+            self._fire(device_id, state, steps, now)
+            state.due = self._next_due(state.stays)
+            state.due_plan = self._dwells
+        return steps.get(device_id) or Step(state)
 
     def next_due(self, state: DeviceState) -> float | None:
         """When `fire_due` next has something to do for this device (None: nothing pending)."""
@@ -566,10 +595,10 @@ class Tracker:
                     break
         return best
 
-    def _fire(self, device_id: str, step: Step, now: float) -> None:
+    def _fire(self, device_id: str, state: DeviceState, steps: dict[str, Step], now: float
+              ) -> None:
         """Fire the timers due by `now` in due order; at the same time a dwell goes before the
         stale exit (the stay was still open when the dwell fell due)."""
-        state = step.state
         stale_after = self.stale_after_s
         due: list[tuple[float, int, str, float]] = []
         for fid, pending in state.stays.items():
@@ -582,6 +611,9 @@ class Tracker:
                     break
                 if dwell not in pending.dwells_fired:
                     due.append((t, _DWELL, fid, dwell))
+        if not due:
+            return
+        step = steps.get(device_id) or steps.setdefault(device_id, Step(state))
         due.sort()
         for t, kind, fid, dwell in due:
             stay = state.stays.get(fid)
@@ -626,12 +658,14 @@ def forget_stays(state: DeviceState) -> DeviceState:
 
 
 def process_batch(
-    tracker: Tracker, pings: Sequence[Ping], states: Mapping[str, DeviceState | None]
+    tracker: Tracker, pings: Sequence[Ping], states: MutableMapping[str, DeviceState | None]
 ) -> dict[str, Step]:
     """One index query for the whole batch, then each device's pings in timestamp order.
 
-    `states` holds the prior state of every device in the batch (missing or None: new).
-    Rejection positions are indexes into `pings`."""
+    `states` holds the prior state of devices of the batch (missing or None: new) and is
+    updated in place: afterwards every device of the batch has its new state there. Returns a
+    Step for each device that has events, visits or rejections (whose positions are indexes
+    into `pings`)."""
     if not pings:
         return {}
     near = _Near.from_proximity(

@@ -238,6 +238,7 @@ class _Saved:
         state = self.state
         state.last_ts = self.last_ts
         state.recent = self.recent
+        state.due = None  # the tracker's cache, worked out again from the restored stays
         stays: dict[str, Stay] = {}
         for (stay, geofence_id, store_id, enter_ts, confirmed_ts, lat, lon, distance_m,
              speed_mps, dwells_fired) in self.stays or ():
