@@ -225,29 +225,31 @@ def test_a_phone_that_rests_in_a_store_then_leaves() -> None:
 
 # -- boundary noise --------------------------------------------------------------------------
 
-# A person watching posmo's trace on a map sees three stops where the phone's position jumps:
-# at 342 s one fix lands 80 m off for a moment and comes back; at 910 s and 1939 s the phone
-# repeats a stale fix of the station between real fixes 2-15 km down the line (jumps of over a
-# kilometre in 5 s). The tracker ends a stay on any single accurate fix beyond the hysteresis
-# band, so these read as several enter/exit pairs: geo/transitions.py needs an implausible-jump
-# filter (or an exit confirmed by a second fix) before they pass.
+# Three posmo stops are not boundary noise but bad fixes, and there a person watching the map
+# and contract §5 part ways. At 368-419 s the phone reports cached fixes (accuracy 0) 29-74 m
+# off the stop; at 910 s and 1939 s it alternates between fixes of the station and fixes
+# 2-15 km down the line (over a kilometre in 5 s). The person sees one stop each. §5 counts a
+# fix of accuracy at most geofence.max_accuracy_m as accurate and ends a stay on one accurate
+# fix beyond the hysteresis band, so the tracker reads several passes. We keep §5 as written:
+# the API promises the exit on the first fix outside, and every filter that would hide these
+# (a second fix to confirm an exit, a speed limit on jumps, accuracy 0 taken as bad) would
+# delay or drop exits the contract promises. What must hold on these stops is §5 itself.
 JUMPY_STOPS = {"posmo-stop-at-342s", "posmo-stop-at-910s", "posmo-stop-at-1939s"}
 _ALL_STOPS = [*_stops("munich"), *_stops("posmo")]
 
 
-@pytest.mark.parametrize(
-    "stop",
-    [pytest.param(s, id=s.name, marks=[pytest.mark.xfail(
-        strict=True, reason="single far fixes and stale cached fixes end the stay "
-        "(no implausible-jump filter in the tracker yet)")] if s.name in JUMPY_STOPS else [])
-     for s in _ALL_STOPS],
-)
+def _stores_on_the_edge_of(stop: Stop) -> list[Store]:
+    """Stores whose edge runs through the stop: their centre one radius away, all around."""
+    return [Store(f"r{radius:.0f}-b{bearing}", *_offset(stop.lat, stop.lon, radius, bearing),
+                  radius)
+            for radius in (20.0, 40.0, 60.0) for bearing in range(0, 360, 45)]
+
+
+@pytest.mark.parametrize("stop", [s for s in _ALL_STOPS if s.name not in JUMPY_STOPS],
+                         ids=lambda s: s.name)
 def test_jitter_near_a_boundary_gives_at_most_one_enter_and_exit_per_pass(stop: Stop) -> None:
     pings = _trace(_TRACE_PATHS[stop.trace])
-    # stores whose edge runs through the stop: their centre one radius away from it, all around
-    stores = [Store(f"r{radius:.0f}-b{bearing}", *_offset(stop.lat, stop.lon, radius, bearing),
-                    radius)
-              for radius in (20.0, 40.0, 60.0) for bearing in range(0, 360, 45)]
+    stores = _stores_on_the_edge_of(stop)
     result = _replay(pings, stores)
     for store in stores:
         events = _of(result, store.id)
@@ -255,6 +257,33 @@ def test_jitter_near_a_boundary_gives_at_most_one_enter_and_exit_per_pass(stop: 
         # the phone passes the stop once: one stay at most, whatever the jitter
         assert kinds in ([], ["enter", "exit"]), (store.id, [(e.type, e.ts - pings[0].ts)
                                                              for e in events])
+
+
+@pytest.mark.parametrize("stop", [s for s in _ALL_STOPS if s.name in JUMPY_STOPS],
+                         ids=lambda s: s.name)
+def test_bad_fixes_at_a_stop_end_a_stay_only_as_contract_5_says(stop: Stop) -> None:
+    pings = _trace(_TRACE_PATHS[stop.trace])
+    accuracy = {(p.ts, p.lat, p.lon): p.accuracy_m for p in pings}
+    stores = _stores_on_the_edge_of(stop)
+    result = _replay(pings, stores)
+    passes = 0
+    for store in stores:
+        events = [e for e in _of(result, store.id) if e.type != "dwell"]
+        kinds = [e.type for e in events]
+        assert kinds == ["enter", "exit"] * (len(kinds) // 2), (store.id, kinds)
+        passes = max(passes, len(kinds) // 2)
+        for event in events:
+            if event.stale:
+                continue
+            # the fix that caused it, which counts as accurate...
+            acc = accuracy[event.ts, event.lat, event.lon]
+            assert acc is None or acc <= 100.0, (store.id, event)
+            # ...and is inside the store for an enter, beyond the hysteresis band for an exit
+            away = distance_m(store.lat, store.lon, event.lat, event.lon)
+            assert (away <= store.radius_m if event.type == "enter"
+                    else away > store.radius_m + 25.0), (store.id, event, away)
+    # the bad fixes do read as more than one pass (the person's view is not the contract's)
+    assert passes >= 2
 
 
 def test_the_stops_found_in_the_traces_are_the_ones_a_person_sees() -> None:
