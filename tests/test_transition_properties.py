@@ -302,5 +302,7 @@ def test_short_speed_memory_gives_the_speed_of_the_whole_history(
             assert state.stays["W"].speed_mps == _speed_from_whole_history(pings[:k + j], ping)
             assert len(state.recent) <= 1 + sum(1 for p in pings[:k + j + 1]
                                                 if ping.ts - p.ts < 5.0)
+            # the tracker reads the newest remembered ping's time as last_ts
+            assert state.recent[-1][0] == state.last_ts
         assert state is not None
         state = _roundtrip(state)

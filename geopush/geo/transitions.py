@@ -39,7 +39,9 @@ _RECENT_CAP = 256  # bound on remembered pings for pathological ping rates
 # So `recent` keeps, oldest first, only pings with T - ts < 5 s and at most one before them
 # (the latest with T - ts >= 5, if at most 120 s old): ~6 entries at 1 Hz instead of 120, and
 # the speed is the same as from the whole history (tests/test_transition_properties.py). The
-# only approximation is _RECENT_CAP, reached only by more than 256 pings within 5 s.
+# only approximation is _RECENT_CAP, reached only by more than 256 pings within 5 s. Every
+# processed ping is remembered, so the newest entry's time is the state's last_ts, and the
+# per-ping trimming reads last_ts rather than the entry (one memory access fewer a ping).
 
 
 class _PingDraft:
@@ -456,17 +458,16 @@ class Tracker:
             # Forget what no later ping can take for its speed (SPEED MEMORY, above).
             recent = state.recent
             entry = (ts, ping.lat, ping.lon)
-            if recent and ts - recent[-1][0] >= min_age:
-                # the usual case, pings more than 5 s apart: only the newest remembered ping
-                # and this one can serve, and the newest only if young enough
-                newest = recent[-1]
-                if ts - newest[0] > max_age:
+            # the usual case, pings more than 5 s apart: only the newest remembered ping (the
+            # last processed one, at last_ts) and this one can serve, the newest only if young
+            if recent and last_ts is not None and ts - last_ts >= min_age:
+                if ts - last_ts > max_age:
                     state.recent = [entry]
                 elif len(recent) == 2:
-                    recent[0] = newest
+                    recent[0] = recent[1]
                     recent[1] = entry
                 else:
-                    state.recent = [newest, entry]
+                    state.recent = [recent[-1], entry]
                 continue
             recent.append(entry)
             n = len(recent)
