@@ -286,6 +286,14 @@ class Step:
                 f"rejected={self.rejected!r})")
 
 
+def _step(steps: dict[str, Step], device_id: str, state: DeviceState) -> Step:
+    """The device's Step in `steps`, made when it first has something to report."""
+    step = steps.get(device_id)
+    if step is None:
+        step = steps[device_id] = Step(state)
+    return step
+
+
 DwellPlan = Callable[[str], Sequence[float]]
 """Dwell durations (seconds) that matter for a geofence id; from the rules."""
 
@@ -427,7 +435,7 @@ class Tracker:
             ts = ping.ts
             last_ts = state.last_ts
             if last_ts is not None and ts < last_ts:
-                step = steps.get(device) or steps.setdefault(device, Step(state))
+                step = _step(steps, device, state)
                 step.rejected.append(Rejection(
                     positions[i] if positions is not None else i, "out_of_order",
                     f"ts {ts!r} is older than this device's last processed ping ({last_ts!r})",
@@ -499,7 +507,7 @@ class Tracker:
                 ended = stays.pop(fid)
                 if not have_speed:
                     speed, have_speed = self._speed(state, ping), True
-                step = steps.get(device_id) or steps.setdefault(device_id, Step(state))
+                step = _step(steps, device_id, state)
                 self._end(device_id, step, ended, ts, ping.lat, ping.lon,
                           self._distance(fid, ping), speed, stale=False)
         entered = math.inf
@@ -518,7 +526,7 @@ class Tracker:
             if stay is None:
                 store_id = self._store_ids[fence]
                 stays[fid] = Stay(fid, store_id, ts, ts, ping.lat, ping.lon, dist, speed)
-                step = steps.get(device_id) or steps.setdefault(device_id, Step(state))
+                step = _step(steps, device_id, state)
                 step.events.append(_event(device_id, fid, store_id, "enter", ts, ping.lat,
                                          ping.lon, dist, speed))
                 plan = self._dwells.get(fid)
@@ -614,7 +622,7 @@ class Tracker:
                     due.append((t, _DWELL, fid, dwell))
         if not due:
             return
-        step = steps.get(device_id) or steps.setdefault(device_id, Step(state))
+        step = _step(steps, device_id, state)
         due.sort()
         for t, kind, fid, dwell in due:
             stay = state.stays.get(fid)
