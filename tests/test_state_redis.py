@@ -147,6 +147,64 @@ async def test_erasure_leaves_no_key_or_value_mentioning_the_device(
     assert await store.erasure_record(record.device_hash) == record
 
 
+def _lose_connection_at_round_trip(store: RedisStore, fail_at: int) -> None:
+    """Make the store's `fail_at`-th round trip to Redis from now on fail as a lost
+    connection would (commands and pipelines alike)."""
+    client = store._client
+    assert client is not None
+    trips = 0
+
+    def trip() -> None:
+        nonlocal trips
+        trips += 1
+        if trips == fail_at:
+            raise redis.exceptions.ConnectionError("connection lost (test)")
+
+    execute_command, pipeline = client.execute_command, client.pipeline
+
+    async def lossy_command(*args: Any, **kwargs: Any) -> Any:
+        trip()
+        return await execute_command(*args, **kwargs)
+
+    def lossy_pipeline(*args: Any, **kwargs: Any) -> Any:
+        pipe = pipeline(*args, **kwargs)
+        execute = pipe.execute
+
+        async def lossy_execute(*eargs: Any, **ekwargs: Any) -> Any:
+            trip()
+            return await execute(*eargs, **ekwargs)
+
+        setattr(pipe, "execute", lossy_execute)  # noqa: B010 - replacing a method on purpose
+        return pipe
+
+    setattr(client, "execute_command", lossy_command)  # noqa: B010
+    setattr(client, "pipeline", lossy_pipeline)  # noqa: B010
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 3])
+async def test_an_erasure_cut_short_leaves_the_data_or_the_erasure_record_never_neither(
+    stores: tuple[RedisStore, RedisStore], redis_url: str, fail_at: int,
+) -> None:
+    store, other = stores
+    device_id = f"half-erased-{fail_at}"
+    await _walk_in(store, device_id)
+    record = ErasureRecord(device_hash=device_hash(device_id, "k"), erased_at=T0 + 700,
+                           last_consent=Consent(location=True, marketing=False))
+    _lose_connection_at_round_trip(store, fail_at)
+    try:
+        erased = await store.erase(device_id, record)
+    except StateUnavailable:
+        erased = False
+    data_left = {k for k in await _all_keys_and_values(redis_url) if device_id in k}
+    kept = await other.erasure_record(record.device_hash)
+    if erased:
+        assert data_left == set() and kept == record
+    else:  # nothing happened: the data is all there, and the erase can be done again
+        assert data_left and kept is None
+        assert await other.erase(device_id, record) is True
+        assert await other.erasure_record(record.device_hash) == record
+
+
 async def _between_read_and_commit(store: RedisStore, action: Callable[[], Awaitable[Any]]
                                    ) -> None:
     """Make `action` happen after the store's next read and before its commit: a race."""

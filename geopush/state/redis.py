@@ -20,6 +20,10 @@ device's script. It is a hint (firing re-checks the state), kept right by two ru
   this one set, so its timer write comes later: timers follow versions.
 - a compare-and-set that failed may have left its timer behind; the retry reads the timer
   again and, when it does not match the stored state, rewrites it under a version check.
+
+An erasure is one script over the device's keys, its timer and the erasures hash, so it is
+whole or not at all. That spans slots: a cluster client will have to split it, erasure record
+first, then the device's keys.
 """
 
 from __future__ import annotations
@@ -111,6 +115,19 @@ return due
 """
 
 
+# KEYS: erasures, timers, then the device's keys. ARGV: device id, device hash, erasure record
+# JSON. One script so that an erasure is whole or not at all: the data never goes without
+# its erasure record (proof of consent), and a retry after a failure finds the data still
+# there to erase. Returns 1 if there was anything to erase (the record is written only then).
+_ERASE = """
+local erased = redis.call('DEL', unpack(KEYS, 3))
+erased = erased + redis.call('ZREM', KEYS[2], ARGV[1])
+if erased == 0 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+return 1
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class _Script:
     source: str
@@ -124,7 +141,8 @@ class _Script:
 COMMIT = _Script.of(_COMMIT)
 PUT_PROFILE = _Script.of(_PUT_PROFILE)
 CLAIM_DUE = _Script.of(_CLAIM_DUE)
-_SCRIPTS = (COMMIT, PUT_PROFILE, CLAIM_DUE)
+ERASE = _Script.of(_ERASE)
+_SCRIPTS = (COMMIT, PUT_PROFILE, CLAIM_DUE, ERASE)
 
 
 @dataclass(slots=True)
@@ -240,18 +258,19 @@ class RedisStore(StateStore):
 
     async def erase(self, device_id: str, record: ErasureRecord) -> bool:
         keys = self.keys.device(device_id)
-        async with self._guard():
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.delete(*keys.all())
-            # after the delete: a commit racing with it either wrote its timer before (removed
-            # here) or fails its version check and repairs the timer when it retries
-            pipe.zrem(self.keys.timers, device_id)
-            deleted, unscheduled = await pipe.execute()
-            if not deleted and not unscheduled:
-                return False
-            await self._redis.hset(self.keys.erasures, record.device_hash,
-                                   record.model_dump_json())
-        return True
+        # a commit racing with this either wrote its timer before (removed here) or fails its
+        # version check (the version key is gone) and repairs the timer when it retries
+        for _ in range(2):  # the second time after loading the scripts (Redis restarted)
+            async with self._guard():
+                try:
+                    erased = await self._redis.evalsha(
+                        ERASE.sha, 2 + len(keys), self.keys.erasures, self.keys.timers,
+                        *keys.all(), device_id, record.device_hash, record.model_dump_json())
+                except NoScriptError:
+                    await self._load_scripts()
+                    continue
+            return bool(erased)
+        raise StateUnavailable("Redis keeps losing geopush's scripts")
 
     async def erasure_record(self, device_hash: str) -> ErasureRecord | None:
         async with self._guard():
