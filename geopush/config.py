@@ -40,6 +40,9 @@ class ServerSettings(_Section):
 class StorageSettings(_Section):
     backend: Literal["memory", "redis"] = "memory"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_cluster: bool = Field(
+        False, description="redis_url names a node of a Redis Cluster (the client finds the "
+        "others); a device's keys share a hash tag, so each device lives on one node")
     snapshot_path: Path | None = Field(
         None, description="memory backend: state written here on clean shutdown, read at start"
     )

@@ -6,6 +6,7 @@ With CI=true a test that needs Redis fails when Redis is missing; elsewhere it i
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -74,11 +75,10 @@ class PrivateRedis:
     """A throwaway redis-server on its own free port that a test may stop and start (faults,
     recovery); nobody else uses it. Not started until the test says so."""
 
-    def __init__(self, workdir: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port: int = s.getsockname()[1]
+    def __init__(self, workdir: Path, *extra_args: str, cluster_bus: bool = False) -> None:
+        self.port: int = _free_port(with_cluster_bus=cluster_bus)
         self.workdir = workdir
+        self.extra_args = extra_args
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -92,7 +92,7 @@ class PrivateRedis:
         assert server is not None
         self.proc = subprocess.Popen(
             [server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
+             "--appendonly", "no", "--dir", str(self.workdir), *self.extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
         deadline = time.monotonic() + 20
@@ -115,16 +115,95 @@ class PrivateRedis:
         self.proc = None
 
 
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    """A PrivateRedis, stopped at the end; with CI=true a missing redis-server fails the test."""
+def _free_port(*, with_cluster_bus: bool = False) -> int:
+    """A free local port; with_cluster_bus, one whose cluster bus port (+10000) is free too,
+    which Redis requires to be at most 65535."""
+    if not with_cluster_bus:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+            return port
+    for port in random.sample(range(20000, 55000), 200):
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
+def _need_redis_server() -> None:
     if shutil.which("redis-server") is None:
         message = "redis-server is not installed"
         if _in_ci():
             pytest.fail(message)
         pytest.skip(message)
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    """A PrivateRedis, stopped at the end; with CI=true a missing redis-server fails the test."""
+    _need_redis_server()
     server = PrivateRedis(tmp_path)
     try:
         yield server
     finally:
         server.stop()
+
+
+CLUSTER_SLOTS = 16384
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[PrivateRedis]]:
+    """A private three-node Redis Cluster for this test run (slots split evenly, no replicas);
+    with CI=true a missing redis-server fails the tests that use it."""
+    import redis
+
+    _need_redis_server()
+    nodes = []
+    for n in range(3):
+        workdir = tmp_path_factory.mktemp(f"cluster-node-{n}")
+        nodes.append(PrivateRedis(workdir, "--cluster-enabled", "yes",
+                                  "--cluster-config-file", str(workdir / "nodes.conf"),
+                                  cluster_bus=True))
+    try:
+        for node in nodes:
+            node.start()
+        clients = [redis.Redis(port=node.port) for node in nodes]
+        share = CLUSTER_SLOTS // len(nodes)
+        for n, client in enumerate(clients):
+            last = CLUSTER_SLOTS - 1 if n == len(nodes) - 1 else (n + 1) * share - 1
+            client.execute_command("CLUSTER ADDSLOTSRANGE", n * share, last)
+            if n:
+                clients[0].execute_command("CLUSTER MEET", "127.0.0.1", nodes[n].port)
+        deadline = time.monotonic() + 30
+
+        def formed(client: redis.Redis) -> bool:
+            info = client.execute_command("CLUSTER INFO")  # parsed into a dict by redis-py
+            return bool(info["cluster_state"] == "ok"
+                        and int(info["cluster_known_nodes"]) == len(nodes))
+
+        while not all(formed(c) for c in clients):
+            assert time.monotonic() < deadline, "the test Redis Cluster did not form"
+            time.sleep(0.1)
+        for client in clients:
+            client.close()
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster_nodes: list[PrivateRedis]) -> Iterator[str]:
+    """URL of one node of the private cluster, every node flushed after each test."""
+    import redis
+
+    yield f"redis://127.0.0.1:{redis_cluster_nodes[0].port}/0"
+    for node in redis_cluster_nodes:
+        client = redis.Redis(port=node.port)
+        client.flushall()
+        client.close()

@@ -1,5 +1,5 @@
-"""Two instances on one Redis share the work (contract §10): interleaved pings of the same
-devices give exactly the events one instance gives, and timers fire once."""
+"""Two instances on one Redis (or one Redis Cluster) share the work (contract §10): interleaved
+pings of the same devices give exactly the events one instance gives, and timers fire once."""
 
 from __future__ import annotations
 
@@ -23,6 +23,15 @@ DEVICES_ON_ROAD = {"a": 0, "b": 45, "c": 90}  # seconds behind the first car
 STEP = 7  # pings per request
 
 
+@pytest.fixture(params=["redis", "redis-cluster"])
+def shared_redis(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The instances' storage settings: one Redis, or a three-node Redis Cluster."""
+    if request.param == "redis":
+        return {"backend": "redis", "redis_url": request.getfixturevalue("redis_url")}
+    return {"backend": "redis", "redis_url": request.getfixturevalue("redis_cluster_url"),
+            "redis_cluster": True}
+
+
 def _pings(device: str, delay_s: int) -> list[dict[str, Any]]:
     out = []
     for p in load_trace()[200:800]:
@@ -44,8 +53,8 @@ async def _register(client: Client, devices: list[str]) -> None:
 
 
 async def test_two_instances_give_exactly_the_events_of_one(
-        tmp_path: Path, redis_url: str, aiohttp_client: MakeClient) -> None:
-    shared = settings_for(tmp_path, backend="redis", redis_url=redis_url)
+        tmp_path: Path, shared_redis: dict[str, Any], aiohttp_client: MakeClient) -> None:
+    shared = settings_for(tmp_path, storage=shared_redis)
     instances = [await aiohttp_client(create_app(shared)) for _ in range(2)]
     (tmp_path / "alone").mkdir()
     alone = await aiohttp_client(create_app(settings_for(tmp_path / "alone")))
@@ -81,8 +90,8 @@ async def test_two_instances_give_exactly_the_events_of_one(
 
 
 async def test_the_same_batch_at_both_instances_at_once_gives_its_events_once(
-        tmp_path: Path, redis_url: str, aiohttp_client: MakeClient) -> None:
-    shared = settings_for(tmp_path, backend="redis", redis_url=redis_url)
+        tmp_path: Path, shared_redis: dict[str, Any], aiohttp_client: MakeClient) -> None:
+    shared = settings_for(tmp_path, storage=shared_redis)
     instances = [await aiohttp_client(create_app(shared)) for _ in range(2)]
     await _register(instances[0], ["a"])
     batch = {"pings": [ping("a", p) for p in load_trace()[290:420]]}
@@ -102,8 +111,8 @@ def _timer_exits(text: str) -> float:
 
 
 async def test_a_timer_fires_once_across_instances(
-        tmp_path: Path, redis_url: str, aiohttp_client: MakeClient) -> None:
-    shared = settings_for(tmp_path, backend="redis", redis_url=redis_url,
+        tmp_path: Path, shared_redis: dict[str, Any], aiohttp_client: MakeClient) -> None:
+    shared = settings_for(tmp_path, storage=shared_redis,
                           geofence={"stale_after": "1s"})
     instances = [await aiohttp_client(create_app(shared, timer_interval_s=0.1))
                  for _ in range(2)]

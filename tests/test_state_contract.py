@@ -32,16 +32,24 @@ def _engine() -> Engine:
 ENGINE = _engine()
 
 
-def _settings(backend: str, tmp_path: Path, redis_url: str | None) -> Settings:
+def _settings(backend: str, tmp_path: Path, redis_url: str | None, *, cluster: bool = False
+              ) -> Settings:
     storage = StorageSettings(backend=backend, snapshot_path=tmp_path / "state.json",
+                              redis_cluster=cluster,
                               **({"redis_url": redis_url} if redis_url else {}))
     return Settings(storage=storage)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StateStore]:
-    redis_url = request.getfixturevalue("redis_url") if request.param == "redis" else None
-    state = make_store(_settings(request.param, tmp_path, redis_url))
+    """Every backend the contract holds for: memory, one Redis, a three-node Redis Cluster."""
+    if request.param == "memory":
+        state = make_store(_settings("memory", tmp_path, None))
+    elif request.param == "redis":
+        state = make_store(_settings("redis", tmp_path, request.getfixturevalue("redis_url")))
+    else:
+        state = make_store(_settings("redis", tmp_path,
+                                     request.getfixturevalue("redis_cluster_url"), cluster=True))
     await state.open()
     try:
         yield state

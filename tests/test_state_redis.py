@@ -8,12 +8,12 @@ import random
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import redis
 import redis.asyncio.client
-from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from geopush.devices import Consent, ConsentChange, DeviceProfile, ErasureRecord, device_hash
@@ -47,10 +47,40 @@ def _profile(device_id: str, *, location: bool = True) -> DeviceProfile:
                          push_token="token-" + device_id)
 
 
+@dataclass(frozen=True)
+class Backend:
+    """Where the stores of a test keep their state: one Redis, or a three-node cluster."""
+
+    url: str
+    cluster: bool
+
+    def store(self) -> RedisStore:
+        return RedisStore(self.url, cluster=self.cluster)
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    if request.param == "redis":
+        return Backend(request.getfixturevalue("redis_url"), cluster=False)
+    return Backend(request.getfixturevalue("redis_cluster_url"), cluster=True)
+
+
 @pytest.fixture
-async def stores(redis_url: str) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
+async def stores(backend: Backend) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
     """Two instances with separate clients, as two `geopush serve` processes would be."""
-    a, b = RedisStore(redis_url), RedisStore(redis_url)
+    async for pair in _two_stores(backend):
+        yield pair
+
+
+@pytest.fixture
+async def single_redis_stores(redis_url: str) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
+    """`stores` on one Redis, for the tests of its round trips and commands."""
+    async for pair in _two_stores(Backend(redis_url, cluster=False)):
+        yield pair
+
+
+async def _two_stores(backend: Backend) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
+    a, b = backend.store(), backend.store()
     await a.open()
     await b.open()
     try:
@@ -64,9 +94,12 @@ def _ingest(pings: list[Ping]) -> Callable[[Mapping[str, DeviceSnapshot]], dict[
     return lambda snaps: ENGINE.ingest(pings, snaps)
 
 
-async def _all_keys_and_values(url: str) -> dict[str, str]:
-    """Every key of the database with a text dump of its value."""
-    client = redis.asyncio.Redis.from_url(url)
+async def _all_keys_and_values(where: str | Backend) -> dict[str, str]:
+    """Every key of the database (of every node of a cluster) with a text dump of its value."""
+    client: Any = (redis.asyncio.RedisCluster.from_url(where.url)
+                   if isinstance(where, Backend) and where.cluster
+                   else redis.asyncio.Redis.from_url(where.url if isinstance(where, Backend)
+                                                     else where))
     dump: dict[str, str] = {}
     try:
         async for key in client.scan_iter(count=500):
@@ -129,18 +162,18 @@ async def _walk_in(store: RedisStore, device_id: str) -> None:
 
 
 async def test_erasure_leaves_no_key_or_value_mentioning_the_device(
-    stores: tuple[RedisStore, RedisStore], redis_url: str,
+    stores: tuple[RedisStore, RedisStore], backend: Backend,
 ) -> None:
     store, _ = stores
     victim, bystander = "erase-me-7f3a9c", "keep-me-1b2c"
     await _walk_in(store, victim)
     await _walk_in(store, bystander)
-    before = await _all_keys_and_values(redis_url)
+    before = await _all_keys_and_values(backend)
     assert any(victim in k or victim in v for k, v in before.items())  # the check can see it
     record = ErasureRecord(device_hash=device_hash(victim, "k"), erased_at=T0 + 600,
                            last_consent=Consent(location=True, marketing=True))
     assert await store.erase(victim, record)
-    after = await _all_keys_and_values(redis_url)
+    after = await _all_keys_and_values(backend)
     leaks = {k: v for k, v in after.items() if victim in k or victim in v}
     assert leaks == {}
     assert any(bystander in k for k in after)
@@ -182,8 +215,8 @@ def _lose_connection_at_round_trip(store: RedisStore, fail_at: int) -> None:
 
 
 @pytest.mark.parametrize("fail_at", [1, 2, 3])
-async def test_an_erasure_cut_short_leaves_the_data_or_the_erasure_record_never_neither(
-    stores: tuple[RedisStore, RedisStore], redis_url: str, fail_at: int,
+async def test_an_erasure_cut_short_never_leaves_the_data_gone_without_its_record(
+    stores: tuple[RedisStore, RedisStore], backend: Backend, fail_at: int,
 ) -> None:
     store, other = stores
     device_id = f"half-erased-{fail_at}"
@@ -195,13 +228,14 @@ async def test_an_erasure_cut_short_leaves_the_data_or_the_erasure_record_never_
         erased = await store.erase(device_id, record)
     except StateUnavailable:
         erased = False
-    data_left = {k for k in await _all_keys_and_values(redis_url) if device_id in k}
+    data_left = {k for k in await _all_keys_and_values(backend) if device_id in k}
     kept = await other.erasure_record(record.device_hash)
     if erased:
         assert data_left == set() and kept == record
-    else:  # nothing happened: the data is all there, and the erase can be done again
-        assert data_left and kept is None
+    else:  # the data is still there (with or without the record), and a retry finishes
+        assert data_left
         assert await other.erase(device_id, record) is True
+        assert {k for k in await _all_keys_and_values(backend) if device_id in k} == set()
         assert await other.erasure_record(record.device_hash) == record
 
 
@@ -222,7 +256,7 @@ async def _between_read_and_commit(store: RedisStore, action: Callable[[], Await
 
 
 async def test_a_commit_racing_an_erasure_does_not_bring_the_device_back(
-    stores: tuple[RedisStore, RedisStore], redis_url: str,
+    stores: tuple[RedisStore, RedisStore], backend: Backend,
 ) -> None:
     tracker_store, eraser = stores
     device_id = "racer-42"
@@ -234,7 +268,7 @@ async def test_a_commit_racing_an_erasure_does_not_bring_the_device_back(
     ping = Ping(device_id, T0 + 800, *SHOPS[0])
     outcome = (await tracker_store.track([device_id], _ingest([ping])))[device_id]
     assert [r.code for r in outcome.rejected] == ["no_consent"]
-    dump = await _all_keys_and_values(redis_url)
+    dump = await _all_keys_and_values(backend)
     assert {k: v for k, v in dump.items() if device_id in k or device_id in v} == {}
 
 
@@ -347,9 +381,9 @@ def round_trips(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 
 
 async def test_a_batch_costs_one_read_and_one_commit_round_trip(
-    stores: tuple[RedisStore, RedisStore], round_trips: dict[str, int],
+    single_redis_stores: tuple[RedisStore, RedisStore], round_trips: dict[str, int],
 ) -> None:
-    store, _ = stores
+    store, _ = single_redis_stores
     ids = [f"dev-{d}" for d in range(200)]
     for device_id in ids:
         await store.put_profile(_profile(device_id), None)
@@ -460,9 +494,9 @@ def pipelined(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
 
 
 async def test_a_batch_costs_a_few_commands_per_thousand_devices(
-    stores: tuple[RedisStore, RedisStore], pipelined: list[list[str]],
+    single_redis_stores: tuple[RedisStore, RedisStore], pipelined: list[list[str]],
 ) -> None:
-    store, _ = stores
+    store, _ = single_redis_stores
     ids = [f"dev-{d}" for d in range(1500)]
     for i, device_id in enumerate(ids):
         if i % 5:  # every fifth is unknown: 1200 devices to write, in two scripts
@@ -475,6 +509,31 @@ async def test_a_batch_costs_a_few_commands_per_thousand_devices(
         assert pipelined[0] == ["MGET", "MGET", "ZMSCORE"]
         assert pipelined[1] == ["ZADD" if step == 0 else "ZREM", "EVALSHA", "EVALSHA"]
         assert len(pipelined) == 2
+
+
+async def test_on_a_cluster_one_batch_of_devices_on_every_node_gets_its_events_and_timers(
+    redis_cluster_nodes: list[PrivateRedis], redis_cluster_url: str,
+) -> None:
+    store = RedisStore(redis_cluster_url, cluster=True)
+    await store.open()
+    try:
+        ids = [f"dev-{d}" for d in range(300)]
+        for device_id in ids:
+            await store.put_profile(_profile(device_id), None)
+        batch = [Ping(d, T0 + i * 0.1, *SHOPS[i % 3]) for i, d in enumerate(ids)]
+        outcomes = await store.track(ids, _ingest(batch))
+        assert [e.type for d in ids for e in outcomes[d].events] == ["enter"] * len(ids)
+        # the devices' tracks really are spread over the three nodes
+        for node in redis_cluster_nodes:
+            client = redis.asyncio.Redis(port=node.port)
+            assert await client.keys("geopush:{d:*}:track"), f"no device on node {node.port}"
+            await client.aclose()
+        # and each dwell timer is claimed once, however the claims are cut
+        claimed = [*await store.claim_due(T0 + 1000, 120, 30),
+                   *await store.claim_due(T0 + 1000, 1000, 30)]
+        assert sorted(claimed) == sorted(ids)
+    finally:
+        await store.close()
 
 
 def test_devices_are_grouped_by_cluster_slot_in_the_order_given() -> None:
@@ -535,9 +594,7 @@ async def test_scripts_lost_between_read_and_commit_are_loaded_and_the_batch_ret
 async def test_on_a_cluster_each_call_touches_one_slot_and_at_most_a_thousand_devices(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    store = RedisStore("redis://127.0.0.1:1/0")
-    cluster = RedisCluster(host="127.0.0.1", port=1)  # never connects: only the grouping runs
-    monkeypatch.setattr(store, "_client", cluster)
+    store = RedisStore("redis://127.0.0.1:1/0", cluster=True)  # never opened: grouping only
     monkeypatch.setattr("geopush.state.redis.DEVICES_PER_CALL", 3)
     ids = [f"dev-{d}" for d in range(300)]
     # seven more devices in dev-0's slot (the hash tag ends at the first '}'), so that one
@@ -549,4 +606,3 @@ async def test_on_a_cluster_each_call_touches_one_slot_and_at_most_a_thousand_de
         assert 1 <= len(group) <= 3
         assert len({key_slot(store.keys.device(d).version.encode()) for d in group}) == 1
     assert sum(1 for g in groups if set(g) & ({"dev-0", *crowd})) == 3  # 8 devices, by 3
-    await cluster.aclose()

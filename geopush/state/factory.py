@@ -11,7 +11,8 @@ def make_store(settings: Settings) -> StateStore:
     if storage.backend == "redis":
         from geopush.state.redis import RedisStore  # redis is only imported when used
 
-        return RedisStore(storage.redis_url, key_prefix=storage.key_prefix)
+        return RedisStore(storage.redis_url, key_prefix=storage.key_prefix,
+                          cluster=storage.redis_cluster)
     from geopush.state.memory import MemoryStore
 
     return MemoryStore(storage.snapshot_path)

@@ -10,8 +10,9 @@ Commands are few and big because redis-py spends ~10-30 µs of Python per comman
 Redis itself; the connections pack commands with hiredis, which is ~6x faster than redis-py's
 own packer on commands of thousands of arguments. On a Redis Cluster a script may touch one
 hash slot only, so the batch is split per slot (`_per_slot`): still one pipelined round trip
-per node, one MGET and one script per slot. (`open` makes a single-node client today; the
-split applies once a RedisCluster client is used.)
+per node, one MGET and one script per slot (`storage.redis_cluster`). redis-py refuses MGET and
+EVALSHA by name in a cluster pipeline, so they go through `execute_command`, which routes each
+command by its keys' slot on a cluster and is the same command on a single Redis.
 
 The timers sorted set lives in another cluster slot than the device, so it cannot be in the
 device's script. It is a hint (firing re-checks the state), kept right by two rules:
@@ -21,9 +22,10 @@ device's script. It is a hint (firing re-checks the state), kept right by two ru
 - a compare-and-set that failed may have left its timer behind; the retry reads the timer
   again and, when it does not match the stored state, rewrites it under a version check.
 
-An erasure is one script over the device's keys, its timer and the erasures hash, so it is
-whole or not at all. That spans slots: a cluster client will have to split it, erasure record
-first, then the device's keys.
+On a single Redis an erasure is one script over the device's keys, its timer and the erasures
+hash, so it is whole or not at all. On a cluster those are three slots: the erasure record is
+written first, then the device's keys and its timer go; a failure between the two leaves the
+record and the data, the DELETE answers 503, and its retry finishes the erasure.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from geopush.devices import ConsentChange, DeviceProfile, ErasureRecord
 from geopush.engine import DeviceOutcome, DeviceSnapshot
@@ -157,20 +159,31 @@ class _Read:
 
 
 class RedisStore(StateStore):
-    def __init__(self, url: str, *, key_prefix: str = "geopush",
+    def __init__(self, url: str, *, key_prefix: str = "geopush", cluster: bool = False,
                  socket_timeout_s: float = SOCKET_TIMEOUT_S,
                  connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         self.url = url
         self.keys = Keys(key_prefix)
+        self.cluster = cluster
         self._socket_timeout_s = socket_timeout_s
         self._connect_timeout_s = connect_timeout_s
-        self._client: aioredis.Redis | None = None
+        self._client: aioredis.Redis | RedisCluster | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def open(self) -> None:
         # No round trip here: the service starts (and /readyz says why it is not ready)
         # while Redis is down; the pool connects on first use and again after a failure.
+        if self.cluster:
+            # the client learns the other nodes and the slot map from this one on first use
+            self._client = RedisCluster.from_url(
+                self.url,
+                socket_timeout=self._socket_timeout_s,
+                socket_connect_timeout=self._connect_timeout_s,
+                retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
+                decode_responses=False,
+            )
+            return
         self._client = aioredis.Redis.from_url(
             self.url,
             socket_timeout=self._socket_timeout_s,
@@ -195,7 +208,7 @@ class RedisStore(StateStore):
             return False
 
     @property
-    def _redis(self) -> aioredis.Redis:
+    def _redis(self) -> aioredis.Redis | RedisCluster:
         if self._client is None:
             raise RuntimeError("RedisStore used before open()")
         return self._client
@@ -204,7 +217,7 @@ class RedisStore(StateStore):
     async def _guard(self) -> AsyncIterator[None]:
         try:
             yield
-        except RedisError as exc:
+        except (RedisError, RedisClusterException) as exc:
             raise StateUnavailable(
                 f"Redis at {_safe_url(self.url)} is unavailable: {type(exc).__name__}: {exc}"
             ) from exc
@@ -235,10 +248,14 @@ class RedisStore(StateStore):
                 pipe = self._redis.pipeline(transaction=False)
                 if revoke:
                     # before the profile script: a commit that read the new version writes
-                    # its timer after this removal
+                    # its timer after this removal (a cluster pipeline runs on every node at
+                    # once: wait for the timers' node)
                     pipe.zrem(self.keys.timers, device_id)
-                pipe.evalsha(PUT_PROFILE.sha, 4, keys.profile, keys.consent, keys.track,
-                             keys.version, *args)
+                    if self.cluster:
+                        _raise_first_error(await pipe.execute(raise_on_error=False))
+                        pipe = self._redis.pipeline(transaction=False)
+                pipe.execute_command("EVALSHA", PUT_PROFILE.sha, 4, keys.profile, keys.consent,
+                                     keys.track, keys.version, *args)
                 results = await pipe.execute(raise_on_error=False)
                 if not isinstance(results[-1], NoScriptError):
                     _raise_first_error(results)
@@ -258,6 +275,8 @@ class RedisStore(StateStore):
 
     async def erase(self, device_id: str, record: ErasureRecord) -> bool:
         keys = self.keys.device(device_id)
+        if self.cluster:
+            return await self._erase_across_slots(device_id, keys, record)
         # a commit racing with this either wrote its timer before (removed here) or fails its
         # version check (the version key is gone) and repairs the timer when it retries
         for _ in range(2):  # the second time after loading the scripts (Redis restarted)
@@ -271,6 +290,24 @@ class RedisStore(StateStore):
                     continue
             return bool(erased)
         raise StateUnavailable("Redis keeps losing geopush's scripts")
+
+    async def _erase_across_slots(self, device_id: str, keys: DeviceKeys,
+                                  record: ErasureRecord) -> bool:
+        """Record first, then the data (see the module's docstring)."""
+        async with self._guard():
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.exists(*keys.all())
+            pipe.zscore(self.keys.timers, device_id)
+            present, timer = await pipe.execute()
+            if not present and timer is None:
+                return False
+            await self._redis.hset(self.keys.erasures, record.device_hash,
+                                   record.model_dump_json())
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.delete(*keys.all())
+            pipe.zrem(self.keys.timers, device_id)
+            await pipe.execute()
+        return True
 
     async def erasure_record(self, device_hash: str) -> ErasureRecord | None:
         async with self._guard():
@@ -304,7 +341,7 @@ class RedisStore(StateStore):
         """The devices in groups one command or script may touch together: those of one hash
         slot each on a Redis Cluster, all of them on a single Redis; and at most
         DEVICES_PER_CALL in a group, so that no script blocks Redis for long."""
-        if isinstance(self._redis, RedisCluster):
+        if self.cluster:
             slots: Collection[list[str]] = group_by_slot(self.keys, device_ids).values()
         else:
             slots = [list(device_ids)]
@@ -319,8 +356,8 @@ class RedisStore(StateStore):
             pipe = self._redis.pipeline(transaction=False)
             start = 0
             for group in groups:
-                pipe.mget([name for k in device_keys[start:start + len(group)]
-                           for name in (k.profile, k.track, k.version)])
+                pipe.execute_command("MGET", *[name for k in device_keys[start:start + len(group)]
+                                               for name in (k.profile, k.track, k.version)])
                 start += len(group)
             pipe.zmscore(self.keys.timers, ordered)
             results = await pipe.execute()
@@ -379,7 +416,7 @@ class RedisStore(StateStore):
         if unschedule:
             pipe.zrem(self.keys.timers, *unschedule)
         async with self._guard():
-            if isinstance(self._redis, RedisCluster) and (schedule or unschedule):
+            if self.cluster and (schedule or unschedule):
                 # a cluster pipeline runs on every node at once: wait for the timers' node
                 _raise_first_error(await pipe.execute(raise_on_error=False))
                 pipe = self._redis.pipeline(transaction=False)
@@ -391,7 +428,7 @@ class RedisStore(StateStore):
                     device_keys = reads[device_id].keys
                     keys += (device_keys.track, device_keys.version, device_keys.visits)
                     args += writes[device_id]
-                pipe.evalsha(COMMIT.sha, len(keys), *keys, *args)
+                pipe.execute_command("EVALSHA", COMMIT.sha, len(keys), *keys, *args)
             results = await pipe.execute(raise_on_error=False)
             if any(isinstance(r, NoScriptError) for r in results):
                 await self._load_scripts()  # Redis restarted; the retry runs them
