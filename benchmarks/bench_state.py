@@ -14,9 +14,11 @@ Runs with the garbage collector tuned as `geopush serve` tunes it (start-up obje
 larger young generation: geopush.app.GC_THRESHOLDS); --default-gc keeps CPython's defaults.
 
 Prints the median of R runs. Redis keys use a prefix of their own (removed afterwards), in the
-database of --redis-url (default 15; never database 0). Targets from the issue: store overhead
-of at least 100,000 devices/s (≤ 10 ms per 1000-device batch), i.e. an end-to-end ingestion of
-50,000 pings/s per process with Redis once the HTTP layer and engine (~10 µs/ping) are added.
+database of --redis-url (default 15; never database 0). This is a diagnostic, with no target
+of its own: the promised figures are end to end over HTTP (bench_http.py: ≥ 50,000 pings/s in
+1000-ping batches with Redis). It shows how the store's cost splits into the engine's compute
+and the backend's own work, and how it grows with devices per batch (--pings-per-device 1 is
+the worst case: every ping a device of its own to read, decode, encode and commit).
 """
 
 from __future__ import annotations
@@ -43,7 +45,6 @@ from geopush.geo.transitions import Ping, Tracker
 from geopush.state.base import StateStore
 from geopush.state.memory import MemoryStore
 
-TARGET_OVERHEAD_DPS = 100_000
 DEFAULT_GC_THRESHOLDS = gc.get_threshold()
 T0 = 1_780_000_000.0
 SHOPS = [(48.1374, 11.5755 + i * 0.004) for i in range(3)]  # 300 m apart
@@ -67,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"        store overhead {overhead / args.batches * 1e3:5.1f} ms per batch = "
               f"{devices / overhead:9,.0f} devices/s "
               f"(this process's CPU: {cpu_overhead / args.batches * 1e3:5.1f} ms = "
-              f"{devices / cpu_overhead:9,.0f} devices/s); target ≥ {TARGET_OVERHEAD_DPS:,}")
+              f"{devices / cpu_overhead:9,.0f} devices/s)")
     print(f"(median of {args.repeat} runs of {args.batches} batches. Wall time includes Redis's "
           "own work and waiting for a core: on a shared 2-core machine it varies a lot.)")
     return 0
