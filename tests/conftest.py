@@ -13,6 +13,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -156,45 +157,87 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
 CLUSTER_SLOTS = 16384
 
 
-@pytest.fixture(scope="session")
-def redis_cluster_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[PrivateRedis]]:
-    """A private three-node Redis Cluster for this test run (slots split evenly, no replicas);
-    with CI=true a missing redis-server fails the tests that use it."""
-    import redis
+class PrivateRedisCluster:
+    """Three throwaway redis-server nodes formed into a Redis Cluster (slots split evenly, no
+    replicas). A node stopped and started again keeps its nodes.conf, so it rejoins with its
+    slots."""
 
-    _need_redis_server()
-    nodes = []
-    for n in range(3):
-        workdir = tmp_path_factory.mktemp(f"cluster-node-{n}")
-        nodes.append(PrivateRedis(workdir, "--cluster-enabled", "yes",
-                                  "--cluster-config-file", str(workdir / "nodes.conf"),
-                                  cluster_bus=True))
-    try:
-        for node in nodes:
+    def __init__(self, workdirs: list[Path]) -> None:
+        self.nodes = [PrivateRedis(d, "--cluster-enabled", "yes",
+                                   "--cluster-config-file", str(d / "nodes.conf"),
+                                   cluster_bus=True) for d in workdirs]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.nodes[0].port}/0"
+
+    def start(self) -> None:
+        import redis
+
+        for node in self.nodes:
             node.start()
-        clients = [redis.Redis(port=node.port) for node in nodes]
-        share = CLUSTER_SLOTS // len(nodes)
+        clients = [redis.Redis(port=node.port) for node in self.nodes]
+        share = CLUSTER_SLOTS // len(self.nodes)
         for n, client in enumerate(clients):
-            last = CLUSTER_SLOTS - 1 if n == len(nodes) - 1 else (n + 1) * share - 1
+            last = CLUSTER_SLOTS - 1 if n == len(self.nodes) - 1 else (n + 1) * share - 1
             client.execute_command("CLUSTER ADDSLOTSRANGE", n * share, last)
             if n:
-                clients[0].execute_command("CLUSTER MEET", "127.0.0.1", nodes[n].port)
-        deadline = time.monotonic() + 30
+                clients[0].execute_command("CLUSTER MEET", "127.0.0.1", self.nodes[n].port)
+        self.wait_until_formed(clients)
+        for client in clients:
+            client.close()
+
+    def wait_until_formed(self, clients: list[Any] | None = None, timeout_s: float = 30) -> None:
+        import redis
+
+        own = clients is None
+        clients = clients or [redis.Redis(port=node.port) for node in self.nodes]
 
         def formed(client: redis.Redis) -> bool:
             info = client.execute_command("CLUSTER INFO")  # parsed into a dict by redis-py
             return bool(info["cluster_state"] == "ok"
-                        and int(info["cluster_known_nodes"]) == len(nodes))
+                        and int(info["cluster_known_nodes"]) == len(self.nodes))
 
-        while not all(formed(c) for c in clients):
-            assert time.monotonic() < deadline, "the test Redis Cluster did not form"
-            time.sleep(0.1)
-        for client in clients:
-            client.close()
-        yield nodes
-    finally:
-        for node in nodes:
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not all(formed(c) for c in clients):
+                assert time.monotonic() < deadline, "the test Redis Cluster did not form"
+                time.sleep(0.1)
+        finally:
+            if own:
+                for client in clients:
+                    client.close()
+
+    def stop(self) -> None:
+        for node in self.nodes:
             node.stop()
+
+
+@pytest.fixture
+def private_redis_cluster(tmp_path: Path) -> Iterator[PrivateRedisCluster]:
+    """A PrivateRedisCluster of this test alone (not started), stopped at the end."""
+    _need_redis_server()
+    cluster = PrivateRedisCluster([tmp_path / f"node-{n}" for n in range(3)])
+    for node in cluster.nodes:
+        node.workdir.mkdir()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[PrivateRedis]]:
+    """A private three-node Redis Cluster shared by this test run; with CI=true a missing
+    redis-server fails the tests that use it."""
+    _need_redis_server()
+    cluster = PrivateRedisCluster([tmp_path_factory.mktemp(f"cluster-node-{n}")
+                                   for n in range(3)])
+    try:
+        cluster.start()
+        yield cluster.nodes
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from geopush.state.base import StateUnavailable
 from geopush.state.keys import Keys, group_by_slot
 from geopush.state.memory import MemoryStore
 from geopush.state.redis import RedisStore
-from tests.conftest import PrivateRedis
+from tests.conftest import PrivateRedis, PrivateRedisCluster
 
 T0 = 1_780_000_000.0
 # three shops 300 m apart on a line, so a walk along it enters, dwells and leaves them
@@ -435,6 +435,41 @@ async def test_redis_down_is_unavailable_and_recovers_by_itself(
         outcome = (await store.track(["dev-1"], _ingest([ping])))["dev-1"]
         assert [e.type for e in outcome.events] == ["enter"]
         assert await store.claim_due(T0 + 180, 10, 30) == ["dev-1"]
+    finally:
+        await store.close()
+
+
+async def test_a_cluster_node_down_is_unavailable_and_recovers_by_itself(
+    private_redis_cluster: PrivateRedisCluster,
+) -> None:
+    private_redis_cluster.start()
+    store = RedisStore(private_redis_cluster.url, cluster=True)
+    await store.open()
+    try:
+        ids = [f"dev-{d}" for d in range(30)]  # on every node
+        for device_id in ids:
+            await store.put_profile(_profile(device_id), None)
+        down = private_redis_cluster.nodes[1]
+        down.stop()
+        batch = [Ping(d, T0, *SHOPS[0]) for d in ids]
+        started = time.monotonic()
+        with pytest.raises(StateUnavailable, match="unavailable"):
+            await store.track(ids, _ingest(batch))
+        assert time.monotonic() - started < 15, "a node down must fail fast, not hang"
+        down.start()  # keeps its nodes.conf: rejoins with its slots (and data: none persisted)
+        private_redis_cluster.wait_until_formed()
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                for device_id in ids:
+                    await store.put_profile(_profile(device_id), None)
+                outcomes = await store.track(ids, _ingest(batch))
+                break
+            except StateUnavailable:
+                assert time.monotonic() < deadline, "not recovered within 15 s"
+                await asyncio.sleep(0.2)
+        assert [e.type for d in ids for e in outcomes[d].events] == ["enter"] * len(ids)
+        assert await store.healthy()
     finally:
         await store.close()
 
