@@ -2,7 +2,8 @@
 
 Every resource is opened and closed in one `cleanup_ctx` generator each, in order: the stores
 and the engine built from them (startup fails on store errors), the state store (the memory
-backend writes its snapshot in close()), the timer claimer. A shutdown stops listening, closes
+backend writes its snapshot in close()), the timer claimer, the follower of reloads published
+by other instances. A shutdown stops listening, closes
 WebSockets with 1001, lets in-flight requests finish, then closes the resources in reverse.
 """
 
@@ -27,6 +28,7 @@ from geopush.api.appstate import (
     INGESTOR,
     LIVE,
     METRICS,
+    RELOADER,
     SETTINGS,
     STATE,
     WEBSOCKETS,
@@ -41,6 +43,7 @@ from geopush.errors import GeopushError
 from geopush.geofencing import load_geofencing
 from geopush.logs import configure_logging, fields
 from geopush.metrics import Metrics
+from geopush.reloading import Reloader
 from geopush.state.base import StateStore, StateUnavailable
 from geopush.state.factory import make_store
 from geopush.timers import INTERVAL_S, TimerClaimer
@@ -71,9 +74,12 @@ def create_app(settings: Settings, *, store: StateStore | None = None,
     app[STATE] = store
     live = app[LIVE]
     app[INGESTOR] = Ingestor(store, lambda: live.engine, app[METRICS])
+    app[RELOADER] = Reloader(settings, store, lambda: live.geofencing,
+                             lambda geofencing: install_geofencing(app, geofencing))
     app.cleanup_ctx.append(_geofencing_ctx)
     app.cleanup_ctx.append(_state_ctx)
     app.cleanup_ctx.append(_timers_ctx(timer_interval_s))
+    app.cleanup_ctx.append(_reloading_ctx)
     app.on_shutdown.append(_close_websockets)
     for module in (pings, devices, admin, health, openapi):
         app.router.add_routes(module.routes)
@@ -113,6 +119,18 @@ def _timers_ctx(interval_s: float) -> _Ctx:
             await task
 
     return timers
+
+
+async def _reloading_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Follow the reloads published by any instance (geopush.reloading)."""
+    reloader = app[RELOADER]
+    with suppress(StateUnavailable):
+        await reloader.follow_once()  # the serial this instance starts at, when Redis answers
+    task = asyncio.create_task(reloader.run(), name="geopush-reloading")
+    yield
+    reloader.stop()
+    with suppress(asyncio.CancelledError):
+        await task
 
 
 async def _close_websockets(app: web.Application) -> None:

@@ -1,21 +1,21 @@
-"""Ops endpoints (scope admin): POST /v1/admin/reload swaps in a new set of stores.
+"""Ops endpoints (scope admin): POST /v1/admin/reload swaps in a new set of stores everywhere.
 
-The new stores are loaded and indexed off the event loop, validated whole, and swapped in with
-one reference change, so a request in flight finishes on the set it started with. On any error
-the answer is 422 with every error and the previous stores stay active (contract §2, §6).
-Rules join the reload when the rules engine exists.
+The new stores are loaded and indexed off the event loop, validated whole, published to every
+instance through the state store, and swapped in with one reference change, so a request in
+flight finishes on the set it started with (geopush.reloading). On any error the answer is 422
+with every error and the previous stores stay active (contract §2, §6). Rules join the reload
+when the rules engine exists.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from aiohttp import web
 
-from geopush.api.appstate import AUTH, LIVE, METRICS, SETTINGS
+from geopush.api.appstate import AUTH, LIVE, METRICS, RELOADER
 from geopush.api.wire import json_response
-from geopush.geofencing import Geofencing, load_geofencing
+from geopush.geofencing import Geofencing
 from geopush.logs import fields
 from geopush.timeutil import format_ts
 
@@ -32,20 +32,20 @@ def install_geofencing(app: web.Application, geofencing: Geofencing) -> None:
     metrics.geofences.set(len(geofencing.stores))
     metrics.stores_loaded_at.set(geofencing.loaded_at)
     log.info("stores_loaded", extra=fields(file=geofencing.stores.source,
-                                           geofences=len(geofencing.stores)))
+                                           geofences=len(geofencing.stores),
+                                           version=geofencing.version))
 
 
 @routes.post("/v1/admin/reload")
 async def reload(request: web.Request) -> web.Response:
     app = request.app
     app[AUTH].check(request, "admin")
-    live = app[LIVE]
-    async with live.reload_lock:  # two reloads at once: the second loads after the first
-        # StoreLoadError (422, every error) propagates to the error middleware; nothing swapped
-        geofencing = await asyncio.to_thread(load_geofencing, app[SETTINGS])
-        install_geofencing(app, geofencing)
+    # StoreLoadError (422, every error) and StateUnavailable (503) propagate to the error
+    # middleware; in both cases nothing was published or swapped
+    geofencing = await app[RELOADER].reload()
     return json_response({
         "status": "reloaded",
+        "version": geofencing.version,
         "geofences": len(geofencing.stores),
         "loaded_at": format_ts(geofencing.loaded_at),
         "warnings": [w.as_dict() for w in geofencing.stores.warnings],

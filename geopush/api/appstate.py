@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import weakref
 
 from aiohttp import web
@@ -13,6 +12,7 @@ from geopush.config import Settings
 from geopush.engine import Engine
 from geopush.geofencing import Geofencing
 from geopush.metrics import Metrics
+from geopush.reloading import Reloader
 from geopush.state.base import StateStore
 
 
@@ -21,7 +21,6 @@ class Live:
 
     def __init__(self) -> None:
         self.geofencing: Geofencing | None = None
-        self.reload_lock = asyncio.Lock()
 
     @property
     def engine(self) -> Engine:
@@ -36,4 +35,5 @@ LIVE = web.AppKey("live", Live)
 METRICS = web.AppKey("metrics", Metrics)
 AUTH = web.AppKey("auth", Authenticator)
 INGESTOR = web.AppKey("ingestor", Ingestor)
+RELOADER = web.AppKey("reloader", Reloader)
 WEBSOCKETS = web.AppKey[weakref.WeakSet[web.WebSocketResponse]]("websockets")

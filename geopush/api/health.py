@@ -6,7 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
-from geopush.api.appstate import LIVE, METRICS, SETTINGS, STATE
+from geopush.api.appstate import LIVE, METRICS, RELOADER, SETTINGS, STATE
 from geopush.api.errors import RETRY_AFTER_S, error_response
 from geopush.api.wire import json_response
 from geopush.metrics import PROMETHEUS_CONTENT_TYPE
@@ -31,12 +31,16 @@ async def readyz(request: web.Request) -> web.Response:
         "state_store": {"ok": state_ok, "backend": app[SETTINGS].storage.backend},
         "stores": {
             "ok": geofencing is not None,
+            # the set in use: equal on every instance once a reload has reached them all
+            "version": geofencing.version if geofencing is not None else None,
+            "published_serial": app[RELOADER].serial,
             "geofences": len(geofencing.stores) if geofencing is not None else 0,
             "loaded_at": format_ts(geofencing.loaded_at) if geofencing is not None else None,
         },
     }
     if state_ok and geofencing is not None:
-        return json_response({"status": "ready", "checks": checks})
+        return json_response({"status": "ready", "version": geofencing.version,
+                              "checks": checks})
     failing = [name for name, check in checks.items() if not check["ok"]]
     message = {"state_store": "the state store is unreachable",
                "stores": "the stores are not loaded"}

@@ -272,14 +272,18 @@ def _operations() -> dict[str, Any]:
         },
         "/v1/admin/reload": {"post": {
             "operationId": "reload",
-            "summary": "Reload the stores file and swap it in atomically",
-            "description": "Loads and validates stores_file whole; on errors nothing changes "
-                           "and the answer lists every error.",
+            "summary": "Reload the stores file and swap it in atomically, on every instance",
+            "description": "Loads and validates stores_file whole, publishes it through the "
+                           "state store and swaps it in; every other instance sharing the "
+                           "store swaps to it within 5 s. On errors nothing changes and the "
+                           "answer lists every error.",
             "security": [{"bearer": ["admin"]}],
             "responses": {
                 "200": _json({"type": "object",
-                              "required": ["status", "geofences", "loaded_at", "warnings"],
+                              "required": ["status", "version", "geofences", "loaded_at",
+                                           "warnings"],
                               "properties": {"status": {"const": "reloaded"},
+                                             "version": {"type": "string"},
                                              "geofences": {"type": "integer", "minimum": 0},
                                              "loaded_at": {"type": "string"},
                                              "warnings": {"type": "array"}}},
@@ -287,6 +291,8 @@ def _operations() -> dict[str, Any]:
                 "401": {"$ref": "#/components/responses/Unauthorized"},
                 "403": {"$ref": "#/components/responses/Forbidden"},
                 "422": {"$ref": "#/components/responses/Unprocessable"},
+                "503": _error("The state store cannot take the publish; nothing changed",
+                              _RETRY_AFTER),
             },
         }},
         "/healthz": {"get": {"operationId": "healthz", "summary": "The process is alive",
@@ -296,8 +302,10 @@ def _operations() -> dict[str, Any]:
         "/readyz": {"get": {"operationId": "readyz",
                             "summary": "State store reachable and stores loaded",
                             "security": [], "responses": {
-                                "200": _json({"type": "object", "required": ["status"],
+                                "200": _json({"type": "object",
+                                              "required": ["status", "version"],
                                               "properties": {"status": {"const": "ready"},
+                                                             "version": {"type": "string"},
                                                              "checks": {"type": "object"}}},
                                              "Ready"),
                                 "503": _error("Not ready: the details name the failing check",

@@ -61,15 +61,26 @@ class StoreSet:
 
 def load_stores(path: str | Path, *, default_radius_m: float = 100.0) -> StoreSet:
     """Load and validate a stores file; raise StoreLoadError listing every error."""
+    return stores_from_text(read_stores_text(path), source=str(path),
+                            default_radius_m=default_radius_m)
+
+
+def read_stores_text(path: str | Path) -> str:
+    """The stores file's text; StoreLoadError if it cannot be read."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise StoreLoadError(f"{path}: cannot read stores file: {exc.strerror}") from None
-    stores, report = parse_stores(text, source=str(path), default_radius_m=default_radius_m)
+
+
+def stores_from_text(text: str, *, source: str = "<stores>", default_radius_m: float = 100.0
+                     ) -> StoreSet:
+    """Validate GeoJSON text; raise StoreLoadError listing every error."""
+    stores, report = parse_stores(text, source=source, default_radius_m=default_radius_m)
     if stores is None:
         raise StoreLoadError(
-            f"{path}: {len(report.errors)} error(s) in stores file", report.problems
+            f"{source}: {len(report.errors)} error(s) in stores file", report.problems
         )
     return stores
 

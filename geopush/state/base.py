@@ -82,6 +82,21 @@ class StateStore(ABC):
         """Devices with a timer due by `now`, each handed to one caller only (until the lease
         runs out, so a crashed instance's timers are taken over)."""
 
+    # -- the published configuration (reload, contract §6) --------------------------------
+
+    @abstractmethod
+    async def publish_config(self, payload: bytes) -> int:
+        """Make `payload` the configuration every instance should run; returns its serial,
+        one more than the last publish's."""
+
+    @abstractmethod
+    async def config_serial(self) -> int:
+        """The latest publish's serial (0: none yet); cheap enough to poll every second."""
+
+    @abstractmethod
+    async def published_config(self) -> tuple[int, bytes] | None:
+        """The latest publish with its serial, read together (None: none yet)."""
+
     # -- export ----------------------------------------------------------------------------
 
     async def export(self, device_id: str) -> dict[str, Any] | None:

@@ -33,6 +33,10 @@ class Keys:
         self.prefix = prefix
         self.timers = f"{prefix}:timers"  # sorted set: device_id -> due epoch seconds
         self.erasures = f"{prefix}:erasures"  # hash: device_hash -> JSON ErasureRecord
+        # the configuration a reload published: its serial (INCR'd) and its payload, under one
+        # hash tag so that one script writes both and one MGET reads both on a cluster
+        self.config_serial = f"{prefix}:{{config}}:serial"
+        self.config_payload = f"{prefix}:{{config}}:payload"
 
     def device(self, device_id: str) -> DeviceKeys:
         base = f"{self.prefix}:{{d:{device_id}}}"

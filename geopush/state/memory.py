@@ -40,6 +40,7 @@ class MemoryStore(StateStore):
         self._visits: dict[str, list[Visit]] = {}
         self._erasures: dict[str, ErasureRecord] = {}
         self._timers = _Timers()
+        self._config: tuple[int, bytes] | None = None  # one process: nobody else to tell
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -129,6 +130,19 @@ class MemoryStore(StateStore):
 
     async def claim_due(self, now: float, limit: int, lease_s: float) -> list[str]:
         return self._timers.claim(now, limit, lease_s)
+
+    # -- the published configuration -------------------------------------------------------
+
+    async def publish_config(self, payload: bytes) -> int:
+        serial = (self._config[0] if self._config is not None else 0) + 1
+        self._config = (serial, payload)
+        return serial
+
+    async def config_serial(self) -> int:
+        return self._config[0] if self._config is not None else 0
+
+    async def published_config(self) -> tuple[int, bytes] | None:
+        return self._config
 
     # -- snapshot --------------------------------------------------------------------------
 

@@ -130,6 +130,14 @@ return 1
 """
 
 
+# KEYS: config serial, config payload. ARGV: payload. Both together, or neither.
+_PUBLISH_CONFIG = """
+local serial = redis.call('INCR', KEYS[1])
+redis.call('SET', KEYS[2], ARGV[1])
+return serial
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class _Script:
     source: str
@@ -144,7 +152,8 @@ COMMIT = _Script.of(_COMMIT)
 PUT_PROFILE = _Script.of(_PUT_PROFILE)
 CLAIM_DUE = _Script.of(_CLAIM_DUE)
 ERASE = _Script.of(_ERASE)
-_SCRIPTS = (COMMIT, PUT_PROFILE, CLAIM_DUE, ERASE)
+PUBLISH_CONFIG = _Script.of(_PUBLISH_CONFIG)
+_SCRIPTS = (COMMIT, PUT_PROFILE, CLAIM_DUE, ERASE, PUBLISH_CONFIG)
 
 
 @dataclass(slots=True)
@@ -279,17 +288,10 @@ class RedisStore(StateStore):
             return await self._erase_across_slots(device_id, keys, record)
         # a commit racing with this either wrote its timer before (removed here) or fails its
         # version check (the version key is gone) and repairs the timer when it retries
-        for _ in range(2):  # the second time after loading the scripts (Redis restarted)
-            async with self._guard():
-                try:
-                    erased = await self._redis.evalsha(
-                        ERASE.sha, 2 + len(keys), self.keys.erasures, self.keys.timers,
-                        *keys.all(), device_id, record.device_hash, record.model_dump_json())
-                except NoScriptError:
-                    await self._load_scripts()
-                    continue
-            return bool(erased)
-        raise StateUnavailable("Redis keeps losing geopush's scripts")
+        erased = await self._run_script(
+            ERASE, [self.keys.erasures, self.keys.timers, *keys.all()],
+            [device_id, record.device_hash, record.model_dump_json()])
+        return bool(erased)
 
     async def _erase_across_slots(self, device_id: str, keys: DeviceKeys,
                                   record: ErasureRecord) -> bool:
@@ -444,15 +446,41 @@ class RedisStore(StateStore):
     async def claim_due(self, now: float, limit: int, lease_s: float) -> list[str]:
         if limit <= 0:
             return []  # Redis reads a LIMIT count of 0 or less as "no limit"
-        args = (repr(float(now)), int(limit), repr(float(now + lease_s)))
+        members = await self._run_script(
+            CLAIM_DUE, [self.keys.timers],
+            [repr(float(now)), int(limit), repr(float(now + lease_s))])
+        return [m.decode() if isinstance(m, bytes) else str(m) for m in members]
+
+    # -- the published configuration -------------------------------------------------------
+
+    async def publish_config(self, payload: bytes) -> int:
+        serial = await self._run_script(
+            PUBLISH_CONFIG, [self.keys.config_serial, self.keys.config_payload], [payload])
+        return int(serial)
+
+    async def config_serial(self) -> int:
+        async with self._guard():
+            raw = await self._redis.get(self.keys.config_serial)
+        return int(raw) if raw is not None else 0
+
+    async def published_config(self) -> tuple[int, bytes] | None:
+        async with self._guard():
+            serial, payload = await self._redis.execute_command(
+                "MGET", self.keys.config_serial, self.keys.config_payload)
+        if serial is None or payload is None:
+            return None
+        return int(serial), bytes(payload)
+
+    async def _run_script(self, script: _Script, keys: Sequence[str], args: Sequence[Any]
+                          ) -> Any:
+        """EVALSHA, loading the scripts once if Redis lost them (a restart)."""
         for _ in range(2):
             async with self._guard():
                 try:
-                    members = await self._redis.evalsha(CLAIM_DUE.sha, 1, self.keys.timers, *args)
+                    return await self._redis.evalsha(
+                        script.sha, len(keys), *keys, *args)
                 except NoScriptError:
                     await self._load_scripts()
-                    continue
-            return [m.decode() if isinstance(m, bytes) else str(m) for m in members]
         raise StateUnavailable("Redis keeps losing geopush's scripts")
 
 
