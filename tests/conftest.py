@@ -250,3 +250,13 @@ def redis_cluster_url(redis_cluster_nodes: list[PrivateRedis]) -> Iterator[str]:
         client = redis.Redis(port=node.port)
         client.flushall()
         client.close()
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+def shared_redis(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """`storage` settings for app instances sharing state: one Redis (this run's database),
+    or the private three-node Redis Cluster."""
+    if request.param == "redis":
+        return {"backend": "redis", "redis_url": request.getfixturevalue("redis_url")}
+    return {"backend": "redis", "redis_url": request.getfixturevalue("redis_cluster_url"),
+            "redis_cluster": True}

@@ -23,15 +23,6 @@ DEVICES_ON_ROAD = {"a": 0, "b": 45, "c": 90}  # seconds behind the first car
 STEP = 7  # pings per request
 
 
-@pytest.fixture(params=["redis", "redis-cluster"])
-def shared_redis(request: pytest.FixtureRequest) -> dict[str, Any]:
-    """The instances' storage settings: one Redis, or a three-node Redis Cluster."""
-    if request.param == "redis":
-        return {"backend": "redis", "redis_url": request.getfixturevalue("redis_url")}
-    return {"backend": "redis", "redis_url": request.getfixturevalue("redis_cluster_url"),
-            "redis_cluster": True}
-
-
 def _pings(device: str, delay_s: int) -> list[dict[str, Any]]:
     out = []
     for p in load_trace()[200:800]:

@@ -29,15 +29,6 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 SWAP_WITHIN_S = 5.0  # the contract's bound
 
 
-@pytest.fixture(params=["redis", "redis-cluster"])
-def shared_redis(request: pytest.FixtureRequest) -> dict[str, Any]:
-    """The instances' storage settings: one Redis, or a three-node Redis Cluster."""
-    if request.param == "redis":
-        return {"backend": "redis", "redis_url": request.getfixturevalue("redis_url")}
-    return {"backend": "redis", "redis_url": request.getfixturevalue("redis_cluster_url"),
-            "redis_cluster": True}
-
-
 def _write_one_store(path: Path, fid: str, lat: float, lon: float) -> None:
     path.write_text(json.dumps({"type": "FeatureCollection", "features": [{
         "type": "Feature", "id": fid, "properties": {"name": fid, "radius_m": 50},
