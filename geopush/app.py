@@ -3,8 +3,8 @@
 Every resource is opened and closed in one `cleanup_ctx` generator each, in order: the stores
 and the engine built from them (startup fails on store errors), the state store (the memory
 backend writes its snapshot in close()), the timer claimer, the follower of reloads published
-by other instances. A shutdown stops listening, closes
-WebSockets with 1001, lets in-flight requests finish, then closes the resources in reverse.
+by other instances. A shutdown stops listening, closes WebSockets with 1001, lets in-flight
+requests finish, then closes the resources in reverse.
 """
 
 from __future__ import annotations

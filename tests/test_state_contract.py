@@ -282,3 +282,14 @@ async def test_a_batch_of_thousands_of_devices_commits_each_of_them(store: State
     assert sorted(d for d, o in outcomes.items() if _types(o) == ["exit"]) == entered
     assert await store.claim_due(T0 + 10 * STALE_S, 5000, LEASE_S) == []  # no stay left
     assert [v.end for v in await store.visits(entered[-1])] == [T0 + 500]
+
+
+async def test_a_published_configuration_is_read_back_whole_with_a_growing_serial(
+        store: StateStore) -> None:
+    assert await store.config_serial() == 0
+    assert await store.published_config() is None
+    first = await store.publish_config(b'{"v": 1}')
+    second = await store.publish_config(b'{"v": 2}' + bytes(range(256)))  # any bytes
+    assert second == first + 1 == 2
+    assert await store.config_serial() == 2
+    assert await store.published_config() == (2, b'{"v": 2}' + bytes(range(256)))
