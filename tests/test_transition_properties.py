@@ -207,7 +207,9 @@ def test_result_does_not_depend_on_batching(data: st.DataObject, pings: list[Pin
             step = TRACKER.process("d1", state, batch)
         assert step.rejected == []
         steps.append(step)
-        state = _roundtrip(step.state)  # as a state store would keep it
+        # as Redis keeps it (a fresh object), or as the memory store does (the same object,
+        # with the tracker's timer cache in it)
+        state = _roundtrip(step.state) if data.draw(st.booleans()) else step.state
     assert state is not None
     split = _collect(steps, state)
     assert split.events == whole.events

@@ -172,6 +172,11 @@ CASES: list[tuple[str, list[Action], list[tuple[str, str, float]]]] = [
       ("dwell", "A", 800)]),
     ("the dwell is counted from the enter, not from the last ping",
      [at(0, 50), at(250, 50), Fire(310)], [("enter", "A", 0), ("dwell", "A", 300)]),
+    ("entering a second fence does not put off the first one's dwell",
+     [at(0, 0), at(100, -122), at(400, -122)],  # -122: A's band, inside B
+     [("enter", "A", 0), ("enter", "B", 100), ("dwell", "A", 300)]),
+    ("... in one call either", [[at(0, 0), at(100, -122), at(400, -122)]],
+     [("enter", "A", 0), ("enter", "B", 100), ("dwell", "A", 300)]),
     # out of order and batches
     ("pings of one call are taken in time order", [[at(60, 600), at(0, 50)]],
      [("enter", "A", 0), ("exit", "A", 60)]),
