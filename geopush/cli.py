@@ -279,8 +279,8 @@ def _replay(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _print_error(exc, err)
         return ERRORS
-    if weather is None and settings.weather.static:
-        weather = dict(settings.weather.static)
+    if weather is None and settings.weather.static is not None:
+        weather = settings.weather.static.model_dump(exclude_none=True) or None
     try:
         stores = load_stores(settings.stores_file,
                              default_radius_m=settings.geofence.default_radius_m)

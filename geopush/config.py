@@ -1,7 +1,10 @@
 """The one settings object, read once from `config/geopush.yaml` and passed down.
 
 Any key can be overridden by `GEOPUSH_<SECTION>__<KEY>`; unknown keys are errors; paths are
-relative to the config file.
+relative to the config file. Every key of contract §11 is here with the contract's default,
+validated from the start, including those of features still to come (the rules engine's
+policy, delivery, weather, attribution, retention): a configuration written against the
+contract loads today and keeps its meaning when they land.
 """
 
 from __future__ import annotations
@@ -11,7 +14,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -60,7 +70,42 @@ class VisitSettings(_Section):
     min_dwell: Duration = 300.0
 
 
+_CLOCK_TIME = r"^([01][0-9]|2[0-3]):[0-5][0-9]$"
+WeatherCondition = Literal["clear", "partly_cloudy", "cloudy", "fog", "drizzle", "rain", "snow",
+                           "showers", "thunderstorm"]
+Category = Literal["marketing", "service"]
+DAY = 86_400.0
+
+
+class QuietHours(_Section):
+    """Local time at the store (where the phone is); `from` after `to` wraps midnight."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    start: str = Field("21:00", alias="from", pattern=_CLOCK_TIME, description="HH:MM")
+    end: str = Field("09:00", alias="to", pattern=_CLOCK_TIME, description="HH:MM")
+
+
+class Cap(_Section):
+    max: int = Field(ge=1, description="pushes at most...")
+    per: Duration = Field(gt=0, description="...in any rolling window this long")
+
+
+class Fatigue(_Section):
+    ignored_in_a_row: int = Field(3, ge=1, description="pushes not opened within 24 h, in a row")
+    pause: Duration = Field(14 * DAY, gt=0)
+
+
 class PolicySettings(_Section):
+    """Push without being pushy (contract §4); marketing pushes only."""
+
+    quiet_hours: QuietHours | None = Field(QuietHours(), description="null: no quiet hours")
+    max_per_device: list[Cap] = Field(
+        default_factory=lambda: [Cap(max=1, per=DAY), Cap(max=3, per=7 * DAY)])
+    min_gap: Duration = Field(4 * 3600.0, ge=0, description="between two marketing pushes")
+    fatigue: Fatigue = Fatigue()
+    store_cooldown: Duration = Field(
+        DAY, ge=0, description="no other marketing push for a store to a device after one")
     max_event_lag: Duration = Field(600.0, gt=0)
 
 
@@ -90,11 +135,66 @@ class LoggingSettings(_Section):
     pseudonym_key: str = Field(
         "change-me", description="Key of the hash that pseudonymises device ids in logs"
     )
+    delivery_report_every: Duration = Field(60.0, gt=0)
+    delivery_rate_alert: float = Field(0.9, ge=0, le=1)
+
+
+def _default_channels() -> dict[Category, str]:
+    return {"marketing": "marketing", "service": "service"}
+
+
+class FcmSettings(_Section):
+    project_id: str | None = None
+    service_account_file: Path | None = None
+    endpoint: str = Field("https://fcm.googleapis.com/v1/projects",
+                          description="base URL; an emulator's for tests")
+    static_token: str | None = Field(None, description="replaces OAuth (emulators, tests)")
+    android_channels: dict[Category, str] = Field(
+        default_factory=_default_channels,
+        description="Android notification channel per rule category")
+
+
+class WebhookSettings(_Section):
+    url: str | None = None
+    secret: str | None = Field(None, description="HMAC-SHA256 key of X-Geopush-Signature")
+
+
+class DeliverySettings(_Section):
+    sender: Literal["log", "fcm", "webhook"] = "log"
+    fcm: FcmSettings = FcmSettings()
+    webhook: WebhookSettings = WebhookSettings()
+
+    @model_validator(mode="after")
+    def _sender_is_configured(self) -> DeliverySettings:
+        if self.sender == "fcm" and not self.fcm.project_id:
+            raise ValueError("sender fcm needs delivery.fcm.project_id")
+        if self.sender == "fcm" and not (self.fcm.service_account_file or self.fcm.static_token):
+            raise ValueError("sender fcm needs delivery.fcm.service_account_file "
+                             "(or delivery.fcm.static_token for an emulator)")
+        if self.sender == "webhook" and not self.webhook.url:
+            raise ValueError("sender webhook needs delivery.webhook.url")
+        return self
+
+
+class StaticWeather(_Section):
+    temperature_c: float | None = None
+    condition: WeatherCondition | None = None
 
 
 class WeatherSettings(_Section):
     provider: Literal["none", "static", "open-meteo"] = "none"
-    static: dict[str, Any] | None = None
+    base_url: str = "https://api.open-meteo.com/v1/forecast"
+    api_key: str | None = Field(None, description="Open-Meteo's commercial tier")
+    refresh: Duration = Field(900.0, gt=0, description="per ~0.1° cell with recent events")
+    static: StaticWeather | None = None
+
+
+class AttributionSettings(_Section):
+    window: Duration = Field(7 * DAY, gt=0, description="a visit this soon after a push counts")
+
+
+class RetentionSettings(_Section):
+    history: Duration = Field(180 * DAY, gt=0, description="visits, pushes and decisions kept")
 
 
 class Settings(BaseSettings):
@@ -115,6 +215,9 @@ class Settings(BaseSettings):
     auth: AuthSettings = AuthSettings()
     logging: LoggingSettings = LoggingSettings()
     weather: WeatherSettings = WeatherSettings()
+    delivery: DeliverySettings = DeliverySettings()
+    attribution: AttributionSettings = AttributionSettings()
+    retention: RetentionSettings = RetentionSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -208,11 +311,14 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
         return (base / p).resolve()
 
     storage = settings.storage.model_copy(update={"snapshot_path": resolve(settings.storage.snapshot_path)})
+    fcm = settings.delivery.fcm.model_copy(
+        update={"service_account_file": resolve(settings.delivery.fcm.service_account_file)})
     return settings.model_copy(
         update={
             "stores_file": resolve(settings.stores_file),
             "rules_dir": resolve(settings.rules_dir),
             "storage": storage,
+            "delivery": settings.delivery.model_copy(update={"fcm": fcm}),
         }
     )
 

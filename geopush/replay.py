@@ -19,11 +19,12 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 from pydantic import ValidationError
 
+from geopush.config import WeatherCondition
 from geopush.devices import Consent, DeviceProfile, has_location_consent
 from geopush.engine import DeviceSnapshot, Engine
 from geopush.errors import InvalidInput, Problem
@@ -38,10 +39,7 @@ CSV_COLUMNS = ("device_id", "ts", "lat", "lon", "accuracy_m", "speed_mps")
 _COLUMN_ALIASES = {"ts_iso": "ts"}  # the trace CSVs of shared/data
 _EPOCH_MS = re.compile(r"^\d+(?:\.\d+)?$")
 EVENT_TYPES = ("enter", "dwell", "exit")
-WEATHER_CONDITIONS = (
-    "clear", "partly_cloudy", "cloudy", "fog", "drizzle", "rain", "snow", "showers",
-    "thunderstorm",
-)
+WEATHER_CONDITIONS: tuple[str, ...] = get_args(WeatherCondition)
 
 
 @dataclass(frozen=True, slots=True)

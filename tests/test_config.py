@@ -105,6 +105,13 @@ def test_unknown_top_level_section_is_an_error(tmp_path: Path) -> None:
         ("geofence:\n  default_radius_m: -1\n", "geofence.default_radius_m", -1, 2),
         ("storage:\n  backend: mongo\n", "storage.backend", "mongo", 2),
         ("\n\nserver:\n  port: 70000\n", "server.port", 70000, 4),
+        ("policy:\n  quiet_hours:\n    from: '25:00'\n", "policy.quiet_hours.from", "25:00",
+         3),
+        ("policy:\n  max_per_device:\n    - {max: 0, per: 1d}\n",
+         "policy.max_per_device.0.max", 0, 3),
+        ("weather:\n  static:\n    condition: sunny\n", "weather.static.condition", "sunny", 3),
+        ("logging:\n  delivery_rate_alert: 1.5\n", "logging.delivery_rate_alert", 1.5, 2),
+        ("delivery:\n  sender: pigeon\n", "delivery.sender", "pigeon", 2),
     ],
 )
 def test_bad_values_name_file_line_field_and_value(tmp_path: Path, text: str, field: str,
@@ -157,3 +164,106 @@ def test_json_schema_describes_the_fixed_keys() -> None:
     schema = config_json_schema()
     assert {"stores_file", "rules_dir", "server", "storage", "geofence"} <= set(schema["properties"])
     assert schema.get("additionalProperties") is False
+
+
+# Every key of contract §11, as a deployment would write them: they all load today, with the
+# features still to come (policy, delivery, weather, attribution, retention) validated already.
+EVERY_CONTRACT_KEY = """\
+stores_file: ../stores.geojson
+rules_dir: ../rules
+server: {host: 127.0.0.1, port: 9090}
+storage: {backend: redis, redis_url: "redis://r:6379/2", snapshot_path: state.json}
+geofence: {default_radius_m: 80, max_accuracy_m: 50, exit_hysteresis_m: 20, stale_after: 1h}
+visits: {min_dwell: 10m}
+policy:
+  quiet_hours: {from: "22:00", to: "08:30"}
+  max_per_device: [{max: 2, per: 1d}, {max: 5, per: 7d}]
+  min_gap: 2h
+  fatigue: {ignored_in_a_row: 4, pause: 7d}
+  max_event_lag: 5m
+delivery:
+  sender: fcm
+  fcm:
+    project_id: shop-app
+    service_account_file: secrets/sa.json
+    endpoint: http://127.0.0.1:9099/v1/projects
+    static_token: test-token
+    android_channels: {marketing: offers, service: orders}
+  webhook: {url: "https://hooks.example/geopush", secret: s3cret}
+weather:
+  provider: open-meteo
+  base_url: http://127.0.0.1:9098/v1/forecast
+  api_key: k
+  refresh: 10m
+  static: {temperature_c: 31, condition: clear}
+attribution: {window: 3d}
+retention: {history: 90d}
+auth: {keys: [{name: app, key: "0123456789abcdef", scopes: [ingest]}]}
+logging:
+  format: json
+  pseudonym_key: p
+  delivery_report_every: 30s
+  delivery_rate_alert: 0.8
+"""
+
+
+def test_every_key_of_the_contract_loads(tmp_path: Path) -> None:
+    settings = load_settings(_write(tmp_path, EVERY_CONTRACT_KEY))
+    assert (settings.policy.quiet_hours is not None
+            and (settings.policy.quiet_hours.start, settings.policy.quiet_hours.end)
+            == ("22:00", "08:30"))
+    assert [(c.max, c.per) for c in settings.policy.max_per_device] == [(2, 86400),
+                                                                         (5, 604800)]
+    assert (settings.policy.min_gap, settings.policy.fatigue.pause) == (7200, 604800)
+    fcm = settings.delivery.fcm
+    assert (settings.delivery.sender, fcm.project_id, fcm.static_token) == (
+        "fcm", "shop-app", "test-token")
+    assert fcm.service_account_file == (tmp_path / "secrets" / "sa.json").resolve()
+    assert fcm.android_channels == {"marketing": "offers", "service": "orders"}
+    assert settings.weather.static is not None and settings.weather.static.condition == "clear"
+    assert (settings.weather.refresh, settings.attribution.window,
+            settings.retention.history) == (600, 3 * 86400, 90 * 86400)
+    assert (settings.logging.delivery_report_every,
+            settings.logging.delivery_rate_alert) == (30, 0.8)
+
+
+def test_the_not_yet_built_features_default_to_the_contract(tmp_path: Path) -> None:
+    settings = load_settings(_write(tmp_path, ""))
+    policy = settings.policy
+    assert policy.quiet_hours is not None
+    assert (policy.quiet_hours.start, policy.quiet_hours.end) == ("21:00", "09:00")
+    assert [(c.max, c.per) for c in policy.max_per_device] == [(1, 86400), (3, 7 * 86400)]
+    assert (policy.min_gap, policy.store_cooldown) == (4 * 3600, 86400)
+    assert (policy.fatigue.ignored_in_a_row, policy.fatigue.pause) == (3, 14 * 86400)
+    assert settings.delivery.sender == "log"
+    assert settings.delivery.fcm.endpoint == "https://fcm.googleapis.com/v1/projects"
+    assert (settings.weather.provider, settings.weather.refresh) == ("none", 900)
+    assert (settings.logging.delivery_report_every,
+            settings.logging.delivery_rate_alert) == (60, 0.9)
+
+
+@pytest.mark.parametrize(("text", "missing"), [
+    ("delivery:\n  sender: fcm\n", "delivery.fcm.project_id"),
+    ("delivery:\n  sender: fcm\n  fcm: {project_id: p}\n", "service_account_file"),
+    ("delivery:\n  sender: webhook\n", "delivery.webhook.url"),
+])
+def test_a_sender_without_what_it_needs_is_an_error(tmp_path: Path, text: str,
+                                                    missing: str) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as raised:
+        load_settings(path)
+    [problem] = raised.value.details
+    assert problem.field == "delivery" and missing in problem.message
+    assert problem.where == f"{path}:1"
+
+
+def test_nested_keys_are_overridden_from_the_environment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GEOPUSH_DELIVERY__SENDER", "webhook")
+    monkeypatch.setenv("GEOPUSH_DELIVERY__WEBHOOK__URL", "https://hooks.example/x")
+    monkeypatch.setenv("GEOPUSH_POLICY__QUIET_HOURS__FROM", "20:00")
+    settings = load_settings(_write(tmp_path, ""))
+    assert settings.delivery.sender == "webhook"
+    assert settings.delivery.webhook.url == "https://hooks.example/x"
+    assert settings.policy.quiet_hours is not None
+    assert settings.policy.quiet_hours.start == "20:00"
