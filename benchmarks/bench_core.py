@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from geopush.app import GC_THRESHOLDS
 from geopush.geo.index import EARTH_RADIUS_M, GeofenceIndex
-from geopush.geo.transitions import DeviceState, Ping, Tracker, process_batch
+from geopush.geo.model import DeviceState, Ping
+from geopush.geo.transitions import Tracker, process_batch
 
 TARGET_LOOKUP_PPS = 300_000
 TARGET_TRANSITIONS_PPS = 150_000

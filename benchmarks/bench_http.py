@@ -223,7 +223,7 @@ class _Server:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GEOPUSH_")}
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", "import sys; from geopush.cli import main; "
+                [sys.executable, "-c", "import sys; from geopush.cli.main import main; "
                  "sys.exit(main(sys.argv[1:]))", "serve", "-c", str(self.config)],
                 env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         asyncio.run(self._wait_ready())

@@ -41,7 +41,8 @@ from geopush.app import GC_THRESHOLDS
 from geopush.devices import Consent, DeviceProfile
 from geopush.engine import DeviceOutcome, DeviceSnapshot, Engine
 from geopush.geo.index import GeofenceIndex
-from geopush.geo.transitions import Ping, Tracker
+from geopush.geo.model import Ping
+from geopush.geo.transitions import Tracker
 from geopush.state.base import StateStore
 from geopush.state.memory import MemoryStore
 

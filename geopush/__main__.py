@@ -2,6 +2,6 @@
 
 import sys
 
-from geopush.cli import main
+from geopush.cli.main import main
 
 sys.exit(main())

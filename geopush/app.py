@@ -36,17 +36,17 @@ from geopush.api.appstate import (
 )
 from geopush.api.auth import Authenticator
 from geopush.api.errors import Handler, error_middleware
-from geopush.api.ingest import Ingestor
 from geopush.api.wire import MAX_BODY_BYTES
 from geopush.config import Settings
 from geopush.errors import GeopushError
-from geopush.geofencing import load_geofencing
 from geopush.logs import configure_logging, fields
 from geopush.metrics import Metrics
-from geopush.reloading import Reloader
+from geopush.service.active import load_geofencing
+from geopush.service.ingest import Ingestor
+from geopush.service.reloading import Reloader
+from geopush.service.timers import INTERVAL_S, TimerClaimer
 from geopush.state.base import StateStore, StateUnavailable
 from geopush.state.factory import make_store
-from geopush.timers import INTERVAL_S, TimerClaimer
 
 log = logging.getLogger("geopush.app")
 
@@ -122,7 +122,7 @@ def _timers_ctx(interval_s: float) -> _Ctx:
 
 
 async def _reloading_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Follow the reloads published by any instance (geopush.reloading)."""
+    """Follow the reloads published by any instance (geopush.service.reloading)."""
     reloader = app[RELOADER]
     with suppress(StateUnavailable):
         await reloader.follow_once()  # the serial this instance starts at, when Redis answers

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from geopush.devices import DeviceProfile, has_location_consent
-from geopush.geo.transitions import DeviceState, Event, Ping, Tracker, Visit, process_batch
+from geopush.geo.model import DeviceState, Event, Ping, Visit
+from geopush.geo.transitions import Tracker, process_batch
 
 RejectCode = Literal["invalid", "no_consent", "out_of_order"]
 

@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST as PROMETHEUS_CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from geopush.engine import Rejected
-from geopush.geo.transitions import Event
+from geopush.geo.model import Event
 
 __all__ = ["PROMETHEUS_CONTENT_TYPE", "Metrics"]
 

@@ -136,7 +136,7 @@ async def test_a_stale_exit_fires_on_the_timer_without_pings(
             sent = time.time()
             body = {"device_id": "phone-1", "lat": at.lat, "lon": at.lon,
                     "ts": round(sent * 1000)}
-            with caplog.at_level("INFO", logger="geopush.timers"):
+            with caplog.at_level("INFO", logger="geopush.service.timers"):
                 resp = await session.post(f"{url}/v1/pings", headers=INGEST, json=body)
                 assert [e["type"] for e in (await resp.json())["events"]] == ["enter"]
                 deadline = time.monotonic() + 30

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from geopush.cli import main
+from geopush.cli.main import main
 
 REPO = Path(__file__).parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -9,7 +9,8 @@ import pytest
 from geopush.devices import Consent, DeviceProfile
 from geopush.engine import DeviceOutcome, DeviceSnapshot, Engine, Rejected
 from geopush.geo.index import EARTH_RADIUS_M, GeofenceIndex
-from geopush.geo.transitions import DeviceState, Ping, Tracker
+from geopush.geo.model import DeviceState, Ping
+from geopush.geo.transitions import Tracker
 
 LAT, LON = 48.85, 2.35
 M_PER_DEG = EARTH_RADIUS_M * math.pi / 180

@@ -17,8 +17,8 @@ from aiohttp.test_utils import TestClient
 from geopush.api.appstate import LIVE, SETTINGS
 from geopush.app import create_app
 from geopush.config import Settings
-from geopush.geofencing import ConfigSet, geofencing_of, read_config_set
-from geopush.reloading import Reloader
+from geopush.service.active import ConfigSet, geofencing_of, read_config_set
+from geopush.service.reloading import Reloader
 from geopush.state.memory import MemoryStore
 from tests.api_support import ADMIN_KEY, DEVICES, INGEST, load_trace, settings_for
 from tests.conftest import PrivateRedis

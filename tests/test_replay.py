@@ -9,13 +9,7 @@ from typing import Any
 
 import pytest
 
-from geopush.devices import Consent, DeviceProfile
-from geopush.engine import Engine
-from geopush.errors import InvalidInput
-from geopush.geo.index import GeofenceIndex
-from geopush.geo.stores import parse_stores
-from geopush.geo.transitions import Ping, Tracker
-from geopush.replay import (
+from geopush.cli.replay import (
     BadLine,
     NoDeviceColumn,
     Replay,
@@ -24,6 +18,13 @@ from geopush.replay import (
     parse_weather,
     read_pings,
 )
+from geopush.devices import Consent, DeviceProfile
+from geopush.engine import Engine
+from geopush.errors import InvalidInput
+from geopush.geo.index import GeofenceIndex
+from geopush.geo.model import Ping
+from geopush.geo.stores import parse_stores
+from geopush.geo.transitions import Tracker
 from geopush.timeutil import format_ts, parse_ts
 
 STORE_LAT, STORE_LON = 46.0, 14.0

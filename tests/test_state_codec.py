@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 import pytest
 
-from geopush.geo.transitions import DeviceState, Stay
+from geopush.geo.model import DeviceState, Stay
 from geopush.state.codec import decode_track, encode_track, track_from_json, track_to_json
 
 

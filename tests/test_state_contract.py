@@ -11,7 +11,8 @@ from geopush.config import Settings, StorageSettings
 from geopush.devices import Consent, ConsentChange, DeviceProfile, ErasureRecord, device_hash
 from geopush.engine import DeviceOutcome, DeviceSnapshot, Engine
 from geopush.geo.index import GeofenceIndex
-from geopush.geo.transitions import Ping, Tracker
+from geopush.geo.model import Ping
+from geopush.geo.transitions import Tracker
 from geopush.state.base import StateStore
 from geopush.state.factory import make_store
 

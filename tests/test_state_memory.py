@@ -13,7 +13,8 @@ import pytest
 from geopush.devices import Consent, ConsentChange, DeviceProfile, ErasureRecord
 from geopush.engine import DeviceOutcome, DeviceSnapshot, Engine
 from geopush.geo.index import GeofenceIndex
-from geopush.geo.transitions import DeviceState, Ping, Stay, Tracker
+from geopush.geo.model import DeviceState, Ping, Stay
+from geopush.geo.transitions import Tracker
 from geopush.state.memory import MemoryStore, SnapshotError
 
 T0 = 1_780_000_000.0

@@ -19,7 +19,8 @@ from redis.crc import key_slot
 from geopush.devices import Consent, ConsentChange, DeviceProfile, ErasureRecord, device_hash
 from geopush.engine import DeviceOutcome, DeviceSnapshot, Engine
 from geopush.geo.index import GeofenceIndex
-from geopush.geo.transitions import Event, Ping, Tracker
+from geopush.geo.model import Event, Ping
+from geopush.geo.transitions import Tracker
 from geopush.state.base import StateUnavailable
 from geopush.state.keys import Keys, group_by_slot
 from geopush.state.memory import MemoryStore

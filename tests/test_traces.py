@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from geopush.cli import build_engine
+from geopush.cli.replay import BadLine, Replay, ReplayResult, read_pings
 from geopush.config import VisitSettings, load_settings
 from geopush.geo.index import EARTH_RADIUS_M, distance_m, haversine_m
+from geopush.geo.model import Event, Ping
 from geopush.geo.stores import parse_stores
-from geopush.geo.transitions import Event, Ping
-from geopush.replay import BadLine, Replay, ReplayResult, read_pings
+from geopush.service.active import build_engine
 
 REPO = Path(__file__).parent.parent
 TRACES = Path(__file__).parent / "fixtures" / "traces"

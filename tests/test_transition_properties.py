@@ -18,16 +18,8 @@ from hypothesis import strategies as st
 from shapely.geometry import Polygon
 
 from geopush.geo.index import EARTH_RADIUS_M, GeofenceIndex
-from geopush.geo.transitions import (
-    DeviceState,
-    Event,
-    Ping,
-    Step,
-    Tracker,
-    Visit,
-    _haversine_m,
-    process_batch,
-)
+from geopush.geo.model import DeviceState, Event, Ping, Visit
+from geopush.geo.transitions import Step, Tracker, _haversine_m, process_batch
 
 M_PER_DEG = EARTH_RADIUS_M * math.pi / 180
 LAT0, LON0 = 46.0, 14.0

@@ -21,18 +21,8 @@ import pytest
 from shapely.geometry import Polygon
 
 from geopush.geo.index import EARTH_RADIUS_M, GeofenceIndex
-from geopush.geo.transitions import (
-    DeviceState,
-    Event,
-    Ping,
-    Step,
-    Tracker,
-    Visit,
-    _event,
-    _visit,
-    forget_stays,
-    process_batch,
-)
+from geopush.geo.model import DeviceState, Event, Ping, Visit, new_event, new_visit
+from geopush.geo.transitions import Step, Tracker, forget_stays, process_batch
 
 DEV = "phone-1"
 A_LAT, A_LON = 46.0, 14.0
@@ -467,7 +457,7 @@ def test_to_dict_is_strict_json() -> None:
 
 @pytest.mark.parametrize("extra", [{}, {"dwell_s": 300.0}, {"stale": True}])
 def test_fast_event_is_the_frozen_dataclass(extra: dict[str, Any]) -> None:
-    fast = _event("d", "f", "s", "exit", 1.0, 2.0, 3.0, 4.0, None, **extra)
+    fast = new_event("d", "f", "s", "exit", 1.0, 2.0, 3.0, 4.0, None, **extra)
     slow = Event("d", "f", "s", "exit", 1.0, 2.0, 3.0, 4.0, None, **extra)
     assert type(fast) is Event
     assert fast == slow and hash(fast) == hash(slow) and repr(fast) == repr(slow)
@@ -477,7 +467,7 @@ def test_fast_event_is_the_frozen_dataclass(extra: dict[str, Any]) -> None:
 
 
 def test_fast_visit_is_the_frozen_dataclass() -> None:
-    fast = _visit("d", "s", "f", 1.0, 400.0)
+    fast = new_visit("d", "s", "f", 1.0, 400.0)
     assert type(fast) is Visit and fast == Visit("d", "s", "f", 1.0, 400.0)
     assert hash(fast) == hash(Visit("d", "s", "f", 1.0, 400.0))
     with pytest.raises(dataclasses.FrozenInstanceError):

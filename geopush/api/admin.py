@@ -2,7 +2,7 @@
 
 The new stores are loaded and indexed off the event loop, validated whole, published to every
 instance through the state store, and swapped in with one reference change, so a request in
-flight finishes on the set it started with (geopush.reloading). On any error the answer is 422
+flight finishes on the set it started with (geopush.service.reloading). On any error the answer is 422
 with every error and the previous stores stay active (contract §2, §6). Rules join the reload
 when the rules engine exists.
 """
@@ -15,8 +15,8 @@ from aiohttp import web
 
 from geopush.api.appstate import AUTH, LIVE, METRICS, RELOADER
 from geopush.api.wire import json_response
-from geopush.geofencing import Geofencing
 from geopush.logs import fields
+from geopush.service.active import Geofencing
 from geopush.timeutil import format_ts
 
 log = logging.getLogger("geopush.api.admin")

@@ -7,12 +7,12 @@ import weakref
 from aiohttp import web
 
 from geopush.api.auth import Authenticator
-from geopush.api.ingest import Ingestor
 from geopush.config import Settings
 from geopush.engine import Engine
-from geopush.geofencing import Geofencing
 from geopush.metrics import Metrics
-from geopush.reloading import Reloader
+from geopush.service.active import Geofencing
+from geopush.service.ingest import Ingestor
+from geopush.service.reloading import Reloader
 from geopush.state.base import StateStore
 
 

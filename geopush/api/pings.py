@@ -1,7 +1,7 @@
 """Pings in, events out (contract §6): POST /v1/pings and the /v1/stream WebSocket.
 
 Both check the shape of what came in, then hand the ping objects to the app's Ingestor
-(geopush.api.ingest), which validates each ping and runs the valid ones through the engine.
+(geopush.service.ingest), which validates each ping and runs the valid ones through the engine.
 """
 
 from __future__ import annotations

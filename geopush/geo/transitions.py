@@ -14,15 +14,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from math import asin, cos, sin, sqrt
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
 from geopush.geo.index import EARTH_RADIUS_M, GeofenceIndex, Proximity
-
-EventType = Literal["enter", "dwell", "exit"]
+from geopush.geo.model import (
+    DeviceState,
+    Event,
+    Ping,
+    Stay,
+    Visit,
+    new_event,
+    new_visit,
+)
 
 SPEED_MIN_AGE_S = 5.0  # derived speed: the latest accepted ping 5–120 s older (contract §5)
 SPEED_MAX_AGE_S = 120.0
@@ -42,181 +49,6 @@ _RECENT_CAP = 256  # bound on remembered pings for pathological ping rates
 # only approximation is _RECENT_CAP, reached only by more than 256 pings within 5 s. Every
 # processed ping is remembered, so the newest entry's time is the state's last_ts, and the
 # per-ping trimming reads last_ts rather than the entry (one memory access fewer a ping).
-
-
-class _PingDraft:
-    __slots__ = ("device_id", "ts", "lat", "lon", "accuracy_m", "speed_mps")  # noqa: RUF023 (as Ping)
-
-    def __init__(self, device_id: str, ts: float, lat: float, lon: float,
-                 accuracy_m: float | None = None, speed_mps: float | None = None) -> None:
-        self.device_id = device_id
-        self.ts = ts
-        self.lat = lat
-        self.lon = lon
-        self.accuracy_m = accuracy_m
-        self.speed_mps = speed_mps
-
-
-@dataclass(frozen=True, slots=True, init=False)
-class Ping:
-    """One position report, immutable.
-
-    Built once per ping received, so it is built fast: `__new__` fills a plain twin with the
-    same slots and makes it a Ping (as _event does for events, below), instead of the frozen
-    dataclass __init__ and its object.__setattr__ per field (1.9 µs → 0.5 µs a ping on the
-    reference VM). Fields, equality, hash, repr, immutability and dataclasses.replace are the
-    dataclass's own (tests/test_transitions.py)."""
-
-    device_id: str
-    ts: float  # epoch seconds
-    lat: float
-    lon: float
-    accuracy_m: float | None = None
-    speed_mps: float | None = None
-
-    def __new__(cls, device_id: str, ts: float, lat: float, lon: float,
-                accuracy_m: float | None = None, speed_mps: float | None = None) -> Ping:
-        draft: Any = _PingDraft(device_id, ts, lat, lon, accuracy_m, speed_mps)
-        draft.__class__ = cls
-        ping: Ping = draft
-        return ping
-
-    def __reduce__(self) -> tuple[type[Ping], tuple[Any, ...]]:
-        # copy and pickle rebuild through the constructor (there is no __init__ to skip)
-        return Ping, (self.device_id, self.ts, self.lat, self.lon, self.accuracy_m,
-                      self.speed_mps)
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    device_id: str
-    geofence_id: str
-    store_id: str
-    type: EventType
-    ts: float
-    lat: float  # where the phone was (the stay's last ping for dwell and stale exit)
-    lon: float
-    distance_m: float  # to the geofence (0 inside a polygon)
-    speed_mps: float | None  # None when unknown
-    dwell_s: float | None = None  # the dwell duration, for dwell events
-    stale: bool = False  # an exit for lack of pings, not a ping outside
-
-
-@dataclass(frozen=True, slots=True)
-class Visit:
-    """A stay of at least visits.min_dwell; feeds `when.visits` and attribution."""
-
-    device_id: str
-    store_id: str
-    geofence_id: str
-    start: float
-    end: float
-
-
-# Event and Visit are frozen dataclasses, whose __init__ sets each field through
-# object.__setattr__: ~3 µs an Event on the reference VM, a tenth of a ping near a fence. The
-# tracker builds them as a plain twin with the same slots (ordinary stores), then makes it the
-# real class: CPython allows that between classes of identical slot layout, and the result is
-# an ordinary, frozen Event (tests/test_transitions.py checks it equals the constructor's).
-
-
-class _EventDraft:
-    __slots__ = Event.__slots__
-
-    def __init__(self, device_id: str, geofence_id: str, store_id: str, type: EventType,
-                 ts: float, lat: float, lon: float, distance_m: float, speed_mps: float | None,
-                 dwell_s: float | None = None, stale: bool = False) -> None:
-        self.device_id = device_id
-        self.geofence_id = geofence_id
-        self.store_id = store_id
-        self.type = type
-        self.ts = ts
-        self.lat = lat
-        self.lon = lon
-        self.distance_m = distance_m
-        self.speed_mps = speed_mps
-        self.dwell_s = dwell_s
-        self.stale = stale
-
-
-class _VisitDraft:
-    __slots__ = Visit.__slots__
-
-    def __init__(self, device_id: str, store_id: str, geofence_id: str, start: float,
-                 end: float) -> None:
-        self.device_id = device_id
-        self.store_id = store_id
-        self.geofence_id = geofence_id
-        self.start = start
-        self.end = end
-
-
-def _event(device_id: str, geofence_id: str, store_id: str, type: EventType, ts: float,
-           lat: float, lon: float, distance_m: float, speed_mps: float | None,
-           dwell_s: float | None = None, stale: bool = False) -> Event:
-    """`Event(...)`, four times faster (see above)."""
-    draft: Any = _EventDraft(device_id, geofence_id, store_id, type, ts, lat, lon, distance_m,
-                             speed_mps, dwell_s, stale)
-    draft.__class__ = Event
-    event: Event = draft
-    return event
-
-
-def _visit(device_id: str, store_id: str, geofence_id: str, start: float, end: float) -> Visit:
-    """`Visit(...)`, faster (see _event)."""
-    draft: Any = _VisitDraft(device_id, store_id, geofence_id, start, end)
-    draft.__class__ = Visit
-    visit: Visit = draft
-    return visit
-
-
-@dataclass(slots=True)
-class Stay:
-    geofence_id: str
-    store_id: str
-    enter_ts: float
-    confirmed_ts: float  # last accurate ping inside; a stale exit is dated here
-    lat: float
-    lon: float
-    distance_m: float
-    speed_mps: float | None
-    dwells_fired: list[float] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class DeviceState:
-    """Everything the tracker remembers about one device."""
-
-    last_ts: float | None = None
-    stays: dict[str, Stay] = field(default_factory=dict)
-    # (ts, lat, lon) of accepted pings of the last SPEED_MAX_AGE_S, oldest first, for speed
-    recent: list[tuple[float, float, float]] = field(default_factory=list)
-    # The tracker's cache of when a timer of these stays may next be due: a lower bound, valid
-    # only for the dwell plan it was worked out with (`due_plan`), so a tracker with other
-    # rules works it out again. Not part of the state: not compared, not stored.
-    due: float | None = field(default=None, compare=False, repr=False)
-    due_plan: object = field(default=None, compare=False, repr=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "last_ts": self.last_ts,
-            "stays": [
-                [s.geofence_id, s.store_id, s.enter_ts, s.confirmed_ts, s.lat, s.lon,
-                 s.distance_m, s.speed_mps, s.dwells_fired]
-                for s in self.stays.values()
-            ],
-            "recent": [list(r) for r in self.recent],
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> DeviceState:
-        stays = {}
-        for row in data.get("stays", ()):
-            stay = Stay(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7],
-                        list(row[8]))
-            stays[stay.geofence_id] = stay
-        recent = [(r[0], r[1], r[2]) for r in data.get("recent", ())]
-        return cls(data.get("last_ts"), stays, recent)
 
 
 @dataclass(slots=True)
@@ -527,7 +359,7 @@ class Tracker:
                 store_id = self._store_ids[fence]
                 stays[fid] = Stay(fid, store_id, ts, ts, ping.lat, ping.lon, dist, speed)
                 step = _step(steps, device_id, state)
-                step.events.append(_event(device_id, fid, store_id, "enter", ts, ping.lat,
+                step.events.append(new_event(device_id, fid, store_id, "enter", ts, ping.lat,
                                          ping.lon, dist, speed))
                 plan = self._dwells.get(fid)
                 if plan is None:
@@ -630,7 +462,7 @@ class Tracker:
                 continue
             if kind == _DWELL:
                 stay.dwells_fired.append(dwell)
-                step.events.append(_event(device_id, fid, stay.store_id, "dwell", t, stay.lat,
+                step.events.append(new_event(device_id, fid, stay.store_id, "dwell", t, stay.lat,
                                          stay.lon, stay.distance_m, stay.speed_mps, dwell_s=dwell))
             else:
                 del state.stays[fid]
@@ -639,10 +471,10 @@ class Tracker:
 
     def _end(self, device_id: str, step: Step, stay: Stay, ts: float, lat: float, lon: float,
              dist: float, speed: float | None, *, stale: bool) -> None:
-        step.events.append(_event(device_id, stay.geofence_id, stay.store_id, "exit", ts, lat,
+        step.events.append(new_event(device_id, stay.geofence_id, stay.store_id, "exit", ts, lat,
                                  lon, dist, speed, stale=stale))
         if ts - stay.enter_ts >= self.min_visit_s:
-            step.visits.append(_visit(device_id, stay.store_id, stay.geofence_id,
+            step.visits.append(new_visit(device_id, stay.store_id, stay.geofence_id,
                                      stay.enter_ts, ts))
 
 

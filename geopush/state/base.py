@@ -14,7 +14,7 @@ from typing import Any
 from geopush.devices import ConsentChange, DeviceProfile, ErasureRecord
 from geopush.engine import DeviceOutcome, DeviceSnapshot
 from geopush.errors import GeopushError
-from geopush.geo.transitions import Visit
+from geopush.geo.model import Visit
 
 Compute = Callable[[Mapping[str, DeviceSnapshot]], Mapping[str, DeviceOutcome]]
 """Pure: snapshots of some devices → what to write for each. May be called more than once:

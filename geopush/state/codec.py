@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from geopush.geo.transitions import DeviceState, Stay, Visit
+from geopush.geo.model import DeviceState, Stay, Visit
 
 
 def track_to_json(state: DeviceState, next_due: float | None) -> list[Any]:

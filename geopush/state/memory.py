@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from geopush.devices import ConsentChange, DeviceProfile, ErasureRecord
 from geopush.engine import DeviceOutcome, DeviceSnapshot
 from geopush.errors import GeopushError
-from geopush.geo.transitions import DeviceState, Stay, Visit
+from geopush.geo.model import DeviceState, Stay, Visit
 from geopush.state.base import Compute, StateStore
 from geopush.state.codec import track_from_json, track_to_json, visit_from_json, visit_to_json
 from geopush.state.keys import VISITS_KEPT

@@ -10,26 +10,31 @@ sorts each device's pings within a batch and would otherwise accept it.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
 import re
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, TextIO, get_args
 
 import yaml
 from pydantic import ValidationError
 
+from geopush.cli.common import ERRORS, OK, USAGE, print_error, rule_files, settings_of, show
 from geopush.config import WeatherCondition
 from geopush.devices import Consent, DeviceProfile, has_location_consent
 from geopush.engine import DeviceSnapshot, Engine
-from geopush.errors import InvalidInput, Problem
-from geopush.geo.transitions import Event, Ping, Visit
+from geopush.errors import ConfigError, InvalidInput, Problem, StoreLoadError
+from geopush.geo.model import Event, Ping, Visit
+from geopush.geo.stores import load_stores
 from geopush.pings import DEVICE_ID, PingError, parse_ping
+from geopush.service.active import build_engine
 from geopush.timeutil import format_ts, parse_ts
 from geopush.yamlspots import compose, line_of
 
@@ -417,3 +422,105 @@ class Replay:
         # for whole devices, so a sample is kept and the rest only counted (big files)
         if code == "invalid" or self.result.rejected[code] <= KEPT_REJECTIONS:
             self.result.rejections.append((line, code, message))
+
+
+# -- the command ---------------------------------------------------------------------------
+
+
+_SHOWN_PER_CODE = 20  # no_consent / out_of_order lines listed before only counting the rest
+
+
+def run(args: argparse.Namespace) -> int:
+    err = sys.stderr
+    weather: dict[str, Any] | None = None
+    if args.weather is not None:
+        try:
+            weather = parse_weather(args.weather)
+        except ValueError as exc:
+            print(f"error: --weather {exc}", file=err)
+            return USAGE
+    try:
+        settings = settings_of(args)
+    except ConfigError as exc:
+        print_error(exc, err)
+        return ERRORS
+    if weather is None and settings.weather.static is not None:
+        weather = settings.weather.static.model_dump(exclude_none=True) or None
+    try:
+        stores = load_stores(settings.stores_file,
+                             default_radius_m=settings.geofence.default_radius_m)
+    except StoreLoadError as exc:
+        print(f"error: {exc.message}", file=err)
+        print_error(exc, err)
+        return ERRORS
+    if stores.warnings:
+        print(f"stores: {len(stores)} geofences, {len(stores.warnings)} warning(s) "
+              "(geopush check lists them)", file=err)
+    if rule_files(settings.rules_dir):
+        print(f"warning: rules: not evaluated yet (rules engine not built); "
+              f"{show(settings.rules_dir)} ignored", file=err)
+    print(f"weather: {weather if weather else 'unknown'}", file=err)
+    devices = {}
+    if args.devices:
+        try:
+            devices = load_devices(Path(args.devices))
+        except InvalidInput as exc:
+            print_error(exc, err)
+            return ERRORS
+    replay = Replay(
+        build_engine(settings, stores),
+        devices=devices,
+        assume_consent=args.assume_consent,
+        keep_events=not args.summary_only,
+    )
+    path = Path(args.pings)
+    try:
+        result = replay.run(read_pings(path, device_id=args.device))
+    except NoDeviceColumn as exc:
+        print(f"error: {exc.message}", file=err)
+        return USAGE
+    except InvalidInput as exc:
+        print_error(exc, err)
+        return ERRORS
+    _report_rejections(path, result, err)
+    names = {g.id: g.name for g in stores.geofences}
+    if args.json:
+        if args.timeline and not args.summary_only:
+            _print_timeline(result.events, names, err)
+        print(json.dumps(result.document(summary_only=args.summary_only), ensure_ascii=False))
+    else:
+        if not args.summary_only:
+            _print_timeline(result.events, names, sys.stdout)
+        _print_summary(result, sys.stdout)
+    return OK
+
+
+def _report_rejections(path: Path, result: ReplayResult, out: TextIO) -> None:
+    shown: Counter[str] = Counter()
+    for line, code, message in result.rejections:
+        shown[code] += 1
+        # every malformed line is listed; consent and order problems repeat, so a sample
+        if code == "invalid" or shown[code] <= _SHOWN_PER_CODE:
+            print(f"{show(path)}:{line}: {code}: {message}", file=out)
+    for code, count in sorted(result.rejected.items()):
+        if code != "invalid" and count > _SHOWN_PER_CODE:
+            print(f"{show(path)}: ... and {count - _SHOWN_PER_CODE} more {code}", file=out)
+
+
+def _print_timeline(events: list[Event], names: dict[str, str], out: TextIO) -> None:
+    for e in events:
+        kind: str = "exit (stale)" if e.stale else e.type
+        if e.type == "dwell" and e.dwell_s is not None:
+            kind = f"dwell {e.dwell_s:g}s"
+        speed = "speed ?" if e.speed_mps is None else f"{e.speed_mps:.1f} m/s"
+        print(f"{format_ts(e.ts)}  {e.device_id}  {kind:<12}  {e.geofence_id}  "
+              f"{names.get(e.geofence_id, '?')}  {e.distance_m:.0f} m  {speed}", file=out)
+
+
+def _print_summary(result: ReplayResult, out: TextIO) -> None:
+    s = result.summary()
+    rejected = ", ".join(f"{k} {v}" for k, v in s["rejected_by_code"].items())
+    events = ", ".join(f"{k} {v}" for k, v in s["events"].items())
+    print(f"pings {s['pings']}, rejected {s['rejected']}{f' ({rejected})' if rejected else ''}; "
+          f"events: {events}; visits {result.visit_count}; pushes 0 (rules engine not built); "
+          f"{s['elapsed_s']} s, {s['pings_per_s']:.0f} pings/s", file=out)

@@ -14,13 +14,13 @@ from collections.abc import Callable, Mapping
 from contextlib import suppress
 
 from geopush.engine import DeviceOutcome, DeviceSnapshot, Engine
-from geopush.geo.transitions import Event
+from geopush.geo.model import Event
 from geopush.logs import fields
 from geopush.metrics import Metrics
 from geopush.state.base import StateStore, StateUnavailable
 from geopush.timeutil import format_ts
 
-log = logging.getLogger("geopush.timers")
+log = logging.getLogger("geopush.service.timers")
 
 INTERVAL_S = 1.0
 BATCH = 500  # devices per claim; a backlog is drained batch after batch in one run

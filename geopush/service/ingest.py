@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,14 +19,14 @@ from operator import attrgetter
 from typing import Any
 
 from geopush.engine import DeviceOutcome, DeviceSnapshot, Engine, Rejected
-from geopush.geo.transitions import Event, Ping
+from geopush.geo.model import Event, Ping
 from geopush.logs import fields
 from geopush.metrics import Metrics
-from geopush.pings import DEVICE_ID, MAX_FUTURE_S, PingError, parse_ping
+from geopush.pings import PingError, parse
 from geopush.state.base import StateStore, StateUnavailable
 from geopush.timeutil import format_ts
 
-log = logging.getLogger("geopush.api.ingest")
+log = logging.getLogger("geopush.service.ingest")
 
 MAX_GROUP_PINGS = 2000  # a group's latency grows with its size; requests beyond wait for the next
 MAX_FLUSHING = 1  # groups in the state store at once; the next one gathers requests meanwhile
@@ -53,49 +52,6 @@ def event_json(event: Event) -> dict[str, Any]:
             "store_id": event.store_id, "type": event.type, "ts": format_ts(event.ts)}
 
 
-def parse(obj: Any, now: float) -> Ping:
-    """parse_ping for the common wire form (numbers, epoch-ms ts) at a fraction of its cost;
-    anything else, and every error, is left to parse_ping itself."""
-    if type(obj) is dict:
-        get = obj.get
-        device_id: Any = get("device_id")
-        lat: Any = get("lat")
-        lon: Any = get("lon")
-        ts: Any = get("ts")
-        accuracy: Any = get("accuracy_m")
-        speed: Any = get("speed_mps")
-        # `type(x) in _NUMBER` leaves bools (and strings: RFC 3339 ts) to parse_ping. The four
-        # required fields are there, so the length tells whether any field is not a ping's.
-        if (type(device_id) is str and type(lat) in _NUMBER and type(lon) in _NUMBER
-                and type(ts) in _NUMBER
-                and len(obj) == 4 + ("accuracy_m" in obj) + ("speed_mps" in obj)
-                and -90.0 <= lat <= 90.0 and -180.0 <= lon <= 180.0
-                and 0 <= ts < 1e14 and ts / 1000.0 <= now + MAX_FUTURE_S
-                and (accuracy is None or (type(accuracy) in _NUMBER and 0 <= accuracy < math.inf))
-                and (speed is None or (type(speed) in _NUMBER and 0 <= speed < math.inf))
-                and (device_id in _valid_ids or _new_valid_id(device_id))):
-            return Ping(device_id, ts / 1000.0, float(lat), float(lon),
-                        None if accuracy is None else float(accuracy),
-                        None if speed is None else float(speed))
-    return parse_ping(obj, now=now)
-
-
-# Device ids seen valid, so that a device's every ping is not matched against DEVICE_ID again
-# (the match costs more than a set lookup several times over). Bounded: ids are client input.
-_valid_ids: set[str] = set()
-MAX_REMEMBERED_IDS = 100_000
-
-
-def _new_valid_id(device_id: str) -> bool:
-    if DEVICE_ID.match(device_id) is None:
-        return False
-    if len(_valid_ids) >= MAX_REMEMBERED_IDS:
-        _valid_ids.clear()
-    _valid_ids.add(device_id)
-    return True
-
-
-_NUMBER = (int, float)
 _by_index = attrgetter("index")
 _by_ts = attrgetter("ts")
 

@@ -22,11 +22,11 @@ from contextlib import suppress
 
 from geopush.config import Settings
 from geopush.errors import StoreLoadError
-from geopush.geofencing import ConfigSet, Geofencing, geofencing_of, read_config_set
 from geopush.logs import fields
+from geopush.service.active import ConfigSet, Geofencing, geofencing_of, read_config_set
 from geopush.state.base import StateStore, StateUnavailable
 
-log = logging.getLogger("geopush.reloading")
+log = logging.getLogger("geopush.service.reloading")
 
 POLL_S = 1.0
 

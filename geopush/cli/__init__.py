@@ -1,0 +1,1 @@
+"""The `geopush` command line: serve, check, schema, replay."""

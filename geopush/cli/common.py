@@ -1,0 +1,66 @@
+"""What every `geopush` command shares: exit codes, settings with --stores/--rules, problems
+printed one a line."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+from typing import Any, TextIO
+
+from geopush.config import Settings, load_settings
+from geopush.errors import ConfigError, InvalidInput, Problem, StoreLoadError
+
+OK, ERRORS, USAGE = 0, 1, 2
+
+
+def settings_of(args: argparse.Namespace) -> Settings:
+    """Load the settings; --stores and --rules win over the file and the environment."""
+    settings = load_settings(args.config)
+    update: dict[str, Path] = {}
+    if getattr(args, "stores", None):
+        update["stores_file"] = Path(args.stores).resolve()
+    if getattr(args, "rules", None):
+        update["rules_dir"] = Path(args.rules).resolve()
+    return settings.model_copy(update=update) if update else settings
+
+
+def show(path: Path | None) -> str:
+    """A path as the user would type it: relative to the working directory when inside it."""
+    if path is None:
+        return "<none>"
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def print_problem(problem: Problem, out: TextIO) -> None:
+    line = f"{problem.severity}: {problem.where}: {problem.message}"
+    if problem.expected and "expected" not in problem.message:
+        line += f"; expected {problem.expected}"
+    print(line, file=out)
+
+
+def print_error(error: ConfigError | InvalidInput | StoreLoadError, out: TextIO) -> None:
+    if not error.details:
+        print(f"error: {error.message}", file=out)
+    for problem in error.details:
+        print_problem(problem, out)
+
+
+def rule_files(rules_dir: Path | None) -> list[Path]:
+    if rules_dir is None or not rules_dir.is_dir():
+        return []
+    return sorted([*rules_dir.glob("*.yaml"), *rules_dir.glob("*.yml")])
+
+
+def optional_attr(module: str, name: str) -> Any:
+    """module.name, or None when the module (not one of its own imports) is missing."""
+    try:
+        found = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and module.startswith(exc.name):
+            return None
+        raise
+    return getattr(found, name, None)

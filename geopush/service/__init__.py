@@ -1,0 +1,1 @@
+"""The service shell: group-committed ingestion, timers, reloading, the active stores."""
