@@ -126,3 +126,33 @@ async def test_a_timer_fires_once_across_instances(
         await asyncio.sleep(0.1)
     await asyncio.sleep(1.0)  # time for a duplicate to show up, if there were one
     assert await fired() == len(devices)
+
+
+async def test_a_consent_revocation_racing_other_patches_is_never_reverted(
+        tmp_path: Path, shared_redis: dict[str, Any], aiohttp_client: MakeClient) -> None:
+    """Issue #8 finding 2: a PATCH that read the profile before a revocation and wrote it back
+    after restored the consent (25 of 30 tries); profile writes are compare-and-set now."""
+    shared = settings_for(tmp_path, storage=shared_redis)
+    instances = [await aiohttp_client(create_app(shared)) for _ in range(2)]
+    for attempt in range(10):
+        device = f"racer-{attempt}"
+        resp = await instances[0].put(f"/v1/devices/{device}", headers=DEVICES, json={
+            "consent": {"location": True, "marketing": True}, "attributes": {"n": -1}})
+        assert resp.status == 200
+        revoke = instances[attempt % 2].patch(
+            f"/v1/devices/{device}", headers=DEVICES,
+            json={"consent": {"location": False, "marketing": False}})
+        others = [instances[(attempt + k) % 2].patch(f"/v1/devices/{device}", headers=DEVICES,
+                                                     json={"attributes": {"n": k}})
+                  for k in range(3)]
+        responses = await asyncio.gather(revoke, *others)
+        assert [r.status for r in responses] == [200] * 4
+        profile = await (await instances[1].get(f"/v1/devices/{device}", headers=DEVICES)).json()
+        assert profile["consent"] == {"location": False, "marketing": False}
+        export = await (await instances[0].get(f"/v1/devices/{device}/export",
+                                               headers=DEVICES)).json()
+        trail = [(c["location"], c["marketing"]) for c in export["consent_history"]]
+        assert trail == [(True, True), (False, False)]  # each change recorded once
+        resp = await instances[0].post("/v1/pings", headers=INGEST,
+                                       json=ping(device, load_trace()[300]))
+        assert [r["code"] for r in (await resp.json())["rejected"]] == ["no_consent"]

@@ -30,7 +30,7 @@ from geopush.devices import (
 from geopush.engine import DeviceOutcome, DeviceSnapshot
 from geopush.errors import InvalidInput, Problem
 from geopush.pings import DEVICE_ID
-from geopush.state.base import StateStore
+from geopush.state.base import ProfileWrite, StateStore
 from geopush.timeutil import format_ts
 
 routes = web.RouteTableDef()
@@ -107,24 +107,27 @@ async def put_device(request: web.Request) -> web.Response:
     request.app[AUTH].check(request, "devices")
     device_id = _device_id(request)
     update = await _update(request)
-    store = request.app[STATE]
     now = time.time()
-    before = await store.get_profile(device_id)
-    profile = DeviceProfile(
-        device_id=device_id,
-        push_token=update.push_token,
-        platform=update.platform,
-        locale=update.locale,
-        timezone=update.timezone,
-        attributes=update.attributes or {},
-        segments=update.segments or [],
-        # consent is never assumed: a PUT without it means no consent
-        consent=update.consent or Consent(),
-        created_at=before.created_at if before is not None else now,
-        updated_at=now,
-    )
-    await store.put_profile(profile, _consent_change(before, profile, now, "PUT"))
-    return json_response(profile_json(profile))
+
+    def replace(before: DeviceProfile | None) -> ProfileWrite:
+        profile = DeviceProfile(
+            device_id=device_id,
+            push_token=update.push_token,
+            platform=update.platform,
+            locale=update.locale,
+            timezone=update.timezone,
+            attributes=update.attributes or {},
+            segments=update.segments or [],
+            # consent is never assumed: a PUT without it means no consent
+            consent=update.consent or Consent(),
+            created_at=before.created_at if before is not None else now,
+            updated_at=now,
+        )
+        return ProfileWrite(profile, _consent_change(before, profile, now, "PUT"))
+
+    written = await request.app[STATE].update_profile(device_id, replace)
+    assert written is not None  # replace always writes
+    return json_response(profile_json(written.profile))
 
 
 @routes.patch(PATH)
@@ -132,30 +135,36 @@ async def patch_device(request: web.Request) -> web.Response:
     request.app[AUTH].check(request, "devices")
     device_id = _device_id(request)
     update = await _update(request)
-    store = request.app[STATE]
-    before = await store.get_profile(device_id)
-    if before is None:
-        raise NotFound(f"device {device_id!r} is not registered: PUT it first")
+    if "consent" in update.model_fields_set and update.consent is None:
+        raise InvalidInput("consent = null: expected {location?, marketing?}",
+                           [Problem("body", "consent is null", field="consent",
+                                    value=None, expected="{location?, marketing?}")])
     now = time.time()
-    changes: dict[str, Any] = {"updated_at": now}
-    for name in update.model_fields_set:
-        value = getattr(update, name)
-        if name == "consent":
-            if update.consent is None:
-                raise InvalidInput("consent = null: expected {location?, marketing?}",
-                                   [Problem("body", "consent is null", field="consent",
-                                            value=None, expected="{location?, marketing?}")])
-            # only the consents given change: {"marketing": false} keeps location as it was
-            value = before.consent.model_copy(update={
-                k: getattr(update.consent, k) for k in update.consent.model_fields_set})
-        elif name == "attributes" and value is None:
-            value = {}
-        elif name == "segments" and value is None:
-            value = []
-        changes[name] = value
-    profile = before.model_copy(update=changes)
-    await store.put_profile(profile, _consent_change(before, profile, now, "PATCH"))
-    return json_response(profile_json(profile))
+
+    def patch(before: DeviceProfile | None) -> ProfileWrite:
+        # runs again on the fresh profile if another write moved the device meanwhile: the
+        # fields not given are those stored at the write, never those of an earlier read
+        if before is None:
+            raise NotFound(f"device {device_id!r} is not registered: PUT it first")
+        changes: dict[str, Any] = {"updated_at": now}
+        for name in update.model_fields_set:
+            value = getattr(update, name)
+            if name == "consent":
+                assert update.consent is not None
+                # only the consents given change: {"marketing": false} keeps location as it was
+                value = before.consent.model_copy(update={
+                    k: getattr(update.consent, k) for k in update.consent.model_fields_set})
+            elif name == "attributes" and value is None:
+                value = {}
+            elif name == "segments" and value is None:
+                value = []
+            changes[name] = value
+        profile = before.model_copy(update=changes)
+        return ProfileWrite(profile, _consent_change(before, profile, now, "PATCH"))
+
+    written = await request.app[STATE].update_profile(device_id, patch)
+    assert written is not None  # patch writes or raises
+    return json_response(profile_json(written.profile))
 
 
 @routes.get(PATH)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from geopush.devices import ConsentChange, DeviceProfile, ErasureRecord
@@ -21,6 +22,20 @@ Compute = Callable[[Mapping[str, DeviceSnapshot]], Mapping[str, DeviceOutcome]]
 after a conflict it is called again with fresh snapshots of only the devices that conflicted
 (so it must take the devices to work on from its argument); outcomes of devices not in the
 argument are ignored. It may mutate the states it is given."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileWrite:
+    """A profile to store, with the consent change to append to the trail (None: unchanged)."""
+
+    profile: DeviceProfile
+    change: ConsentChange | None
+
+
+ProfileEdit = Callable[[DeviceProfile | None], ProfileWrite | None]
+"""Pure: the stored profile (None: unknown device) → what to write (None: nothing). Called again
+with the fresh profile when another write moved the device meanwhile, so a PATCH never reverts a
+concurrent one and each consent change is recorded once. May raise to refuse (e.g. NotFound)."""
 
 
 class StateUnavailable(GeopushError):
@@ -49,10 +64,16 @@ class StateStore(ABC):
     async def get_profile(self, device_id: str) -> DeviceProfile | None: ...
 
     @abstractmethod
-    async def put_profile(self, profile: DeviceProfile, change: ConsentChange | None) -> None:
-        """Store the profile; append `change` to the consent trail when consent changed.
+    async def update_profile(self, device_id: str, edit: ProfileEdit) -> ProfileWrite | None:
+        """Atomically per device: stored profile → `edit` → write the profile, append the
+        consent change; compare-and-set on the device's version, like `track`. Returns what was
+        written (None: `edit` wrote nothing).
 
         Revoking location consent also ends the device's stays and timers without events."""
+
+    async def put_profile(self, profile: DeviceProfile, change: ConsentChange | None) -> None:
+        """Store `profile` whatever is stored (tests, tools); the API edits with update_profile."""
+        await self.update_profile(profile.device_id, lambda _stored: ProfileWrite(profile, change))
 
     @abstractmethod
     async def consent_history(self, device_id: str) -> list[ConsentChange]: ...

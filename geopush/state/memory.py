@@ -18,7 +18,7 @@ from geopush.devices import ConsentChange, DeviceProfile, ErasureRecord
 from geopush.engine import DeviceOutcome, DeviceSnapshot
 from geopush.errors import GeopushError
 from geopush.geo.model import DeviceState, Stay, Visit
-from geopush.state.base import Compute, StateStore
+from geopush.state.base import Compute, ProfileEdit, ProfileWrite, StateStore
 from geopush.state.codec import track_from_json, track_to_json, visit_from_json, visit_to_json
 from geopush.state.keys import VISITS_KEPT
 
@@ -60,15 +60,22 @@ class MemoryStore(StateStore):
     async def get_profile(self, device_id: str) -> DeviceProfile | None:
         return self._profiles.get(device_id)
 
-    async def put_profile(self, profile: DeviceProfile, change: ConsentChange | None) -> None:
-        device_id = profile.device_id
+    async def update_profile(self, device_id: str, edit: ProfileEdit) -> ProfileWrite | None:
+        # read, edit and write with no await in between: no other task can write meanwhile
+        write = edit(self._profiles.get(device_id))
+        if write is None:
+            return None
+        profile = write.profile
+        if profile.device_id != device_id:
+            raise ValueError(f"edit of {device_id!r} returned the profile of {profile.device_id!r}")
         self._profiles[device_id] = profile
-        if change is not None:
-            self._consent.setdefault(device_id, []).append(change)
+        if write.change is not None:
+            self._consent.setdefault(device_id, []).append(write.change)
         if not profile.consent.location:
             # revoked (or never given): stays and timers end silently, no exit events
             self._tracks.pop(device_id, None)
             self._timers.discard(device_id)
+        return write
 
     async def consent_history(self, device_id: str) -> list[ConsentChange]:
         return list(self._consent.get(device_id, ()))

@@ -46,7 +46,7 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from geopush.devices import ConsentChange, DeviceProfile, ErasureRecord
 from geopush.engine import DeviceOutcome, DeviceSnapshot
 from geopush.geo.model import DeviceState, Visit
-from geopush.state.base import Compute, StateStore, StateUnavailable
+from geopush.state.base import Compute, ProfileEdit, ProfileWrite, StateStore, StateUnavailable
 from geopush.state.codec import decode_track, decode_visit, encode_track, encode_visit
 from geopush.state.keys import VISITS_KEPT, DeviceKeys, Keys, group_by_slot
 from geopush.state.redis_scripts import (
@@ -154,11 +154,29 @@ class RedisStore(StateStore):
             raw = await self._redis.get(self.keys.device(device_id).profile)
         return DeviceProfile.model_validate_json(raw) if raw is not None else None
 
-    async def put_profile(self, profile: DeviceProfile, change: ConsentChange | None) -> None:
-        device_id = profile.device_id
+    async def update_profile(self, device_id: str, edit: ProfileEdit) -> ProfileWrite | None:
         keys = self.keys.device(device_id)
+        for _ in range(MAX_ATTEMPTS):
+            async with self._guard():
+                raw, version = await self._redis.execute_command("MGET", keys.profile,
+                                                                 keys.version)
+            stored = DeviceProfile.model_validate_json(raw) if raw is not None else None
+            write = edit(stored)
+            if write is None:
+                return None
+            if await self._put_profile(keys, device_id, write, version or b""):
+                return write
+        raise StateUnavailable(
+            f"the device changed under every one of {MAX_ATTEMPTS} attempts; retry later")
+
+    async def _put_profile(self, keys: DeviceKeys, device_id: str, write: ProfileWrite,
+                           version: bytes) -> bool:
+        """The compare-and-set of one profile write; False when the version moved."""
+        profile, change = write.profile, write.change
+        if profile.device_id != device_id:
+            raise ValueError(f"edit of {device_id!r} returned the profile of {profile.device_id!r}")
         revoke = not profile.consent.location
-        args = (profile.model_dump_json(), change.model_dump_json() if change else "",
+        args = (version, profile.model_dump_json(), change.model_dump_json() if change else "",
                 "1" if revoke else "0")
         for _ in range(2):  # the second time after loading the scripts (Redis restarted)
             async with self._guard():
@@ -176,7 +194,7 @@ class RedisStore(StateStore):
                 results = await pipe.execute(raise_on_error=False)
                 if not isinstance(results[-1], NoScriptError):
                     _raise_first_error(results)
-                    return
+                    return int(results[-1]) != -1
                 await self._load_scripts()
         raise StateUnavailable("Redis keeps losing geopush's scripts")
 

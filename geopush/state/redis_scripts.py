@@ -52,12 +52,16 @@ if s > 0 then redis.call('MSET', unpack(sets, 1, s)) end
 return conflicts
 """
 
-# KEYS: profile, consent, track, ver. ARGV: profile JSON, consent change JSON or '', '1' to
-# drop the track (location consent revoked: stays end without events).
+# KEYS: profile, consent, track, ver. ARGV: the version the profile was read at ('' = none),
+# profile JSON, consent change JSON or '', '1' to drop the track (location consent revoked:
+# stays end without events). A compare-and-set like the commit's: when the version moved since
+# the read (a ping, another profile write), nothing is written and -1 comes back, so the caller
+# edits the fresh profile again; a PATCH never writes back a profile read before another write.
 _PUT_PROFILE = """
-redis.call('SET', KEYS[1], ARGV[1])
-if ARGV[2] ~= '' then redis.call('RPUSH', KEYS[2], ARGV[2]) end
-if ARGV[3] == '1' then redis.call('DEL', KEYS[3]) end
+if (redis.call('GET', KEYS[4]) or '') ~= ARGV[1] then return -1 end
+redis.call('SET', KEYS[1], ARGV[2])
+if ARGV[3] ~= '' then redis.call('RPUSH', KEYS[2], ARGV[3]) end
+if ARGV[4] == '1' then redis.call('DEL', KEYS[3]) end
 return redis.call('INCR', KEYS[4])
 """
 
