@@ -25,10 +25,11 @@ from geopush.devices import (
     DeviceProfile,
     DeviceUpdate,
     ErasureRecord,
-    device_hash,
+    erasure_hash,
 )
 from geopush.engine import DeviceOutcome, DeviceSnapshot
 from geopush.errors import InvalidInput, Problem
+from geopush.logs import log_device_change, log_erasure
 from geopush.pings import DEVICE_ID
 from geopush.state.base import StateStore
 from geopush.timeutil import format_ts
@@ -104,7 +105,7 @@ def _consent_change(before: DeviceProfile | None, after: DeviceProfile, now: flo
 
 @routes.put(PATH)
 async def put_device(request: web.Request) -> web.Response:
-    request.app[AUTH].check(request, "devices")
+    who = request.app[AUTH].check(request, "devices")
     device_id = _device_id(request)
     update = await _update(request)
     store = request.app[STATE]
@@ -124,12 +125,13 @@ async def put_device(request: web.Request) -> web.Response:
         updated_at=now,
     )
     await store.put_profile(profile, _consent_change(before, profile, now, "PUT"))
+    log_device_change(who, before, profile, "PUT")
     return json_response(profile_json(profile))
 
 
 @routes.patch(PATH)
 async def patch_device(request: web.Request) -> web.Response:
-    request.app[AUTH].check(request, "devices")
+    who = request.app[AUTH].check(request, "devices")
     device_id = _device_id(request)
     update = await _update(request)
     store = request.app[STATE]
@@ -155,6 +157,7 @@ async def patch_device(request: web.Request) -> web.Response:
         changes[name] = value
     profile = before.model_copy(update=changes)
     await store.put_profile(profile, _consent_change(before, profile, now, "PATCH"))
+    log_device_change(who, before, profile, "PATCH")
     return json_response(profile_json(profile))
 
 
@@ -221,15 +224,16 @@ async def _tracking(store: StateStore, device_id: str) -> dict[str, Any]:
 
 @routes.delete(PATH)
 async def delete_device(request: web.Request) -> web.Response:
-    request.app[AUTH].check(request, "devices")
+    who = request.app[AUTH].check(request, "devices")
     device_id = _device_id(request)
     store = request.app[STATE]
     profile = await store.get_profile(device_id)
     record = ErasureRecord(
-        device_hash=device_hash(device_id, request.app[SETTINGS].logging.pseudonym_key),
+        device_hash=erasure_hash(device_id, request.app[SETTINGS].logging.pseudonym_key),
         erased_at=time.time(),
         last_consent=profile.consent if profile is not None else None,
     )
     if not await store.erase(device_id, record):
         raise NotFound(f"device {device_id!r} is not registered (nothing to erase)")
+    log_erasure(who, device_id)
     return web.Response(status=204)

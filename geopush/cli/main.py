@@ -1,4 +1,4 @@
-"""The `geopush` command: serve, check, schema, replay (contract §9).
+"""The `geopush` command: serve, check, schema, replay (contract §9), erasure-hash.
 
 Exit codes: 0 ok, 1 errors in the inputs (config, stores, devices, pings file), 2 usage.
 Machine-readable output (`--json`, `schema`) goes to standard output alone; logs, warnings and
@@ -15,7 +15,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from geopush.cli import check, replay, schema
-from geopush.cli.common import ERRORS, OK, USAGE, optional_attr, print_error, settings_of
+from geopush.cli.common import (
+    ERRORS,
+    OK,
+    USAGE,
+    optional_attr,
+    print_error,
+    settings_of,
+)
+from geopush.devices import erasure_hash
 from geopush.errors import ConfigError
 
 
@@ -74,7 +82,25 @@ def _parser() -> argparse.ArgumentParser:
     replay_cmd.add_argument("--summary-only", action="store_true",
                         help="leave out the lists of events and decisions")
     replay_cmd.set_defaults(handler=replay.run)
+
+    erasure_cmd = commands.add_parser(
+        "erasure-hash", help="the id of a device's erasure record (proof of consent)")
+    erasure_cmd.add_argument("device_id", metavar="DEVICE_ID")
+    config_option(erasure_cmd)
+    erasure_cmd.set_defaults(handler=_erasure_hash)
     return parser
+
+
+def _erasure_hash(args: argparse.Namespace) -> int:
+    """The hash DELETE /v1/devices/{id} filed the device's erasure record under: look it up in
+    the state store (Redis: HGET <key_prefix>:erasures <hash>) to answer an art. 7(1) request."""
+    try:
+        settings = settings_of(args)
+    except ConfigError as exc:
+        print_error(exc, sys.stderr)
+        return ERRORS
+    print(erasure_hash(args.device_id, settings.logging.pseudonym_key))
+    return OK
 
 
 # -- serve -------------------------------------------------------------------------------------
