@@ -12,6 +12,7 @@ import asyncio
 import inspect
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 from typing import Any
 
 from geopush.cli import check, replay, schema
@@ -21,10 +22,12 @@ from geopush.cli.common import (
     USAGE,
     optional_attr,
     print_error,
+    print_problem,
     settings_of,
 )
 from geopush.devices import erasure_hash
 from geopush.errors import ConfigError
+from geopush.preflight import deployment_problems
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -41,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="geopush", description="Geofencing push notifications that are never pushy."
     )
+    parser.add_argument("--version", action="version", version=f"geopush {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def config_option(p: argparse.ArgumentParser) -> None:
@@ -91,6 +95,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    try:
+        return metadata.version("geopush")
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
+
+
 def _erasure_hash(args: argparse.Namespace) -> int:
     """The hash DELETE /v1/devices/{id} filed the device's erasure record under: look it up in
     the state store (Redis: HGET <key_prefix>:erasures <hash>) to answer an art. 7(1) request."""
@@ -111,6 +122,11 @@ def _serve(args: argparse.Namespace) -> int:
         settings = settings_of(args)
     except ConfigError as exc:
         print_error(exc, sys.stderr)
+        return ERRORS
+    refused = deployment_problems(settings)  # the lines `geopush check` prints
+    for problem in refused:
+        print_problem(problem, sys.stderr)
+    if refused:
         return ERRORS
     run = optional_attr("geopush.app", "run")
     if run is None:
