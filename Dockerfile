@@ -1,5 +1,7 @@
 # geopush service image. Build: docker build -t geopush .
-# Run:   docker run -p 8080:8080 -e GEOPUSH_AUTH__KEYS='[{"name":"app","key":"<32+ random chars>","scopes":["ingest","devices"]}]' geopush
+# Run:   docker run -p 8080:8080 -e GEOPUSH_AUTH__KEYS='[{"name":"app","key":"<32+ random chars>","scopes":["ingest","devices"]}]' \
+#          -e GEOPUSH_LOGGING__PSEUDONYM_KEY="$(openssl rand -hex 32)" geopush
+# With auth keys, serve refuses the default logging.pseudonym_key (docs/security.md).
 # Without auth keys geopush listens on loopback only, i.e. unreachable from outside the container.
 FROM python:3.11-slim
 

@@ -211,7 +211,8 @@ class _Server:
             "storage": {"backend": backend, "redis_url": redis_url, "key_prefix": self.prefix},
             "auth": {"keys": [{"name": "bench", "key": KEY,
                                "scopes": ["ingest", "devices", "admin"]}]},
-            "logging": {"level": "WARNING"},
+            # with auth keys, serve refuses the default pseudonym key
+            "logging": {"level": "WARNING", "pseudonym_key": f"bench-{os.urandom(16).hex()}"},
         }
         self.config = directory / f"geopush-{backend}.yaml"
         self.config.write_text(yaml.safe_dump(config))

@@ -10,14 +10,17 @@ contract loads today and keeps its meaning when they land.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -28,12 +31,39 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from geopush.config_problems import PATTERN_MEANINGS, SECRET_MARK, validation_problems
+from geopush.config_sources import ENV_PREFIX, Origin, deep_merge, read_environment
 from geopush.durations import Duration
-from geopush.errors import ConfigError, Problem
-from geopush.yamlspots import compose, line_of
+from geopush.errors import ConfigError
+from geopush.yamlspots import YamlError, load_yaml
 
 DEFAULT_CONFIG_PATH = Path("config/geopush.yaml")
-ENV_PREFIX = "GEOPUSH_"
+DEFAULT_PSEUDONYM_KEY = "change-me"
+# marks a secret: never shown in an error, `writeOnly` for editors reading the schema
+SECRET: dict[str, Any] = {SECRET_MARK: True, "writeOnly": True}
+
+
+def _url_check(schemes: tuple[str, ...], what: str) -> AfterValidator:
+    def check(url: str | None) -> str | None:
+        if url is None:
+            return url
+        try:
+            parts = urlsplit(url)
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme.lower() not in schemes \
+                or not (parts.netloc or (parts.scheme == "unix" and parts.path)):
+            raise ValueError(f"expected {what}")
+        return url
+
+    return AfterValidator(check)
+
+
+RedisUrl = Annotated[str, _url_check(("redis", "rediss", "unix"),
+                                     "a redis://, rediss:// or unix:// URL")]
+HttpUrl = Annotated[str, _url_check(("http", "https"), "an http:// or https:// URL")]
+_KEY_PREFIX = r"^[A-Za-z0-9_.:-]+$"
+PATTERN_MEANINGS[_KEY_PREFIX] = "letters, digits and _ . : - only"
 
 
 class _Section(BaseModel):
@@ -49,14 +79,21 @@ class ServerSettings(_Section):
 
 class StorageSettings(_Section):
     backend: Literal["memory", "redis"] = "memory"
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: RedisUrl = "redis://127.0.0.1:6379/0"
     redis_cluster: bool = Field(
         False, description="redis_url names a node of a Redis Cluster (the client finds the "
         "others); a device's keys share a hash tag, so each device lives on one node")
     snapshot_path: Path | None = Field(
         None, description="memory backend: state written here on clean shutdown, read at start"
     )
-    key_prefix: str = Field("geopush", pattern=r"^[A-Za-z0-9_.:-]+$")
+    key_prefix: str = Field("geopush", pattern=_KEY_PREFIX)
+
+    @model_validator(mode="after")
+    def _cluster_over_tcp(self) -> StorageSettings:
+        if self.redis_cluster and self.redis_url.lower().startswith("unix:"):
+            raise ValueError("redis_cluster needs a redis:// or rediss:// node address, "
+                             "not a unix:// socket")
+        return self
 
 
 class GeofenceSettings(_Section):
@@ -71,6 +108,7 @@ class VisitSettings(_Section):
 
 
 _CLOCK_TIME = r"^([01][0-9]|2[0-3]):[0-5][0-9]$"
+PATTERN_MEANINGS[_CLOCK_TIME] = "a time of day HH:MM, 00:00 to 23:59 (quoted: \"21:00\")"
 WeatherCondition = Literal["clear", "partly_cloudy", "cloudy", "fog", "drizzle", "rain", "snow",
                            "showers", "thunderstorm"]
 Category = Literal["marketing", "service"]
@@ -111,7 +149,8 @@ class PolicySettings(_Section):
 
 class AuthKey(_Section):
     name: str = Field(min_length=1)
-    key: str = Field(min_length=16, description="Bearer token; at least 16 characters")
+    key: str = Field(min_length=16, description="Bearer token; at least 16 characters",
+                     json_schema_extra=SECRET)
     scopes: list[Literal["ingest", "devices", "admin"]] = Field(min_length=1)
 
 
@@ -133,8 +172,9 @@ class LoggingSettings(_Section):
     format: Literal["json", "text"] = "json"
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     pseudonym_key: str = Field(
-        "change-me", description="Key of the hash that pseudonymises device ids in logs"
-    )
+        DEFAULT_PSEUDONYM_KEY, json_schema_extra=SECRET,
+        description="The secret the keys of log pseudonyms and of erasure records are derived "
+                    "from (docs/security.md); with auth keys, a random one of 16+ characters")
     delivery_report_every: Duration = Field(60.0, gt=0)
     delivery_rate_alert: float = Field(0.9, ge=0, le=1)
 
@@ -146,17 +186,19 @@ def _default_channels() -> dict[Category, str]:
 class FcmSettings(_Section):
     project_id: str | None = None
     service_account_file: Path | None = None
-    endpoint: str = Field("https://fcm.googleapis.com/v1/projects",
+    endpoint: HttpUrl = Field("https://fcm.googleapis.com/v1/projects",
                           description="base URL; an emulator's for tests")
-    static_token: str | None = Field(None, description="replaces OAuth (emulators, tests)")
+    static_token: str | None = Field(None, description="replaces OAuth (emulators, tests)",
+                                     json_schema_extra=SECRET)
     android_channels: dict[Category, str] = Field(
         default_factory=_default_channels,
         description="Android notification channel per rule category")
 
 
 class WebhookSettings(_Section):
-    url: str | None = None
-    secret: str | None = Field(None, description="HMAC-SHA256 key of X-Geopush-Signature")
+    url: HttpUrl | None = None
+    secret: str | None = Field(None, description="HMAC-SHA256 key of X-Geopush-Signature",
+                               json_schema_extra=SECRET)
 
 
 class DeliverySettings(_Section):
@@ -183,10 +225,17 @@ class StaticWeather(_Section):
 
 class WeatherSettings(_Section):
     provider: Literal["none", "static", "open-meteo"] = "none"
-    base_url: str = "https://api.open-meteo.com/v1/forecast"
-    api_key: str | None = Field(None, description="Open-Meteo's commercial tier")
+    base_url: HttpUrl = "https://api.open-meteo.com/v1/forecast"
+    api_key: str | None = Field(None, description="Open-Meteo's commercial tier",
+                                json_schema_extra=SECRET)
     refresh: Duration = Field(900.0, gt=0, description="per ~0.1° cell with recent events")
     static: StaticWeather | None = None
+
+    @model_validator(mode="after")
+    def _static_is_given(self) -> WeatherSettings:
+        if self.provider == "static" and self.static is None:
+            raise ValueError("provider static needs weather.static {temperature_c, condition}")
+        return self
 
 
 class AttributionSettings(_Section):
@@ -219,6 +268,18 @@ class Settings(BaseSettings):
     attribution: AttributionSettings = AttributionSettings()
     retention: RetentionSettings = RetentionSettings()
 
+    # where each key was written, for errors found after loading (geopush.preflight)
+    _origin: Origin | None = PrivateAttr(None)
+
+    @property
+    def origin(self) -> Origin:
+        return self._origin if self._origin is not None else Origin()
+
+    def with_origin(self, origin: Origin) -> Settings:
+        copy = self.model_copy()
+        copy._origin = origin
+        return copy
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -228,8 +289,10 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The file's values come in through init; the environment wins over the file.
-        return (env_settings, init_settings)
+        # load_settings merges the file and the environment (geopush.config_sources reads the
+        # GEOPUSH_* variables, so that each one is accounted for); the constructor takes
+        # only what it is given
+        return (init_settings,)
 
 
 def config_path_from_env(explicit: str | Path | None) -> Path:
@@ -238,70 +301,40 @@ def config_path_from_env(explicit: str | Path | None) -> Path:
     return Path(os.environ.get("GEOPUSH_CONFIG", str(DEFAULT_CONFIG_PATH)))
 
 
-def load_settings(path: str | Path | None = None, *, overrides: dict[str, Any] | None = None) -> Settings:
-    """Read, validate and resolve the settings; raise ConfigError naming file:line, key, value."""
+def load_settings(path: str | Path | None = None, *, overrides: dict[str, Any] | None = None,
+                  environ: Mapping[str, str] | None = None) -> Settings:
+    """Read, validate and resolve the settings: the file, then GEOPUSH_* variables over it.
+    Raise ConfigError listing every problem, each naming file:line or the variable, the key,
+    the value (never a secret's) and what was expected."""
+    environ = os.environ if environ is None else environ
     config_path = config_path_from_env(path)
     text = ""
     if config_path.exists():
-        text = config_path.read_text(encoding="utf-8")
-    elif path is not None or "GEOPUSH_CONFIG" in os.environ:
+        try:
+            text = config_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ConfigError(f"{config_path}: cannot read config file: {reason}") from None
+    elif path is not None or "GEOPUSH_CONFIG" in environ:
         raise ConfigError(f"{config_path}: config file not found")
     try:
-        raw = yaml.safe_load(text) if text else {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{config_path}: not valid YAML: {exc}") from None
-    if raw is None:
-        raw = {}
+        document = load_yaml(text, str(config_path))
+    except YamlError as exc:
+        raise ConfigError(f"{config_path}: not valid YAML", [exc.problem]) from None
+    raw = document.data if document.data is not None else {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{config_path}: expected a mapping of settings, got {type(raw).__name__}")
-    raw = {**raw, **(overrides or {})}
+    env = read_environment(Settings, environ)
+    raw = deep_merge(deep_merge(raw, env.values), overrides or {})
+    origin = Origin(config_path, document.tree, env.labels)
     try:
         settings = Settings(**raw)
     except ValidationError as exc:
-        raise ConfigError(
-            f"{config_path}: invalid settings", _problems(exc, config_path, text)
-        ) from None
-    return _resolve_paths(settings, config_path.parent)
-
-
-def _problems(exc: ValidationError, path: Path, text: str) -> list[Problem]:
-    tree = compose(text)
-    problems = []
-    for err in exc.errors():
-        loc = [p for p in err["loc"] if isinstance(p, str | int)]
-        key = ".".join(str(p) for p in loc)
-        env_name = _env_name(loc)
-        if env_name is not None:
-            where = f"environment {env_name}"  # the override, not the file, holds the value
-        else:
-            line = line_of(tree, loc)
-            where = f"{path}:{line}" if line else str(path)
-        value = err.get("input")
-        if err["type"] == "extra_forbidden":
-            message = f"{key}: unknown key"
-            expected = "one of the documented keys (geopush schema config)"
-        else:
-            message = f"{key} = {value!r}: {err['msg']}"
-            expected = err["msg"]
-        problems.append(Problem(where, message, field=key, value=_jsonable(value), expected=expected))
-    return problems
-
-
-def _env_name(loc: list[str | int]) -> str | None:
-    """The GEOPUSH_<SECTION>__<KEY> variable set for this key (or a parent of it), if any."""
-    names = {name.upper(): name for name in os.environ if name.upper().startswith(ENV_PREFIX)}
-    parts = [str(p) for p in loc]
-    for depth in range(len(parts), 0, -1):
-        candidate = ENV_PREFIX + "__".join(parts[:depth]).upper()
-        if candidate in names:
-            return names[candidate]
-    return None
-
-
-def _jsonable(value: Any) -> Any:
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
-    return repr(value)
+        raise ConfigError(f"{config_path}: invalid settings",
+                          env.problems + validation_problems(exc, Settings, origin)) from None
+    if env.problems:
+        raise ConfigError(f"{config_path}: invalid settings", env.problems)
+    return _resolve_paths(settings, config_path.parent).with_origin(origin)
 
 
 def _resolve_paths(settings: Settings, base: Path) -> Settings:

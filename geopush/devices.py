@@ -1,7 +1,8 @@
 """Device profiles and consent (contract §6): what a phone's app tells geopush about its user.
 
 Consent is explicit and revocable: every change is kept with its time (audit trail, GDPR
-art. 7(1)); an erasure leaves only a keyed hash of the id, the time and the last consent.
+art. 7(1)); an erasure leaves only a keyed hash of the id (`erasure_hash`), the time and the last
+consent.
 """
 
 from __future__ import annotations
@@ -75,8 +76,26 @@ class ErasureRecord(BaseModel):
 
 
 def device_hash(device_id: str, key: str) -> str:
-    """Keyed hash (HMAC-SHA256) of a device id: pseudonym in logs, identity of erasure records."""
+    """Keyed hash (HMAC-SHA256) of a device id, hex."""
     return hmac.new(key.encode(), device_id.encode(), hashlib.sha256).hexdigest()
+
+
+# One secret (`logging.pseudonym_key`), two keys derived from it for two purposes, so a log
+# pseudonym is not a prefix of the erasure hash: logs and erasure records cannot be joined
+# without the secret (docs/security.md).
+LOG_PURPOSE = "geopush log pseudonym v1"
+ERASURE_PURPOSE = "geopush erasure record v1"
+
+
+def derived_key(secret: str, purpose: str) -> str:
+    """HMAC-SHA256(secret, purpose), hex: the key of one purpose."""
+    return hmac.new(secret.encode(), purpose.encode(), hashlib.sha256).hexdigest()
+
+
+def erasure_hash(device_id: str, secret: str) -> str:
+    """Identity of the device's erasure record: HMAC-SHA256(derived_key(secret, ERASURE_PURPOSE),
+    device_id), hex. `geopush erasure-hash DEVICE_ID` prints it for an art. 7(1) request."""
+    return device_hash(device_id, derived_key(secret, ERASURE_PURPOSE))
 
 
 def has_location_consent(profile: DeviceProfile | None) -> bool:

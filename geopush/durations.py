@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, PlainSerializer
+from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
@@ -36,9 +36,15 @@ def format_duration(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
+DURATION_PATTERN = r"^\s*(\d+(\.\d+)?\s*[smhdwSMHDW]\s*)+$"
+
 Duration = Annotated[
     float,
     BeforeValidator(parse_duration),
     PlainSerializer(format_duration, return_type=str, when_used="json"),
+    # what a file may hold (`5m` or seconds), not the float it becomes
+    WithJsonSchema({"anyOf": [{"type": "number", "minimum": 0},
+                              {"type": "string", "pattern": DURATION_PATTERN}],
+                    "description": "a duration: 30s, 5m, 2h, 7d, 1h30m, or seconds"}),
 ]
 """A duration field: accepts `5m` etc., holds seconds, prints back as `5m` in JSON."""

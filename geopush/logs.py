@@ -1,8 +1,14 @@
 """Logs are JSON lines (contract §8); device ids never appear in them, only keyed pseudonyms.
 
 Callers log an event name and fields: `log.info("timer_event", extra=fields(device_id=..., ...))`.
-The formatter replaces any `device_id` field by `device`, the first 16 hex digits of the keyed
-hash (`logging.pseudonym_key`), so no code path can leak a raw id into the logs.
+The formatter replaces any `device_id` field by `device`, the first 16 hex digits of a keyed
+hash (its key derived from `logging.pseudonym_key` for logs alone, geopush.devices), so no code
+path can leak a raw id into the logs. A line's own keys (ts, level, logger, event) cannot be
+overridden by a field: a field of that name is written as `field_<name>`.
+
+Changes made through the API leave an audit line on the `geopush.audit` logger: which
+credential (the auth key's name; null without keys), which device (pseudonymised), what changed
+(field names and consents, never the values: they are personal data).
 """
 
 from __future__ import annotations
@@ -15,11 +21,13 @@ from typing import Any, TextIO
 import orjson
 
 from geopush.config import LoggingSettings
-from geopush.devices import device_hash
+from geopush.devices import LOG_PURPOSE, DeviceProfile, derived_key, device_hash
 from geopush.timeutil import format_ts
 
 PSEUDONYM_HEX_DIGITS = 16  # 64 bits: enough to follow one device across lines, not to reverse
 _FIELDS_ATTR = "geopush_fields"
+RESERVED = ("ts", "level", "logger", "event", "error", "traceback")
+audit_log = logging.getLogger("geopush.audit")
 
 
 def fields(**values: Any) -> dict[str, Any]:
@@ -27,20 +35,28 @@ def fields(**values: Any) -> dict[str, Any]:
     return {_FIELDS_ATTR: values}
 
 
-def pseudonym(device_id: str, key: str) -> str:
-    return device_hash(device_id, key)[:PSEUDONYM_HEX_DIGITS]
+def pseudonym(device_id: str, secret: str) -> str:
+    """The device's name in logs, from the secret `logging.pseudonym_key`."""
+    return _pseudonym(device_id, derived_key(secret, LOG_PURPOSE))
+
+
+def _pseudonym(device_id: str, log_key: str) -> str:
+    return device_hash(device_id, log_key)[:PSEUDONYM_HEX_DIGITS]
 
 
 class _Pseudonymising(logging.Formatter):
     def __init__(self, pseudonym_key: str) -> None:
         super().__init__()
-        self._key = pseudonym_key
+        self._log_key = derived_key(pseudonym_key, LOG_PURPOSE)  # derived once, not per line
 
     def _fields(self, record: logging.LogRecord) -> dict[str, Any]:
         values: dict[str, Any] = dict(getattr(record, _FIELDS_ATTR, None) or {})
+        for name in RESERVED:
+            if name in values:
+                values[f"field_{name}"] = values.pop(name)
         device_id = values.pop("device_id", None)
         if isinstance(device_id, str):
-            values["device"] = pseudonym(device_id, self._key)
+            values["device"] = _pseudonym(device_id, self._log_key)
         return values
 
 
@@ -89,3 +105,36 @@ def configure_logging(settings: LoggingSettings, stream: TextIO | None = None) -
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(settings.level)
+
+
+# -- audit lines ------------------------------------------------------------------------------
+
+_PROFILE_FIELDS = ("push_token", "platform", "locale", "timezone", "attributes", "segments",
+                   "consent")
+
+
+def log_device_change(credential: str | None, before: DeviceProfile | None,
+                      after: DeviceProfile, method: str) -> None:
+    """PUT/PATCH /v1/devices/{id}: the names of the fields that changed and the consents."""
+    changed = [name for name in _PROFILE_FIELDS
+               if before is None or getattr(before, name) != getattr(after, name)]
+    values: dict[str, Any] = {"credential": credential, "device_id": after.device_id,
+                              "method": method, "created": before is None, "changed": changed}
+    if before is None or before.consent != after.consent:
+        values["consent"] = after.consent.model_dump()
+    audit_log.info("device_changed", extra=fields(**values))
+
+
+def log_erasure(credential: str | None, device_id: str) -> None:
+    """DELETE /v1/devices/{id}: the device is pseudonymised like every other line."""
+    audit_log.info("device_erased", extra=fields(credential=credential, device_id=device_id))
+
+
+def log_reload(credential: str | None, *, version: str | None = None,
+               geofences: int | None = None, errors: int | None = None) -> None:
+    """POST /v1/admin/reload: the set swapped in, or how many errors refused it."""
+    if errors is not None:
+        audit_log.warning("reload_refused", extra=fields(credential=credential, errors=errors))
+    else:
+        audit_log.info("reloaded", extra=fields(credential=credential, version=version,
+                                                geofences=geofences))

@@ -1,13 +1,84 @@
-"""Line numbers for keys in YAML files, so errors can say file:line.
+"""YAML for geopush's own files: loaded safely, with line numbers for every key.
 
-PyYAML's composer keeps a start mark on every node; we walk the node tree along a key path.
+`load_yaml` is the one way a config or rules file is read: PyYAML's safe loader without
+anchors and aliases (a few lines of `&a`/`*a` expand into gigabytes: "billion laughs"), and
+every syntax error as `file:line: ...`. PyYAML's composer keeps a start mark on every node, so
+`line_of` walks the node tree along a key path to say where a bad value is.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import yaml
+
+from geopush.errors import InvalidInput, Problem
+
+
+class YamlError(InvalidInput):
+    """A file that is not YAML geopush reads: `problem.where` is `file:line`."""
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(f"{problem.where}: {problem.message}", [problem])
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class YamlDocument:
+    data: Any  # None for an empty file
+    tree: yaml.Node | None  # for line_of
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """An anchor or alias: valid YAML that geopush does not read."""
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """The safe loader, refusing anchors (`&name`) and aliases (`*name`, `<<: *name`)."""
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        event = self.peek_event()  # type: ignore[no-untyped-call]
+        if isinstance(event, yaml.AliasEvent):
+            raise _Refused(problem=f"alias *{event.anchor} is not allowed (anchors "
+                                  "and aliases are refused; write the value out)",
+                                  problem_mark=event.start_mark)  # type: ignore[arg-type]
+        anchor = getattr(event, "anchor", None)
+        if anchor is not None:
+            raise _Refused(problem=f"anchor &{anchor} is not allowed (anchors and "
+                                  "aliases are refused; write the value out)",
+                                  problem_mark=event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str, source: str) -> YamlDocument:
+    """Parse `text` (read from `source`, named in errors); raise YamlError with file:line."""
+    loader = _NoAliasLoader(text)
+    try:
+        tree = loader.get_single_node()
+        data = loader.construct_document(tree) if tree is not None else None
+    except yaml.MarkedYAMLError as exc:
+        raise YamlError(_problem(exc, source)) from None
+    except yaml.YAMLError as exc:  # pragma: no cover - PyYAML marks every syntax error
+        raise YamlError(Problem(source, f"not valid YAML: {exc}", expected="valid YAML")) from None
+    finally:
+        loader.dispose()
+    return YamlDocument(data, tree)
+
+
+def _problem(exc: yaml.MarkedYAMLError, source: str) -> Problem:
+    mark = exc.problem_mark or exc.context_mark
+    where = f"{source}:{mark.line + 1}" if mark is not None else source
+    what = exc.problem or "syntax error"
+    if isinstance(exc, _Refused):
+        return Problem(where, what, expected="plain YAML without anchors and aliases")
+    if exc.context and exc.context_mark is not None and exc.context_mark is not mark:
+        what = f"{exc.context} (line {exc.context_mark.line + 1}), {what}"
+    elif exc.context:
+        what = f"{exc.context}: {what}"
+    column = f", column {mark.column + 1}" if mark is not None else ""
+    return Problem(where, f"not valid YAML{column}: {what}", expected="valid YAML")
 
 
 def compose(text: str) -> yaml.Node | None:

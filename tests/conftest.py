@@ -1,4 +1,5 @@
-"""Shared fixtures. Redis tests use a real server: one database per test run, flushed.
+"""Shared fixtures. Redis tests use a real server: one database per test run, flushed
+(TEST_REDIS_HOST, TEST_REDIS_PORT; default 127.0.0.1:6379).
 
 With CI=true a test that needs Redis fails when Redis is missing; elsewhere it is skipped.
 """
@@ -18,8 +19,9 @@ from typing import Any
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
-REDIS_HOST = os.environ.get("GEOPUSH_TEST_REDIS_HOST", "127.0.0.1")
-REDIS_PORT = int(os.environ.get("GEOPUSH_TEST_REDIS_PORT", "6379"))
+# not GEOPUSH_*: every GEOPUSH_ variable must name a setting, or geopush refuses to start
+REDIS_HOST = os.environ.get("TEST_REDIS_HOST", "127.0.0.1")
+REDIS_PORT = int(os.environ.get("TEST_REDIS_PORT", "6379"))
 _CLAIM_TTL_S = 3600
 
 

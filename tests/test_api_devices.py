@@ -11,7 +11,7 @@ import redis
 from aiohttp.test_utils import TestClient
 
 from geopush.app import create_app
-from geopush.devices import device_hash
+from geopush.devices import erasure_hash
 from geopush.timeutil import parse_ts
 from tests.api_support import DEVICES, INGEST, load_trace, ping, settings_for
 
@@ -196,7 +196,7 @@ async def test_delete_erases_everything_but_the_erasure_record(
     assert [r["code"] for r in (await resp.json())["rejected"]] == ["no_consent"]
 
     key = backend.settings.logging.pseudonym_key
-    record_hash = device_hash("phone-1", key)
+    record_hash = erasure_hash("phone-1", key)  # not the key of log pseudonyms
     app = api.app
     assert app is not None
     from geopush.api.appstate import STATE

@@ -24,6 +24,7 @@ from geopush.app import create_app
 from geopush.engine import DeviceOutcome
 from geopush.state.base import Compute
 from geopush.state.memory import MemoryStore
+from geopush.timeutil import parse_ts
 from tests.api_support import (
     DEVICES,
     INGEST,
@@ -153,6 +154,8 @@ async def test_a_stale_exit_fires_on_the_timer_without_pings(
     logged: dict[str, Any] = vars(lines[0])["geopush_fields"]
     assert logged["type"] == "exit" and logged["stale"] is True
     assert logged["geofence_id"] == "bakery-300"
+    # the event's time has its own field: `ts` is the line's wall clock
+    assert "ts" not in logged and parse_ts(logged["event_ts"]) <= time.time()
 
 
 # -- the real process ---------------------------------------------------------------------------

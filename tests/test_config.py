@@ -8,6 +8,7 @@ import pytest
 
 from geopush.config import Settings, config_json_schema, load_settings
 from geopush.errors import ConfigError
+from geopush.yamlspots import YamlError, load_yaml
 
 REPO = Path(__file__).parent.parent
 EMBEDDED = REPO / "config" / "geopush.yaml"
@@ -267,3 +268,167 @@ def test_nested_keys_are_overridden_from_the_environment(
     assert settings.delivery.webhook.url == "https://hooks.example/x"
     assert settings.policy.quiet_hours is not None
     assert settings.policy.quiet_hours.start == "20:00"
+
+
+# -- issue #8: the ground holds --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "line"), [
+    ("server: &s {port: 1}\nother: *s\n", 1),
+    ("server:\n  port: 8080\nlogging:\n  format: &f json\n", 4),
+    ("a: &a [x, x]\nb: [*a, *a]\n", 1),
+    ("policy:\n  max_per_device:\n    - {max: 1, per: 1d}\n    - *one\n", 4),
+])
+def test_anchors_and_aliases_are_refused_at_file_and_line(tmp_path: Path, text: str,
+                                                          line: int) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as raised:
+        load_settings(path)
+    [problem] = raised.value.details
+    assert problem.where == f"{path}:{line}"
+    assert "not allowed" in problem.message and ("anchor" in problem.message
+                                                 or "alias" in problem.message)
+
+
+def test_billion_laughs_is_refused_before_anything_expands() -> None:
+    lol = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n"
+        for i in range(8))
+    with pytest.raises(YamlError) as raised:
+        load_yaml(lol, "lol.yaml")
+    assert raised.value.problem.where == "lol.yaml:1"
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path: Path) -> None:
+    path = _write(tmp_path, "server:\n  port: 8080\n  host: [\n")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(path)
+    [problem] = raised.value.details
+    assert problem.where == f"{path}:4"
+    assert "<unicode string>" not in str(raised.value)
+    assert "\n" not in problem.message
+
+
+def test_a_misspelt_variable_is_an_error_with_a_did_you_mean(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GEOPUSH_STORAGE_BACKEND", "redis")  # one underscore, not two
+    monkeypatch.setenv("GEOPUSH_GEOFENCE__STALE_AFTR", "1h")
+    monkeypatch.setenv("GEOPUSH_NOTHING_LIKE_IT", "1")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(EMBEDDED)
+    lines = {p.where: p.message for p in raised.value.details}
+    assert lines == {
+        "environment GEOPUSH_GEOFENCE__STALE_AFTR":
+            "matches no setting; did you mean GEOPUSH_GEOFENCE__STALE_AFTER?",
+        "environment GEOPUSH_NOTHING_LIKE_IT": "matches no setting",
+        "environment GEOPUSH_STORAGE_BACKEND":
+            "matches no setting; did you mean GEOPUSH_STORAGE__BACKEND?",
+    }
+
+
+def test_geopush_config_and_other_prefixes_are_not_settings(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GEOPUSH_CONFIG", str(EMBEDDED))
+    monkeypatch.setenv("TEST_REDIS_HOST", "127.0.0.1")
+    monkeypatch.setenv("GEOPUSHY", "1")
+    assert load_settings().storage.backend == "memory"
+
+
+def test_invalid_json_in_a_variable_is_one_problem_naming_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GEOPUSH_AUTH__KEYS", '[{"name": "app", "key": "s3cret-in-json-0123"')
+    with pytest.raises(ConfigError) as raised:
+        load_settings(EMBEDDED)
+    [problem] = raised.value.details
+    assert problem.where == "environment GEOPUSH_AUTH__KEYS"
+    assert problem.field == "auth.keys" and "not valid JSON" in problem.message
+    assert "s3cret-in-json" not in str(raised.value) + str(problem.as_dict())
+
+
+@pytest.mark.parametrize(("text", "field"), [
+    ("storage:\n  redis_url: http://x\n", "storage.redis_url"),
+    ("storage:\n  redis_url: redis-host:6379\n", "storage.redis_url"),
+    ("storage:\n  redis_cluster: true\n  redis_url: unix:///run/redis.sock\n", "storage"),
+    ("delivery:\n  webhook: {url: 'ftp://hooks.example/x'}\n", "delivery.webhook.url"),
+    ("delivery:\n  fcm: {endpoint: 'fcm.googleapis.com/v1/projects'}\n",
+     "delivery.fcm.endpoint"),
+    ("weather:\n  base_url: 'file:///etc/passwd'\n", "weather.base_url"),
+    ("weather:\n  provider: static\n", "weather"),
+])
+def test_urls_and_keys_set_together_are_checked_on_load(tmp_path: Path, text: str,
+                                                        field: str) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as raised:
+        load_settings(path)
+    [problem] = raised.value.details
+    assert problem.field == field and problem.where.startswith(f"{path}:")
+
+
+@pytest.mark.parametrize("url", ["redis://r:6379/0", "rediss://:pw@r:6380/1",
+                                 "unix:///run/redis.sock?db=2"])
+def test_every_redis_url_scheme_loads(tmp_path: Path, url: str) -> None:
+    settings = load_settings(_write(tmp_path, f"storage:\n  redis_url: '{url}'\n"))
+    assert settings.storage.redis_url == url
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("server:\n  port: eighty\n", "a whole number"),
+    ("geofence:\n  default_radius_m: -1\n", "a number greater than 0"),
+    ("server:\n  port: 70000\n", "a number of at most 65535"),
+    ("storage:\n  backend: mongo\n", "one of 'memory' or 'redis'"),
+    ("storage:\n  key_prefix: 'a b'\n", "letters, digits and _ . : - only"),
+    ("policy:\n  quiet_hours: {from: '25:00'}\n", "a time of day HH:MM"),
+    ("geofence:\n  stale_after: soon\n", "a duration like 30s, 5m, 2h or 7d"),
+    ("auth:\n  keys: [{name: a, key: '0123456789abcdef', scopes: [root]}]\n",
+     "one of 'ingest', 'devices' or 'admin'"),
+])
+def test_messages_say_what_to_write_not_pydantic_s_words(tmp_path: Path, text: str,
+                                                          expected: str) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as raised:
+        load_settings(path)
+    [problem] = raised.value.details
+    assert problem.expected is not None and problem.expected.startswith(expected)
+    line = f"{problem.message}; expected {problem.expected}"
+    assert "Input should" not in line and "String should" not in line
+    assert "^" not in line and "[0-9]" not in line and "Value error" not in line
+
+
+SECRETS = ("SHORTKEY", "PSEUDO-S3CRET", "WEBHOOK-S3CRET", "FCM-S3CRET", "API-S3CRET",
+           "REDIS-PW-S3CRET", "ENV-S3CRET")
+
+
+def test_secrets_are_never_echoed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _write(tmp_path, """\
+auth:
+  keys: [{name: app, key: SHORTKEY, scopes: [ingest]}]
+logging:
+  pseudonym_key: [PSEUDO-S3CRET]
+delivery:
+  webhook: {url: 'https://h.example', secret: {x: WEBHOOK-S3CRET}}
+  fcm: {static_token: [FCM-S3CRET], endpoint: 'fcm://:FCM-S3CRET@x'}
+weather:
+  api_key: [API-S3CRET]
+storage:
+  redis_url: 'http://:REDIS-PW-S3CRET@r:6379'
+""")
+    monkeypatch.setenv("GEOPUSH_AUTH_KEYS", '[{"key": "ENV-S3CRET"}]')  # misspelt, not shown
+    with pytest.raises(ConfigError) as raised:
+        load_settings(path)
+    problems = raised.value.details
+    assert len(problems) == 8
+    shown = str(raised.value) + "".join(str(p.as_dict()) for p in problems)
+    for secret in SECRETS:
+        assert secret not in shown
+    assert shown.count("***") >= 6
+
+
+def test_the_schema_validates_the_bundled_config_and_every_contract_key() -> None:
+    import jsonschema
+    import yaml
+
+    validator = jsonschema.Draft202012Validator(config_json_schema())
+    for doc in (yaml.safe_load(EMBEDDED.read_text()), yaml.safe_load(EVERY_CONTRACT_KEY)):
+        assert [f"{list(e.path)}: {e.message}" for e in validator.iter_errors(doc)] == []
+    assert not validator.is_valid({"geofence": {"stale_after": "soon"}})
+    assert not validator.is_valid({"storage": {"backend": "mongo"}})

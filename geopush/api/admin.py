@@ -15,7 +15,8 @@ from aiohttp import web
 
 from geopush.api.appstate import AUTH, LIVE, METRICS, RELOADER
 from geopush.api.wire import json_response
-from geopush.logs import fields
+from geopush.errors import StoreLoadError
+from geopush.logs import fields, log_reload
 from geopush.service.active import Geofencing
 from geopush.timeutil import format_ts
 
@@ -39,10 +40,15 @@ def install_geofencing(app: web.Application, geofencing: Geofencing) -> None:
 @routes.post("/v1/admin/reload")
 async def reload(request: web.Request) -> web.Response:
     app = request.app
-    app[AUTH].check(request, "admin")
+    who = app[AUTH].check(request, "admin")
     # StoreLoadError (422, every error) and StateUnavailable (503) propagate to the error
     # middleware; in both cases nothing was published or swapped
-    geofencing = await app[RELOADER].reload()
+    try:
+        geofencing = await app[RELOADER].reload()
+    except StoreLoadError as exc:
+        log_reload(who, errors=max(1, len(exc.details)))
+        raise
+    log_reload(who, version=geofencing.version, geofences=len(geofencing.stores))
     return json_response({
         "status": "reloaded",
         "version": geofencing.version,

@@ -25,10 +25,11 @@ from geopush.devices import (
     DeviceProfile,
     DeviceUpdate,
     ErasureRecord,
-    device_hash,
+    erasure_hash,
 )
 from geopush.engine import DeviceOutcome, DeviceSnapshot
 from geopush.errors import InvalidInput, Problem
+from geopush.logs import log_device_change, log_erasure
 from geopush.pings import DEVICE_ID
 from geopush.state.base import ProfileWrite, StateStore
 from geopush.timeutil import format_ts
@@ -104,12 +105,15 @@ def _consent_change(before: DeviceProfile | None, after: DeviceProfile, now: flo
 
 @routes.put(PATH)
 async def put_device(request: web.Request) -> web.Response:
-    request.app[AUTH].check(request, "devices")
+    who = request.app[AUTH].check(request, "devices")
     device_id = _device_id(request)
     update = await _update(request)
     now = time.time()
 
+    seen: list[DeviceProfile | None] = []  # the profile the written edit read
+
     def replace(before: DeviceProfile | None) -> ProfileWrite:
+        seen[:] = [before]
         profile = DeviceProfile(
             device_id=device_id,
             push_token=update.push_token,
@@ -127,12 +131,13 @@ async def put_device(request: web.Request) -> web.Response:
 
     written = await request.app[STATE].update_profile(device_id, replace)
     assert written is not None  # replace always writes
+    log_device_change(who, seen[0], written.profile, "PUT")
     return json_response(profile_json(written.profile))
 
 
 @routes.patch(PATH)
 async def patch_device(request: web.Request) -> web.Response:
-    request.app[AUTH].check(request, "devices")
+    who = request.app[AUTH].check(request, "devices")
     device_id = _device_id(request)
     update = await _update(request)
     if "consent" in update.model_fields_set and update.consent is None:
@@ -141,7 +146,10 @@ async def patch_device(request: web.Request) -> web.Response:
                                     value=None, expected="{location?, marketing?}")])
     now = time.time()
 
+    seen: list[DeviceProfile | None] = []  # the profile the written edit read
+
     def patch(before: DeviceProfile | None) -> ProfileWrite:
+        seen[:] = [before]
         # runs again on the fresh profile if another write moved the device meanwhile: the
         # fields not given are those stored at the write, never those of an earlier read
         if before is None:
@@ -164,6 +172,7 @@ async def patch_device(request: web.Request) -> web.Response:
 
     written = await request.app[STATE].update_profile(device_id, patch)
     assert written is not None  # patch writes or raises
+    log_device_change(who, seen[0], written.profile, "PATCH")
     return json_response(profile_json(written.profile))
 
 
@@ -230,15 +239,16 @@ async def _tracking(store: StateStore, device_id: str) -> dict[str, Any]:
 
 @routes.delete(PATH)
 async def delete_device(request: web.Request) -> web.Response:
-    request.app[AUTH].check(request, "devices")
+    who = request.app[AUTH].check(request, "devices")
     device_id = _device_id(request)
     store = request.app[STATE]
     profile = await store.get_profile(device_id)
     record = ErasureRecord(
-        device_hash=device_hash(device_id, request.app[SETTINGS].logging.pseudonym_key),
+        device_hash=erasure_hash(device_id, request.app[SETTINGS].logging.pseudonym_key),
         erased_at=time.time(),
         last_consent=profile.consent if profile is not None else None,
     )
     if not await store.erase(device_id, record):
         raise NotFound(f"device {device_id!r} is not registered (nothing to erase)")
+    log_erasure(who, device_id)
     return web.Response(status=204)

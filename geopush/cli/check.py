@@ -12,6 +12,7 @@ from geopush.cli.common import ERRORS, OK, print_error, print_problem, rule_file
 from geopush.config import GeofenceSettings, Settings
 from geopush.errors import ConfigError
 from geopush.geo.stores import parse_stores
+from geopush.preflight import deployment_problems
 
 RULES_NOT_BUILT = "not validated yet (rules engine not built)"
 
@@ -36,6 +37,10 @@ def run(args: argparse.Namespace) -> int:
         print_error(exc, out)
         tally.errors += max(1, len(exc.details))
     if settings is not None:
+        # what serve would refuse, with the lines serve prints
+        for problem in deployment_problems(settings):
+            print_problem(problem, out)
+            tally.errors += 1
         stores_file: Path | None = settings.stores_file
         rules_dir: Path | None = settings.rules_dir
         default_radius = settings.geofence.default_radius_m
@@ -45,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
         default_radius = GeofenceSettings().default_radius_m
     if stores_file is None:
         print("note: stores not checked (the config did not load; give --stores FILE)", file=out)
+    elif settings is not None and not stores_file.is_file():
+        pass  # said above, as serve says it
     else:
         _check_stores(stores_file, default_radius, tally, out)
     if rules_dir is not None:

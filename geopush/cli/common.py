@@ -18,11 +18,14 @@ def settings_of(args: argparse.Namespace) -> Settings:
     """Load the settings; --stores and --rules win over the file and the environment."""
     settings = load_settings(args.config)
     update: dict[str, Path] = {}
+    origin = settings.origin
     if getattr(args, "stores", None):
         update["stores_file"] = Path(args.stores).resolve()
+        origin = origin.overridden(("stores_file",), "option --stores")
     if getattr(args, "rules", None):
         update["rules_dir"] = Path(args.rules).resolve()
-    return settings.model_copy(update=update) if update else settings
+        origin = origin.overridden(("rules_dir",), "option --rules")
+    return settings.model_copy(update=update).with_origin(origin) if update else settings
 
 
 def show(path: Path | None) -> str:
@@ -37,7 +40,8 @@ def show(path: Path | None) -> str:
 
 def print_problem(problem: Problem, out: TextIO) -> None:
     line = f"{problem.severity}: {problem.where}: {problem.message}"
-    if problem.expected and "expected" not in problem.message:
+    if problem.expected and "expected" not in problem.message \
+            and problem.expected not in problem.message:
         line += f"; expected {problem.expected}"
     print(line, file=out)
 

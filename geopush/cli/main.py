@@ -1,4 +1,4 @@
-"""The `geopush` command: serve, check, schema, replay (contract §9).
+"""The `geopush` command: serve, check, schema, replay (contract §9), erasure-hash.
 
 Exit codes: 0 ok, 1 errors in the inputs (config, stores, devices, pings file), 2 usage.
 Machine-readable output (`--json`, `schema`) goes to standard output alone; logs, warnings and
@@ -12,11 +12,22 @@ import asyncio
 import inspect
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 from typing import Any
 
 from geopush.cli import check, replay, schema
-from geopush.cli.common import ERRORS, OK, USAGE, optional_attr, print_error, settings_of
+from geopush.cli.common import (
+    ERRORS,
+    OK,
+    USAGE,
+    optional_attr,
+    print_error,
+    print_problem,
+    settings_of,
+)
+from geopush.devices import erasure_hash
 from geopush.errors import ConfigError
+from geopush.preflight import deployment_problems
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -33,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="geopush", description="Geofencing push notifications that are never pushy."
     )
+    parser.add_argument("--version", action="version", version=f"geopush {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def config_option(p: argparse.ArgumentParser) -> None:
@@ -74,7 +86,32 @@ def _parser() -> argparse.ArgumentParser:
     replay_cmd.add_argument("--summary-only", action="store_true",
                         help="leave out the lists of events and decisions")
     replay_cmd.set_defaults(handler=replay.run)
+
+    erasure_cmd = commands.add_parser(
+        "erasure-hash", help="the id of a device's erasure record (proof of consent)")
+    erasure_cmd.add_argument("device_id", metavar="DEVICE_ID")
+    config_option(erasure_cmd)
+    erasure_cmd.set_defaults(handler=_erasure_hash)
     return parser
+
+
+def _version() -> str:
+    try:
+        return metadata.version("geopush")
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
+
+
+def _erasure_hash(args: argparse.Namespace) -> int:
+    """The hash DELETE /v1/devices/{id} filed the device's erasure record under: look it up in
+    the state store (Redis: HGET <key_prefix>:erasures <hash>) to answer an art. 7(1) request."""
+    try:
+        settings = settings_of(args)
+    except ConfigError as exc:
+        print_error(exc, sys.stderr)
+        return ERRORS
+    print(erasure_hash(args.device_id, settings.logging.pseudonym_key))
+    return OK
 
 
 # -- serve -------------------------------------------------------------------------------------
@@ -85,6 +122,11 @@ def _serve(args: argparse.Namespace) -> int:
         settings = settings_of(args)
     except ConfigError as exc:
         print_error(exc, sys.stderr)
+        return ERRORS
+    refused = deployment_problems(settings)  # the lines `geopush check` prints
+    for problem in refused:
+        print_problem(problem, sys.stderr)
+    if refused:
         return ERRORS
     run = optional_attr("geopush.app", "run")
     if run is None:

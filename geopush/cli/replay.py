@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO, get_args
 
-import yaml
 from pydantic import ValidationError
 
 from geopush.cli.common import ERRORS, OK, USAGE, print_error, rule_files, settings_of, show
@@ -36,7 +35,7 @@ from geopush.geo.stores import load_stores
 from geopush.pings import DEVICE_ID, PingError, parse_ping
 from geopush.service.active import build_engine
 from geopush.timeutil import format_ts, parse_ts
-from geopush.yamlspots import compose, line_of
+from geopush.yamlspots import line_of, load_yaml
 
 CHUNK = 10_000  # pings per engine call: one index query per chunk keeps big files fast
 KEPT_REJECTIONS = 1000  # per code other than `invalid`, kept with their line and message
@@ -214,17 +213,14 @@ def load_devices(path: Path) -> dict[str, DeviceProfile]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise InvalidInput(f"{path}: cannot read devices file: {exc.strerror}") from None
-    try:
-        doc = yaml.safe_load(text)  # JSON is YAML too
-    except yaml.YAMLError as exc:
-        raise InvalidInput(f"{path}: not valid YAML or JSON: {exc}") from None
+    document = load_yaml(text, str(path))  # JSON is YAML too; YamlError names file:line
+    doc, tree = document.data, document.tree
     prefix: list[str | int] = []
     if isinstance(doc, dict) and "devices" in doc:
         doc, prefix = doc["devices"], ["devices"]
     if not isinstance(doc, list):
         raise InvalidInput(f"{path}: expected a list of device profiles, got "
                            f"{type(doc).__name__}")
-    tree = compose(text)
     problems: list[Problem] = []
     devices: dict[str, DeviceProfile] = {}
     for i, item in enumerate(doc):

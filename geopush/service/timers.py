@@ -82,7 +82,7 @@ class TimerClaimer:
             self._metrics.timer_lag_seconds.observe(max(0.0, now - due))
             log.info("timer_event", extra=fields(
                 device_id=e.device_id, type=e.type, geofence_id=e.geofence_id,
-                store_id=e.store_id, ts=format_ts(e.ts), stale=e.stale, dwell_s=e.dwell_s))
+                store_id=e.store_id, event_ts=format_ts(e.ts), stale=e.stale, dwell_s=e.dwell_s))
 
     def stop(self) -> None:
         """End `run` after the current round (a flag, not only a cancel: a client library
