@@ -35,6 +35,12 @@ from geopush.api.appstate import (
     Live,
 )
 from geopush.api.auth import Authenticator
+from geopush.api.connections import (
+    HttpServer,
+    connection_cap,
+    raise_open_files_limit,
+    slow_client_middleware,
+)
 from geopush.api.errors import Handler, error_middleware
 from geopush.api.wire import MAX_BODY_BYTES
 from geopush.config import Settings
@@ -62,7 +68,8 @@ _Ctx = Callable[[web.Application], AsyncIterator[None]]
 def create_app(settings: Settings, *, store: StateStore | None = None,
                timer_interval_s: float = INTERVAL_S) -> web.Application:
     """The app, not started; `store` replaces the one the settings describe (tests)."""
-    app = web.Application(middlewares=[_metrics_middleware, error_middleware],
+    app = web.Application(middlewares=[slow_client_middleware, _metrics_middleware,
+                                       error_middleware],
                           client_max_size=MAX_BODY_BYTES)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
@@ -168,22 +175,20 @@ async def serve(settings: Settings) -> None:
     """Run until SIGINT or SIGTERM, then shut down gracefully."""
     host = listen_host(settings)
     app = create_app(settings)
-    runner = web.AppRunner(app, access_log=None,
-                           shutdown_timeout=settings.server.shutdown_timeout)
+    server = HttpServer(app, host, settings.server.port,
+                        max_connections=_max_connections(settings))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await runner.setup()
-        site = web.TCPSite(runner, host, settings.server.port)
         try:
-            await site.start()
+            await server.start()
         except OSError as exc:
             raise GeopushError(f"cannot listen on {host}:{settings.server.port} "
                                f"(server.host, server.port): {exc.strerror or exc}") from None
         _tune_garbage_collector()
-        urls = [f"http://{a[0]}:{a[1]}" for a in runner.addresses if isinstance(a, tuple)]
+        urls = [f"http://{a[0]}:{a[1]}" for a in server.addresses if isinstance(a, tuple)]
         log.info("listening", extra=fields(urls=urls, backend=settings.storage.backend,
                                            auth=app[AUTH].enabled))
         await stop.wait()
@@ -191,8 +196,22 @@ async def serve(settings: Settings) -> None:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-        await runner.cleanup()
+        await server.stop()
     log.info("stopped")
+
+
+def _max_connections(settings: Settings) -> int:
+    """server.max_connections, within the open-files limit (raised to the hard limit first)."""
+    soft, hard = raise_open_files_limit()
+    configured = settings.server.max_connections
+    cap = connection_cap(configured, soft)
+    log.info("open_files_limit", extra=fields(soft=soft, hard=hard, max_connections=cap))
+    if cap < configured:
+        log.warning("max_connections_lowered", extra=fields(
+            message=f"server.max_connections {configured} is lowered to {cap}: the process may "
+                    f"open {soft} files (RLIMIT_NOFILE) and needs some for itself; raise "
+                    f"`ulimit -n` to allow more", configured=configured, max_connections=cap))
+    return cap
 
 
 # Device states are many long-lived objects; each request allocates short-lived ones that

@@ -75,6 +75,19 @@ class ServerSettings(_Section):
     port: int = Field(8080, ge=0, le=65535)
     shutdown_timeout: Duration = Field(10.0, description="Grace period for in-flight requests")
     max_batch: int = Field(1000, ge=1, le=1000, description="Pings per request at most")
+    # Slow clients (contract §12): without these a client holds a connection for an hour.
+    header_timeout: Duration = Field(
+        10.0, gt=0, description="A new connection's request line and headers must be in within "
+        "this; a slower client is answered 408 and closed")
+    body_timeout: Duration = Field(
+        30.0, gt=0, description="A request body must be in whole within this after its headers "
+        "(1 MiB in 30 s is 35 KB/s); else 408 and the connection is closed")
+    keepalive_timeout: Duration = Field(
+        15.0, gt=0, description="An idle keep-alive connection is closed after this; the next "
+        "request's headers must be in by then. Open WebSockets are not idle")
+    max_connections: int = Field(
+        10_000, ge=1, description="Open connections at most, WebSockets included; more are "
+        "answered 503 and closed. Lowered at start to fit the open-files limit (RLIMIT_NOFILE)")
 
 
 class StorageSettings(_Section):

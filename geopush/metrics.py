@@ -52,6 +52,16 @@ class Metrics:
             buckets=_TIMER_LAG_BUCKETS, registry=r)
         self.websockets = Gauge(
             "geopush_websocket_connections", "Open /v1/stream connections", registry=r)
+        self.connections = Gauge(
+            "geopush_http_connections", "Open HTTP connections, WebSockets included",
+            registry=r)
+        self.connections_refused = Counter(
+            "geopush_http_connections_refused", "Connections answered 503 and closed at once: "
+            "server.max_connections were open", registry=r)
+        self.slow_clients = Counter(
+            "geopush_http_slow_clients", "Connections closed because a client was too slow to "
+            "send its request headers or body (server.header_timeout, server.body_timeout)",
+            ["phase"], registry=r)
         self.geofences = Gauge(
             "geopush_geofences_loaded", "Geofences in the active stores set", registry=r)
         self.stores_loaded_at = Gauge(
@@ -62,6 +72,8 @@ class Metrics:
                         for t in EVENT_TYPES for s in EVENT_SOURCES}
         for child in self._rejected.values():
             child.inc(0)
+        self.slow_headers = self.slow_clients.labels("headers")
+        self.slow_bodies = self.slow_clients.labels("body")
         self._latency: dict[tuple[str, str], Any] = {}
         self._responses: dict[tuple[str, int], Any] = {}
 

@@ -45,12 +45,24 @@ class TooLarge(GeopushError):
     http_status = 413
 
 
+class RequestTimeout(GeopushError, TimeoutError):
+    """A client that stopped sending its request body (server.body_timeout).
+
+    A TimeoutError too: aiohttp reads what is left of an unread body after the answer and
+    takes a TimeoutError there as "close the connection", anything else as a crash to log.
+    """
+
+    code = "timeout"
+    http_status = 408
+
+
 _HTTP_CODES = {
     400: "invalid",
     401: "unauthorized",
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "timeout",
     413: "too_large",
     415: "unsupported_media_type",
 }
@@ -75,8 +87,11 @@ def from_geopush_error(exc: GeopushError) -> web.Response:
         headers["Retry-After"] = str(RETRY_AFTER_S)
     elif isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = 'Bearer realm="geopush"'
-    return error_response(exc.code, exc.message, exc.http_status,
-                          problem_details(exc.details), headers)
+    response = error_response(exc.code, exc.message, exc.http_status,
+                              problem_details(exc.details), headers)
+    if isinstance(exc, RequestTimeout):
+        response.force_close()  # the rest of the body may never come: nothing to read after it
+    return response
 
 
 def _from_http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
