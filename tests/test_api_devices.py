@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import redis
 from aiohttp.test_utils import TestClient
+from yarl import URL
 
 from geopush.app import create_app
 from geopush.devices import device_hash
@@ -119,6 +120,20 @@ async def test_a_bad_device_id_is_400(api: Client) -> None:
     assert error["details"][0]["field"] == "device_id"
     resp = await api.put("/v1/devices/a%20b", headers=DEVICES, json=PROFILE)
     assert resp.status == 400
+
+
+@pytest.mark.parametrize("encoded", ["%2E", "%2e%2E", "a%0A", "%2E%2E%2Fx"])
+async def test_a_device_id_that_is_a_dot_path_or_has_a_newline_is_400(api: Client,
+                                                                      encoded: str) -> None:
+    # percent-encoded, these reach the handler; such a device could be stored but never
+    # addressed again by a client that normalises the path (/v1/devices/./export)
+    for method, suffix in (("PUT", ""), ("GET", ""), ("GET", "/export"), ("DELETE", "")):
+        resp = await api.request(method, URL(f"/v1/devices/{encoded}{suffix}", encoded=True),
+                                 headers=DEVICES, json=PROFILE if method == "PUT" else None)
+        assert resp.status == 400, (method, suffix)
+        error = (await resp.json())["error"]
+        assert error["details"][0]["field"] == "device_id"
+        assert "not . or .." in error["details"][0]["expected"]
 
 
 async def test_every_consent_change_is_kept_with_its_time(api: Client) -> None:

@@ -207,3 +207,51 @@ async def test_the_server_keeps_serving_after_bad_input(api: Client) -> None:
         resp = await api.post("/v1/pings", headers=INGEST, data=data)
         assert resp.status == 400
     assert (await api.get("/healthz")).status == 200
+
+
+# -- issue #8: the ground holds --------------------------------------------------------------
+
+
+async def test_a_ts_outside_2000_to_9999_in_utc_is_invalid_not_a_500(api: Client) -> None:
+    # 0001-01-01T00:00:00+23:59 parsed, was committed, and its answer could not be written
+    # (year 0 in UTC): a 500 after the batch's other devices were committed
+    await register(api, "phone-1")
+    await register(api, "phone-2")
+    good = ping("phone-1", load_trace()[300])
+    odd = [{**good, "device_id": "phone-2", "ts": ts} for ts in (
+        "0001-01-01T00:00:00+23:59", "9999-12-31T23:59:59-23:59", "20260601T100000Z",
+        "2026-W23-1T10:00Z", "2026-06-01T10:00Z", 946_684_799_999, 0)]
+    status, body = await post(api, {"pings": [good, *odd]})
+    assert status == 200, body
+    assert body["accepted"] == 1
+    assert [(r["index"], r["code"]) for r in body["rejected"]] == [
+        (i, "invalid") for i in range(1, len(odd) + 1)]
+    assert all("ts = " in r["message"] and "RFC 3339" in r["message"]
+               for r in body["rejected"])
+    export = await api.get("/v1/devices/phone-2/export", headers=DEVICES)
+    assert export.status == 200
+    assert (await export.json())["tracking"]["last_ping"] is None
+
+
+async def test_heading_altitude_and_activity_are_accepted(api: Client) -> None:
+    await register(api, "phone-1")
+    trace = load_trace()
+    status, body = await post(api, {"pings": [
+        ping("phone-1", trace[290], heading_deg=87.5, altitude_m=519.2, activity="in_vehicle"),
+        ping("phone-1", trace[300], heading_deg=None, altitude_m=-1, activity="unknown"),
+        ping("phone-1", trace[301], activity="flying"),
+    ]})
+    assert status == 200, body
+    assert body["accepted"] == 2
+    assert [(r["index"], r["code"]) for r in body["rejected"]] == [(2, "invalid")]
+    assert "activity = 'flying'" in body["rejected"][0]["message"]
+
+
+@pytest.mark.parametrize("device_id", [".", "..", "phone-1\n", "x" * 129, "", "a/b", "é"])
+async def test_a_device_id_outside_the_charset_or_a_dot_path_is_invalid(
+        api: Client, device_id: str) -> None:
+    status, body = await post(api, ping(device_id, load_trace()[300]))
+    assert status == 200
+    assert [r["code"] for r in body["rejected"]] == ["invalid"]
+    assert "device_id = " in body["rejected"][0]["message"]
+    assert "not . or .." in body["rejected"][0]["message"]

@@ -29,7 +29,7 @@ from geopush.devices import (
 )
 from geopush.engine import DeviceOutcome, DeviceSnapshot
 from geopush.errors import InvalidInput, Problem
-from geopush.pings import DEVICE_ID
+from geopush.pings import DEVICE_ID, DEVICE_ID_EXPECTED
 from geopush.state.base import StateStore
 from geopush.timeutil import format_ts
 
@@ -40,10 +40,9 @@ PATH = "/v1/devices/{device_id}"
 def _device_id(request: web.Request) -> str:
     device_id = request.match_info["device_id"]
     if not DEVICE_ID.match(device_id):
-        expected = "1–128 characters of A-Z a-z 0-9 . _ : @ -"
-        raise InvalidInput(f"device_id = {device_id[:80]!r}: expected {expected}",
+        raise InvalidInput(f"device_id = {device_id[:80]!r}: expected {DEVICE_ID_EXPECTED}",
                            [Problem("path", "bad device id", field="device_id",
-                                    value=device_id[:200], expected=expected)])
+                                    value=device_id[:200], expected=DEVICE_ID_EXPECTED)])
     return device_id
 
 

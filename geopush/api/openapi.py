@@ -16,7 +16,9 @@ from aiohttp import web
 import geopush
 from geopush.api.wire import JSON
 from geopush.devices import Consent, DeviceUpdate
-from geopush.pings import DEVICE_ID
+from geopush.geo.model import ACTIVITIES
+from geopush.pings import DEVICE_ID_SCHEMA
+from geopush.timeutil import END_EPOCH_MS, MIN_EPOCH_MS
 
 routes = web.RouteTableDef()
 
@@ -77,7 +79,7 @@ def _pydantic_schemas() -> dict[str, Any]:
 def _schemas() -> dict[str, Any]:
     nullable_number = {"type": ["number", "null"], "minimum": 0}
     timestamp = {"type": "string", "format": "date-time"}
-    device_id = {"type": "string", "pattern": DEVICE_ID.pattern}
+    device_id = {"type": "string", "pattern": DEVICE_ID_SCHEMA}
     problem = {
         "type": "object",
         "required": ["where", "message"],
@@ -105,11 +107,16 @@ def _schemas() -> dict[str, Any]:
             "device_id": device_id,
             "lat": {"type": "number", "minimum": -90, "maximum": 90},
             "lon": {"type": "number", "minimum": -180, "maximum": 180},
-            "ts": {"description": "RFC 3339 with offset, or epoch milliseconds; at most 5 min "
-                                  "after the server's clock",
-                   "anyOf": [timestamp, {"type": "number", "minimum": 0, "exclusiveMaximum": 1e14}]},
+            "ts": {"description": "RFC 3339 with offset (YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)), "
+                                  "or epoch milliseconds; from 2000-01-01 to 9999-12-31 UTC "
+                                  "and at most 5 min after the server's clock",
+                   "anyOf": [timestamp, {"type": "number", "minimum": MIN_EPOCH_MS,
+                                         "exclusiveMaximum": END_EPOCH_MS}]},
             "accuracy_m": nullable_number,
             "speed_mps": nullable_number,
+            "heading_deg": {"type": ["number", "null"], "minimum": 0, "maximum": 360},
+            "altitude_m": {"type": ["number", "null"]},
+            "activity": {"enum": [*sorted(ACTIVITIES), None]},
         },
     }
     ingest_result = {
@@ -207,7 +214,7 @@ def _schemas() -> dict[str, Any]:
 
 def _operations() -> dict[str, Any]:
     device_param = {"name": "device_id", "in": "path", "required": True,
-                    "schema": {"type": "string", "pattern": DEVICE_ID.pattern}}
+                    "schema": {"type": "string", "pattern": DEVICE_ID_SCHEMA}}
     ingest = [{"bearer": ["ingest"]}]
     devices = [{"bearer": ["devices"]}]
     update_body = {"required": True, "content": {JSON: {"schema": _ref("DeviceUpdate")}}}
