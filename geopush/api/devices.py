@@ -20,6 +20,7 @@ from geopush.api.appstate import AUTH, SETTINGS, STATE
 from geopush.api.errors import NotFound
 from geopush.api.wire import json_response, read_json, type_name
 from geopush.devices import (
+    PROFILE_BOUND,
     Consent,
     ConsentChange,
     DeviceProfile,
@@ -74,16 +75,30 @@ async def _update(request: web.Request) -> DeviceUpdate:
 
 def _problem(err: Mapping[str, Any]) -> Problem:
     key = ".".join(str(p) for p in err["loc"])
-    value = err.get("input")
-    shown = value if value is None or isinstance(value, str | int | float | bool) else repr(value)
-    if isinstance(shown, str) and len(shown) > 200:
-        shown = shown[:199] + "…"
+    if err["type"] == PROFILE_BOUND:
+        ctx = err["ctx"]
+        return Problem("body", f"{key}: {ctx['summary']}: expected {ctx['expected']}",
+                       field=key, value=ctx["summary"], expected=ctx["expected"])
+    shown = _summary(err.get("input"))
     if err["type"] == "extra_forbidden":
         return Problem("body", f"{key}: unknown field", field=key, value=shown,
                        expected="push_token, platform, locale, timezone, attributes, segments, "
                                 "consent {location, marketing}")
     return Problem("body", f"{key} = {shown!r}: {err['msg']}", field=key, value=shown,
                    expected=err["msg"])
+
+
+def _summary(value: Any) -> Any:
+    """The bad value as an error shows it: scalars as they are (long strings cut), objects
+    and lists by their size, which says more than the first 200 characters of their repr."""
+    if isinstance(value, dict):
+        return f"an object of {len(value)} keys"
+    if isinstance(value, list):
+        return f"a list of {len(value)} items"
+    if value is None or isinstance(value, int | float | bool):
+        return value
+    shown = value if isinstance(value, str) else repr(value)
+    return shown if len(shown) <= 200 else shown[:199] + "…"
 
 
 def profile_json(profile: DeviceProfile) -> dict[str, Any]:
