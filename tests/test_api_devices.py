@@ -319,3 +319,15 @@ async def test_a_profile_at_its_bounds_is_fine(api: Client) -> None:
     resp = await api.put("/v1/devices/phone-1", headers=DEVICES, json=body)
     assert resp.status == 200, await resp.text()
     assert (await resp.json())["attributes"] == attributes
+
+
+@pytest.mark.parametrize("method", ["PUT", "PATCH"])
+async def test_a_device_body_not_declared_json_is_415(api: Client, method: str) -> None:
+    await api.put("/v1/devices/phone-1", headers=DEVICES, json=PROFILE)
+    body = '{"consent": {"location": false, "marketing": true}}'
+    resp = await api.request(method, "/v1/devices/phone-1",
+                             headers={**DEVICES, "Content-Type": "text/plain"}, data=body)
+    assert resp.status == 415
+    assert (await resp.json())["error"]["code"] == "unsupported_media_type"
+    got = await (await api.get("/v1/devices/phone-1", headers=DEVICES)).json()
+    assert got["consent"] == PROFILE["consent"]

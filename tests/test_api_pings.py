@@ -204,7 +204,8 @@ async def test_chunked_body_over_1_mib_is_413_too(api: Client) -> None:
 
 async def test_the_server_keeps_serving_after_bad_input(api: Client) -> None:
     for data in (b"\xff\xfe", b"{" * 10_000, b'{"pings": [' + b"[" * 5000 + b"]}"):
-        resp = await api.post("/v1/pings", headers=INGEST, data=data)
+        resp = await api.post("/v1/pings", headers={**INGEST, "Content-Type": "application/json"},
+                              data=data)
         assert resp.status == 400
     assert (await api.get("/healthz")).status == 200
 
@@ -255,3 +256,43 @@ async def test_a_device_id_outside_the_charset_or_a_dot_path_is_invalid(
     assert [r["code"] for r in body["rejected"]] == ["invalid"]
     assert "device_id = " in body["rejected"][0]["message"]
     assert "not . or .." in body["rejected"][0]["message"]
+
+
+@pytest.mark.parametrize("content_type", [
+    None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+    "application/json; charset=latin-1", "application/jsonp", "text/json",
+])
+async def test_a_body_not_declared_json_is_415_in_the_json_envelope(
+        api: Client, content_type: str | None) -> None:
+    # a web page can make a browser post text/plain or a form to a keyless loopback geopush
+    # without asking; it cannot post application/json without a CORS preflight
+    await register(api, "phone-1")
+    body = json_bytes(ping("phone-1", load_trace()[300]))
+    headers = {**INGEST, **({"Content-Type": content_type} if content_type else {})}
+    resp = await api.post("/v1/pings", headers=headers, data=body,
+                          skip_auto_headers=["Content-Type"])
+    assert resp.status == 415
+    assert resp.content_type == "application/json"
+    error = (await resp.json())["error"]
+    assert error["code"] == "unsupported_media_type"
+    assert "expected application/json" in error["message"]
+    assert error["details"][0]["field"] == "Content-Type"
+    export = await api.get("/v1/devices/phone-1/export", headers=DEVICES)
+    assert (await export.json())["tracking"]["last_ping"] is None  # nothing was taken
+
+
+@pytest.mark.parametrize("content_type", [
+    "application/json", "application/json; charset=utf-8", "Application/JSON;charset=UTF-8"])
+async def test_application_json_with_or_without_charset_is_taken(
+        api: Client, content_type: str) -> None:
+    await register(api, "phone-1")
+    resp = await api.post("/v1/pings", headers={**INGEST, "Content-Type": content_type},
+                          data=json_bytes(ping("phone-1", load_trace()[300])))
+    assert resp.status == 200
+    assert (await resp.json())["accepted"] == 1
+
+
+def json_bytes(value: Any) -> bytes:
+    import json
+
+    return json.dumps(value).encode()

@@ -50,6 +50,7 @@ _RESPONSES = {
     "Forbidden": _error("The key does not have the scope this endpoint needs"),
     "NotFound": _error("No such device (or path)"),
     "TooLarge": _error(f"Body over 1 MiB, or more than {MAX_PINGS} pings"),
+    "UnsupportedMediaType": _error("The body is not declared Content-Type: application/json"),
     "Unavailable": _error("The state store is unreachable; retry after Retry-After seconds",
                           _RETRY_AFTER),
     "Unprocessable": _error("The new stores have errors (every one in details, with file:line, "
@@ -61,7 +62,8 @@ def _responses(ok: dict[str, Any], *extra: str) -> dict[str, Any]:
     """ok + the error responses every authenticated endpoint may give, + `extra` ones."""
     out: dict[str, Any] = dict(ok)
     names = {"400": "BadRequest", "401": "Unauthorized", "403": "Forbidden",
-             "404": "NotFound", "413": "TooLarge", "503": "Unavailable"}
+             "404": "NotFound", "413": "TooLarge", "415": "UnsupportedMediaType",
+             "503": "Unavailable"}
     for status in ("400", "401", "403", *extra, "413", "503"):
         out[status] = {"$ref": f"#/components/responses/{names[status]}"}
     return out
@@ -230,7 +232,8 @@ def _operations() -> dict[str, Any]:
             "security": ingest,
             "requestBody": {"required": True, "content": {JSON: {"schema": {
                 "oneOf": [_ref("Ping"), _ref("PingBatch")]}}}},
-            "responses": _responses({"200": _json(_ref("IngestResult"), "What was done")}),
+            "responses": _responses({"200": _json(_ref("IngestResult"), "What was done")},
+                                    "415"),
         }},
         "/v1/stream": {"get": {
             "operationId": "stream",
@@ -254,12 +257,12 @@ def _operations() -> dict[str, Any]:
                                    "means no consent. A consent change is recorded with its "
                                    "time and takes effect at once.",
                     "security": devices, "requestBody": update_body,
-                    "responses": _responses(profile_ok, "404")},
+                    "responses": _responses(profile_ok, "404", "415")},
             "patch": {"operationId": "patchDevice", "summary": "Update the given fields",
                       "description": "Only the fields given change; in `consent`, only the "
                                      "consents given change.",
                       "security": devices, "requestBody": update_body,
-                      "responses": _responses(profile_ok, "404")},
+                      "responses": _responses(profile_ok, "404", "415")},
             "get": {"operationId": "getDevice", "summary": "The stored profile",
                     "security": devices, "responses": _responses(profile_ok, "404")},
             "delete": {"operationId": "deleteDevice",
