@@ -28,7 +28,6 @@ from geopush.devices import (
     ErasureRecord,
     device_hash,
 )
-from geopush.engine import DeviceOutcome, DeviceSnapshot
 from geopush.errors import InvalidInput, Problem
 from geopush.pings import DEVICE_ID, DEVICE_ID_EXPECTED
 from geopush.state.base import StateStore
@@ -211,26 +210,29 @@ async def export_device(request: web.Request) -> web.Response:
 
 
 async def _tracking(store: StateStore, device_id: str) -> dict[str, Any]:
-    """The device's tracker state (last ping time, open stays): location data, so exported."""
-    seen: dict[str, DeviceSnapshot] = {}
-
-    def peek(snapshots: Mapping[str, DeviceSnapshot]) -> Mapping[str, DeviceOutcome]:
-        seen.update(snapshots)
-        return {}  # nothing to write
-
-    await store.track([device_id], peek)
-    snapshot = seen.get(device_id)
-    state = snapshot.state if snapshot is not None else None
-    if state is None:
-        return {"last_ping": None, "stays": []}
+    """The device's tracking record, every field of it: location data, so exported."""
+    stored = await store.stored_track(device_id)
+    state = stored.state
     return {
-        "last_ping": format_ts(state.last_ts) if state.last_ts is not None else None,
+        "last_ping": _time(state.last_ts if state is not None else None),
         "stays": [
             {"geofence_id": s.geofence_id, "store_id": s.store_id,
-             "entered": format_ts(s.enter_ts), "last_seen": format_ts(s.confirmed_ts)}
-            for s in state.stays.values()
+             "entered": format_ts(s.enter_ts), "last_seen": format_ts(s.confirmed_ts),
+             "lat": s.lat, "lon": s.lon, "distance_m": s.distance_m, "speed_mps": s.speed_mps,
+             "dwells_fired_s": list(s.dwells_fired)}
+            for s in (state.stays.values() if state is not None else ())
         ],
+        # the last pings of a few seconds, kept to work out speeds
+        "recent_pings": [{"ts": format_ts(ts), "lat": lat, "lon": lon}
+                         for ts, lat, lon in (state.recent if state is not None else ())],
+        "next_due": _time(stored.next_due),
+        "timer_due": _time(stored.timer),
+        "record_version": stored.writes,
     }
+
+
+def _time(epoch_s: float | None) -> str | None:
+    return format_ts(epoch_s) if epoch_s is not None else None
 
 
 @routes.delete(PATH)

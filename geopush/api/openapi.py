@@ -81,6 +81,7 @@ def _pydantic_schemas() -> dict[str, Any]:
 def _schemas() -> dict[str, Any]:
     nullable_number = {"type": ["number", "null"], "minimum": 0}
     timestamp = {"type": "string", "format": "date-time"}
+    nullable_time = {"type": ["string", "null"], "format": "date-time"}
     device_id = {"type": "string", "pattern": DEVICE_ID_SCHEMA}
     problem = {
         "type": "object",
@@ -164,9 +165,28 @@ def _schemas() -> dict[str, Any]:
                 "properties": {"store_id": {"type": "string"}, "geofence_id": {"type": "string"},
                                "start": timestamp, "end": timestamp},
             }},
-            "tracking": {"type": "object", "required": ["last_ping", "stays"], "properties": {
-                "last_ping": {"type": ["string", "null"], "format": "date-time"},
-                "stays": {"type": "array", "items": {"type": "object"}},
+            "tracking": {"type": "object", "required": [
+                "last_ping", "stays", "recent_pings", "next_due", "timer_due", "record_version"],
+                "properties": {
+                "last_ping": nullable_time,
+                "stays": {"type": "array", "items": {
+                    "type": "object",
+                    "required": ["geofence_id", "store_id", "entered", "last_seen", "lat", "lon",
+                                 "distance_m", "speed_mps", "dwells_fired_s"],
+                    "properties": {
+                        "geofence_id": {"type": "string"}, "store_id": {"type": "string"},
+                        "entered": timestamp, "last_seen": timestamp,
+                        "lat": {"type": "number"}, "lon": {"type": "number"},
+                        "distance_m": {"type": "number"},
+                        "speed_mps": {"type": ["number", "null"]},
+                        "dwells_fired_s": {"type": "array", "items": {"type": "number"}}}}},
+                "recent_pings": {"type": "array", "items": {
+                    "type": "object", "required": ["ts", "lat", "lon"],
+                    "properties": {"ts": timestamp, "lat": {"type": "number"},
+                                   "lon": {"type": "number"}}}},
+                "next_due": nullable_time,
+                "timer_due": nullable_time,
+                "record_version": {"type": ["integer", "null"]},
             }},
             "decisions": {"type": "array", "items": {"type": "object"}},
             "pushes": {"type": "array", "items": {"type": "object"}},
