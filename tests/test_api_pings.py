@@ -12,6 +12,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from geopush.app import create_app
+from geopush.timeutil import format_ts
 from tests.api_support import (
     DEVICES,
     INGEST,
@@ -146,6 +147,12 @@ async def test_a_ping_older_than_the_last_one_is_out_of_order(api: Client) -> No
                                               ping("phone-1", trace[5])]})
     assert body["accepted"] == 1
     assert [(r["index"], r["code"]) for r in body["rejected"]] == [(1, "out_of_order")]
+    # in RFC 3339, like every other time in the API; pings are taken in time order, so the
+    # device's last one then was trace[10]
+    newest = format_ts(trace[10].ts)
+    assert body["rejected"][0]["message"] == (
+        f"ts {format_ts(trace[5].ts)} is older than this device's last processed ping "
+        f"({newest})")
 
 
 @pytest.mark.parametrize(
