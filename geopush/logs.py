@@ -14,6 +14,7 @@ credential (the auth key's name; null without keys), which device (pseudonymised
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import traceback
 from typing import Any, TextIO
@@ -59,6 +60,20 @@ class _Pseudonymising(logging.Formatter):
             values["device"] = _pseudonym(device_id, self._log_key)
         return values
 
+    def _exception_text(self, record: logging.LogRecord, exc: BaseException) -> tuple[str, str]:
+        """(error, traceback) with the line's device id, wherever the exception's message or
+        a frame quotes it, replaced by its pseudonym (a KeyError('phone-1') would show it)."""
+        error = f"{type(exc).__name__}: {exc}"
+        trace = "".join(traceback.format_exception(exc)).rstrip()
+        device_id = (getattr(record, _FIELDS_ATTR, None) or {}).get("device_id")
+        if isinstance(device_id, str) and device_id:
+            # whole ids only: an id "a" must not turn every "a" of the traceback into a hash
+            whole = re.compile(rf"(?<![A-Za-z0-9._:@-]){re.escape(device_id)}"
+                               r"(?![A-Za-z0-9._:@-])")
+            shown = f"<device {_pseudonym(device_id, self._log_key)}>"
+            error, trace = whole.sub(shown, error), whole.sub(shown, trace)
+        return error, trace
+
 
 class JsonLinesFormatter(_Pseudonymising):
     """One JSON object a line: ts, level, logger, event, then the line's fields."""
@@ -72,9 +87,7 @@ class JsonLinesFormatter(_Pseudonymising):
         }
         line.update(self._fields(record))
         if record.exc_info and record.exc_info[1] is not None:
-            exc = record.exc_info[1]
-            line["error"] = f"{type(exc).__name__}: {exc}"
-            line["traceback"] = "".join(traceback.format_exception(exc)).rstrip()
+            line["error"], line["traceback"] = self._exception_text(record, record.exc_info[1])
         return orjson.dumps(line, default=str).decode()
 
 
@@ -86,7 +99,7 @@ class TextFormatter(_Pseudonymising):
         text = (f"{format_ts(record.created)} {record.levelname.lower():7} {record.name}: "
                 f"{record.getMessage()}" + (f" {extra}" if extra else ""))
         if record.exc_info and record.exc_info[1] is not None:
-            text += "\n" + "".join(traceback.format_exception(record.exc_info[1])).rstrip()
+            text += "\n" + self._exception_text(record, record.exc_info[1])[1]
         return text
 
 

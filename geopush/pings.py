@@ -11,17 +11,27 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from geopush.geo.model import Ping
-from geopush.timeutil import parse_ts
+from geopush.geo.model import ACTIVITIES, Activity, Ping
+from geopush.timeutil import END_EPOCH_MS, MIN_EPOCH_MS, parse_ts
 
 MAX_FUTURE_S = 300.0  # a ping more than 5 min ahead of the clock is invalid (contract §5)
-DEVICE_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
-PING_FIELDS = frozenset({"device_id", "lat", "lon", "ts", "accuracy_m", "speed_mps"})
+# Device ids (contract §6). Not "." or "..": a client normalises /v1/devices/./export to
+# /v1/devices/export, so such a device could never be exported or erased. `\Z`, not `$`,
+# which would let "phone-1\n" through; DEVICE_ID_SCHEMA is the same rule for JSON Schema,
+# whose `$` has no such exception.
+DEVICE_ID = re.compile(r"(?!\.\.?\Z)[A-Za-z0-9._:@-]{1,128}\Z")
+DEVICE_ID_SCHEMA = r"^(?!\.\.?$)[A-Za-z0-9._:@-]{1,128}$"
+DEVICE_ID_EXPECTED = "1–128 characters of A-Z a-z 0-9 . _ : @ -, not . or .."
+PING_FIELDS = frozenset({"device_id", "lat", "lon", "ts", "accuracy_m", "speed_mps",
+                         "heading_deg", "altitude_m", "activity"})
+ACTIVITY_EXPECTED = "one of " + ", ".join(sorted(ACTIVITIES)) + ", or null"
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: Python sets an exception's __traceback__ as it passes through a `with` block,
+# which a frozen dataclass refuses (with a TypeError in place of the PingError).
+@dataclass(slots=True, eq=False)
 class PingError(Exception):
     field: str | None
     value: Any
@@ -43,14 +53,15 @@ def parse_ping(obj: Any, *, now: float | None, naive_is_utc: bool = False,
 
     `device_id` fills in a missing device_id (replay of a single-device CSV)."""
     if not isinstance(obj, dict):
-        raise PingError(None, obj, "a ping object {device_id, lat, lon, ts, accuracy_m?, speed_mps?}")
+        raise PingError(None, obj, "a ping object {device_id, lat, lon, ts, accuracy_m?, "
+                        "speed_mps?, heading_deg?, altitude_m?, activity?}")
     unknown = sorted(set(obj) - PING_FIELDS)
     if unknown:
         raise PingError(unknown[0], obj[unknown[0]], "only known fields ("
                         + ", ".join(sorted(PING_FIELDS)) + ")")
     dev = obj.get("device_id", device_id)
     if not isinstance(dev, str) or not DEVICE_ID.match(dev):
-        raise PingError("device_id", dev, "1–128 characters of A-Z a-z 0-9 . _ : @ -")
+        raise PingError("device_id", dev, DEVICE_ID_EXPECTED)
     lat = _number(obj, "lat", -90.0, 90.0)
     lon = _number(obj, "lon", -180.0, 180.0)
     if "ts" not in obj:
@@ -58,21 +69,35 @@ def parse_ping(obj: Any, *, now: float | None, naive_is_utc: bool = False,
     try:
         ts = parse_ts(obj["ts"], naive_is_utc=naive_is_utc)
     except ValueError:
-        raise PingError("ts", obj["ts"], "RFC 3339 time with offset, or epoch milliseconds") from None
+        raise PingError("ts", obj["ts"], "RFC 3339 time with offset, or epoch milliseconds, "
+                        "from 2000-01-01 to 9999-12-31 UTC") from None
     if now is not None and ts > now + MAX_FUTURE_S:
         raise PingError("ts", obj["ts"], f"a time at most {MAX_FUTURE_S:g} s after the server's "
                         "clock (the ping is from the future)")
     accuracy = _optional(obj, "accuracy_m")
     speed = _optional(obj, "speed_mps")
-    return Ping(dev, ts, lat, lon, accuracy, speed)
+    heading = obj.get("heading_deg")
+    if heading is not None:
+        heading = _number(obj, "heading_deg", 0.0, 360.0, nullable=True)
+    altitude = obj.get("altitude_m")
+    if altitude is not None:
+        altitude = _number(obj, "altitude_m", -math.inf, math.inf, nullable=True)
+    activity = obj.get("activity")
+    if activity is not None and (type(activity) is not str or activity not in ACTIVITIES):
+        raise PingError("activity", activity, ACTIVITY_EXPECTED)
+    return Ping(dev, ts, lat, lon, accuracy, speed, heading, altitude,
+                cast(Activity | None, activity))
 
 
-def _number(obj: dict[str, Any], key: str, low: float, high: float) -> float:
+def _number(obj: dict[str, Any], key: str, low: float, high: float, *,
+            nullable: bool = False) -> float:
     value = obj.get(key)
+    expected = (f"a number from {low:g} to {high:g}" if math.isfinite(low)
+                else "a finite number") + (", or null" if nullable else "")
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise PingError(key, value, f"a number from {low:g} to {high:g}")
+        raise PingError(key, value, expected)
     if not low <= value <= high:
-        raise PingError(key, value, f"a number from {low:g} to {high:g}")
+        raise PingError(key, value, expected)
     return float(value)
 
 
@@ -104,17 +129,36 @@ def parse(obj: Any, now: float) -> Ping:
         speed: Any = get("speed_mps")
         # `type(x) in _NUMBER` leaves bools (and strings: RFC 3339 ts) to parse_ping. The four
         # required fields are there, so the length tells whether any field is not a ping's.
+        size = len(obj)
         if (type(device_id) is str and type(lat) in _NUMBER and type(lon) in _NUMBER
                 and type(ts) in _NUMBER
-                and len(obj) == 4 + ("accuracy_m" in obj) + ("speed_mps" in obj)
                 and -90.0 <= lat <= 90.0 and -180.0 <= lon <= 180.0
-                and 0 <= ts < 1e14 and ts / 1000.0 <= now + MAX_FUTURE_S
+                and MIN_EPOCH_MS <= ts < END_EPOCH_MS and ts / 1000.0 <= now + MAX_FUTURE_S
                 and (accuracy is None or (type(accuracy) in _NUMBER and 0 <= accuracy < math.inf))
                 and (speed is None or (type(speed) in _NUMBER and 0 <= speed < math.inf))
                 and (device_id in _valid_ids or _new_valid_id(device_id))):
-            return Ping(device_id, ts / 1000.0, float(lat), float(lon),
-                        None if accuracy is None else float(accuracy),
-                        None if speed is None else float(speed))
+            optional = ("accuracy_m" in obj) + ("speed_mps" in obj)
+            if size == 4 + optional:
+                return Ping(device_id, ts / 1000.0, float(lat), float(lon),
+                            None if accuracy is None else float(accuracy),
+                            None if speed is None else float(speed))
+            # heading, altitude, activity: fewer phones send them, so they are looked at only
+            # when the ping has more fields than the common ones
+            heading: Any = get("heading_deg")
+            altitude: Any = get("altitude_m")
+            activity: Any = get("activity")
+            if (size == 4 + optional + ("heading_deg" in obj) + ("altitude_m" in obj)
+                    + ("activity" in obj)
+                    and (heading is None or (type(heading) in _NUMBER and 0 <= heading <= 360))
+                    and (altitude is None or (type(altitude) in _NUMBER
+                                              and -math.inf < altitude < math.inf))
+                    and (activity is None or (type(activity) is str and activity in ACTIVITIES))):
+                return Ping(device_id, ts / 1000.0, float(lat), float(lon),
+                            None if accuracy is None else float(accuracy),
+                            None if speed is None else float(speed),
+                            None if heading is None else float(heading),
+                            None if altitude is None else float(altitude),
+                            cast(Activity | None, activity))
     return parse_ping(obj, now=now)
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import redis
 from aiohttp.test_utils import TestClient
+from yarl import URL
 
 from geopush.app import create_app
 from geopush.devices import erasure_hash
@@ -119,6 +120,20 @@ async def test_a_bad_device_id_is_400(api: Client) -> None:
     assert error["details"][0]["field"] == "device_id"
     resp = await api.put("/v1/devices/a%20b", headers=DEVICES, json=PROFILE)
     assert resp.status == 400
+
+
+@pytest.mark.parametrize("encoded", ["%2E", "%2e%2E", "a%0A", "%2E%2E%2Fx"])
+async def test_a_device_id_that_is_a_dot_path_or_has_a_newline_is_400(api: Client,
+                                                                      encoded: str) -> None:
+    # percent-encoded, these reach the handler; such a device could be stored but never
+    # addressed again by a client that normalises the path (/v1/devices/./export)
+    for method, suffix in (("PUT", ""), ("GET", ""), ("GET", "/export"), ("DELETE", "")):
+        resp = await api.request(method, URL(f"/v1/devices/{encoded}{suffix}", encoded=True),
+                                 headers=DEVICES, json=PROFILE if method == "PUT" else None)
+        assert resp.status == 400, (method, suffix)
+        error = (await resp.json())["error"]
+        assert error["details"][0]["field"] == "device_id"
+        assert "not . or .." in error["details"][0]["expected"]
 
 
 async def test_every_consent_change_is_kept_with_its_time(api: Client) -> None:
@@ -243,3 +258,76 @@ def _redis_mentions(url: str, needle: str) -> list[str]:
     finally:
         client.close()
     return found
+
+
+def _nested(levels: int) -> dict[str, Any]:
+    """attributes `levels` deep: {"k": {"k": ... 1}}, attributes itself being level 1."""
+    value: Any = 1
+    for _ in range(levels):
+        value = {"k": value}
+    return value  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "value", "expected"),
+    [
+        # 255 levels: the PUT answered 500 and the memory backend kept the profile
+        ({"attributes": _nested(255)}, "attributes",
+         "attributes.k.k.k.k: nested more than 4 levels deep", "at most 4 levels deep"),
+        ({"attributes": _nested(5)}, "attributes",
+         "attributes.k.k.k.k: nested more than 4 levels deep", "at most 4 levels deep"),
+        ({"attributes": {"tags": [[["a", ["b"]]]]}}, "attributes",
+         "attributes.tags.0.0.1: nested more than 4 levels deep", "at most 4 levels deep"),
+        ({"attributes": {f"k{i}": i for i in range(60_000)}}, "attributes",
+         "at least 60000 keys, counting nested objects", "at most 64 keys"),
+        ({"attributes": {f"k{i}": {"a": 1, "b": 2} for i in range(30)}}, "attributes",
+         "at least 66 keys, counting nested objects", "at most 64 keys"),
+        ({"attributes": {"bio": "x" * 8200}}, "attributes", "8210 bytes as JSON",
+         "at most 8192 bytes as JSON"),
+        ({"segments": [f"s{i}" for i in range(33)]}, "segments", "a list of 33 items",
+         "at most 32 items"),
+        ({"segments": ["x" * 65]}, "segments.0", "x" * 65, "at most 64 characters"),
+        ({"segments": [""]}, "segments.0", "", "at least 1 character"),
+    ],
+)
+async def test_a_profile_over_a_bound_is_400_naming_it_and_nothing_is_stored(
+        api: Client, body: dict[str, Any], field: str, value: str, expected: str) -> None:
+    for method in ("PUT", "PATCH"):
+        if method == "PATCH":
+            assert (await api.put("/v1/devices/phone-1", headers=DEVICES,
+                                  json=PROFILE)).status == 200
+        resp = await api.request(method, "/v1/devices/phone-1", headers=DEVICES, json=body)
+        assert resp.status == 400, await resp.text()
+        error = (await resp.json())["error"]
+        assert error["code"] == "invalid"
+        problem = error["details"][0]
+        assert (problem["field"], problem["value"]) == (field, value)
+        assert expected in problem["expected"] and expected in error["message"]
+        got = await api.get("/v1/devices/phone-1", headers=DEVICES)
+        if method == "PUT":
+            assert got.status == 404  # not stored, not half-stored
+        else:
+            assert (await got.json())["attributes"] == PROFILE["attributes"]
+            export = await api.get("/v1/devices/phone-1/export", headers=DEVICES)
+            assert export.status == 200
+
+
+async def test_a_profile_at_its_bounds_is_fine(api: Client) -> None:
+    attributes: dict[str, Any] = {"deep": _nested(3), "list": [[["x"]]]}
+    attributes.update({f"k{i}": "v" * 100 for i in range(64 - 5)})  # 5 in deep and list
+    body = {"attributes": attributes, "segments": [f"s{i:02d}" + "x" * 61 for i in range(32)]}
+    resp = await api.put("/v1/devices/phone-1", headers=DEVICES, json=body)
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["attributes"] == attributes
+
+
+@pytest.mark.parametrize("method", ["PUT", "PATCH"])
+async def test_a_device_body_not_declared_json_is_415(api: Client, method: str) -> None:
+    await api.put("/v1/devices/phone-1", headers=DEVICES, json=PROFILE)
+    body = '{"consent": {"location": false, "marketing": true}}'
+    resp = await api.request(method, "/v1/devices/phone-1",
+                             headers={**DEVICES, "Content-Type": "text/plain"}, data=body)
+    assert resp.status == 415
+    assert (await resp.json())["error"]["code"] == "unsupported_media_type"
+    got = await (await api.get("/v1/devices/phone-1", headers=DEVICES)).json()
+    assert got["consent"] == PROFILE["consent"]

@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from geopush.app import create_app
 from geopush.devices import DeviceProfile
+from geopush.logs import make_formatter, pseudonym
 from geopush.state.memory import MemoryStore
 from tests.api_support import DEVICES, INGEST, load_trace, ping, settings_for
 
@@ -108,6 +109,32 @@ async def test_an_unexpected_error_is_500_without_traceback_and_logged(
     assert (await resp.json())["error"]["code"] == "internal"
     assert any(r.getMessage() == "unexpected_error" and r.exc_info for r in caplog.records)
     assert (await api.get("/healthz")).status == 200
+
+
+class _LeakyBroken(MemoryStore):
+    async def get_profile(self, device_id: str) -> DeviceProfile | None:
+        raise KeyError(f"profile of {device_id} is corrupt")
+
+
+async def test_a_500_never_logs_the_raw_device_id(
+        tmp_path: Path, aiohttp_client: MakeClient, caplog: pytest.LogCaptureFixture) -> None:
+    # the path (/v1/devices/<id>) was logged as it was, and the exception quoted the id
+    settings = settings_for(tmp_path)
+    api = await aiohttp_client(create_app(settings, store=_LeakyBroken()))
+    with caplog.at_level(logging.ERROR, logger="geopush.api"):
+        for path in ("/v1/devices/alice@example.com", "/v1/devices/alice@example.com/export"):
+            resp = await api.get(path, headers=DEVICES)
+            assert resp.status == 500
+            assert "alice" not in await resp.text()
+    records = [r for r in caplog.records if r.getMessage() == "unexpected_error"]
+    assert len(records) == 2
+    for format_ in ("json", "text"):
+        formatter = make_formatter(settings.logging.model_copy(update={"format": format_}))
+        lines = [formatter.format(r) for r in records]
+        assert all("alice@example.com" not in line for line in lines), lines
+        expected = pseudonym("alice@example.com", settings.logging.pseudonym_key)
+        assert all(expected in line for line in lines)
+        assert all("/v1/devices/{device_id}" in line for line in lines)
 
 
 async def test_invented_methods_do_not_invent_metric_series(api: Client) -> None:

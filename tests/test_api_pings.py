@@ -12,6 +12,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from geopush.app import create_app
+from geopush.timeutil import format_ts
 from tests.api_support import (
     DEVICES,
     INGEST,
@@ -146,6 +147,12 @@ async def test_a_ping_older_than_the_last_one_is_out_of_order(api: Client) -> No
                                               ping("phone-1", trace[5])]})
     assert body["accepted"] == 1
     assert [(r["index"], r["code"]) for r in body["rejected"]] == [(1, "out_of_order")]
+    # in RFC 3339, like every other time in the API; pings are taken in time order, so the
+    # device's last one then was trace[10]
+    newest = format_ts(trace[10].ts)
+    assert body["rejected"][0]["message"] == (
+        f"ts {format_ts(trace[5].ts)} is older than this device's last processed ping "
+        f"({newest})")
 
 
 @pytest.mark.parametrize(
@@ -204,6 +211,95 @@ async def test_chunked_body_over_1_mib_is_413_too(api: Client) -> None:
 
 async def test_the_server_keeps_serving_after_bad_input(api: Client) -> None:
     for data in (b"\xff\xfe", b"{" * 10_000, b'{"pings": [' + b"[" * 5000 + b"]}"):
-        resp = await api.post("/v1/pings", headers=INGEST, data=data)
+        resp = await api.post("/v1/pings", headers={**INGEST, "Content-Type": "application/json"},
+                              data=data)
         assert resp.status == 400
     assert (await api.get("/healthz")).status == 200
+
+
+# -- issue #8: the ground holds --------------------------------------------------------------
+
+
+async def test_a_ts_outside_2000_to_9999_in_utc_is_invalid_not_a_500(api: Client) -> None:
+    # 0001-01-01T00:00:00+23:59 parsed, was committed, and its answer could not be written
+    # (year 0 in UTC): a 500 after the batch's other devices were committed
+    await register(api, "phone-1")
+    await register(api, "phone-2")
+    good = ping("phone-1", load_trace()[300])
+    odd = [{**good, "device_id": "phone-2", "ts": ts} for ts in (
+        "0001-01-01T00:00:00+23:59", "9999-12-31T23:59:59-23:59", "20260601T100000Z",
+        "2026-W23-1T10:00Z", "2026-06-01T10:00Z", 946_684_799_999, 0)]
+    status, body = await post(api, {"pings": [good, *odd]})
+    assert status == 200, body
+    assert body["accepted"] == 1
+    assert [(r["index"], r["code"]) for r in body["rejected"]] == [
+        (i, "invalid") for i in range(1, len(odd) + 1)]
+    assert all("ts = " in r["message"] and "RFC 3339" in r["message"]
+               for r in body["rejected"])
+    export = await api.get("/v1/devices/phone-2/export", headers=DEVICES)
+    assert export.status == 200
+    assert (await export.json())["tracking"]["last_ping"] is None
+
+
+async def test_heading_altitude_and_activity_are_accepted(api: Client) -> None:
+    await register(api, "phone-1")
+    trace = load_trace()
+    status, body = await post(api, {"pings": [
+        ping("phone-1", trace[290], heading_deg=87.5, altitude_m=519.2, activity="in_vehicle"),
+        ping("phone-1", trace[300], heading_deg=None, altitude_m=-1, activity="unknown"),
+        ping("phone-1", trace[301], activity="flying"),
+    ]})
+    assert status == 200, body
+    assert body["accepted"] == 2
+    assert [(r["index"], r["code"]) for r in body["rejected"]] == [(2, "invalid")]
+    assert "activity = 'flying'" in body["rejected"][0]["message"]
+
+
+@pytest.mark.parametrize("device_id", [".", "..", "phone-1\n", "x" * 129, "", "a/b", "é"])
+async def test_a_device_id_outside_the_charset_or_a_dot_path_is_invalid(
+        api: Client, device_id: str) -> None:
+    status, body = await post(api, ping(device_id, load_trace()[300]))
+    assert status == 200
+    assert [r["code"] for r in body["rejected"]] == ["invalid"]
+    assert "device_id = " in body["rejected"][0]["message"]
+    assert "not . or .." in body["rejected"][0]["message"]
+
+
+@pytest.mark.parametrize("content_type", [
+    None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+    "application/json; charset=latin-1", "application/jsonp", "text/json",
+])
+async def test_a_body_not_declared_json_is_415_in_the_json_envelope(
+        api: Client, content_type: str | None) -> None:
+    # a web page can make a browser post text/plain or a form to a keyless loopback geopush
+    # without asking; it cannot post application/json without a CORS preflight
+    await register(api, "phone-1")
+    body = json_bytes(ping("phone-1", load_trace()[300]))
+    headers = {**INGEST, **({"Content-Type": content_type} if content_type else {})}
+    resp = await api.post("/v1/pings", headers=headers, data=body,
+                          skip_auto_headers=["Content-Type"])
+    assert resp.status == 415
+    assert resp.content_type == "application/json"
+    error = (await resp.json())["error"]
+    assert error["code"] == "unsupported_media_type"
+    assert "expected application/json" in error["message"]
+    assert error["details"][0]["field"] == "Content-Type"
+    export = await api.get("/v1/devices/phone-1/export", headers=DEVICES)
+    assert (await export.json())["tracking"]["last_ping"] is None  # nothing was taken
+
+
+@pytest.mark.parametrize("content_type", [
+    "application/json", "application/json; charset=utf-8", "Application/JSON;charset=UTF-8"])
+async def test_application_json_with_or_without_charset_is_taken(
+        api: Client, content_type: str) -> None:
+    await register(api, "phone-1")
+    resp = await api.post("/v1/pings", headers={**INGEST, "Content-Type": content_type},
+                          data=json_bytes(ping("phone-1", load_trace()[300])))
+    assert resp.status == 200
+    assert (await resp.json())["accepted"] == 1
+
+
+def json_bytes(value: Any) -> bytes:
+    import json
+
+    return json.dumps(value).encode()

@@ -148,3 +148,68 @@ async def test_a_phone_that_vanishes_mid_answer_is_no_error(
     assert "geopush_websocket_connections 0.0" in metrics
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
     assert (await api.get("/healthz")).status == 200
+
+
+async def test_a_ts_in_year_0_utc_is_rejected_not_a_500_in_the_stream(api: Client) -> None:
+    # committed, then its answer could not be written: an HTTP 500 went into the WebSocket
+    good = ping("phone-1", load_trace()[300])
+    async with api.ws_connect("/v1/stream", headers=INGEST) as ws:
+        await ws.send_str(orjson.dumps({**good, "ts": "0001-01-01T00:00:00+23:59"}).decode())
+        await ws.send_str(orjson.dumps(good).decode())
+        odd = await ws.receive_json(timeout=10)
+        fine = await ws.receive_json(timeout=10)
+    assert odd["seq"] == 1 and [r["code"] for r in odd["rejected"]] == ["invalid"]
+    assert fine["seq"] == 2 and fine["accepted"] == 1
+
+
+class _Unwritable:
+    def as_json(self) -> dict[str, Any]:
+        raise RuntimeError("cannot write this answer")
+
+
+async def test_an_unexpected_error_is_a_json_message_on_the_stream(
+        api: Client, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from geopush.api.appstate import INGESTOR
+
+    ingestor = api.app[INGESTOR]
+    real = ingestor.ingest
+    calls = 0
+
+    async def first_answer_unwritable(items: Any, now: float) -> Any:
+        nonlocal calls
+        calls += 1
+        result = await real(items, now)
+        return _Unwritable() if calls == 1 else result
+
+    monkeypatch.setattr(ingestor, "ingest", first_answer_unwritable)
+    good = ping("phone-1", load_trace()[300])
+    with caplog.at_level(logging.ERROR):
+        async with api.ws_connect("/v1/stream", headers=INGEST) as ws:
+            await ws.send_str(orjson.dumps(good).decode())
+            await ws.send_str(orjson.dumps({**good, "ts": good["ts"] + 1000}).decode())
+            broken = await ws.receive(timeout=10)
+            fine = await ws.receive_json(timeout=10)
+    assert broken.type is aiohttp.WSMsgType.TEXT, broken  # not an HTTP response in the stream
+    answer = orjson.loads(broken.data)
+    assert answer["seq"] == 1 and answer["error"]["code"] == "internal"
+    assert "cannot write" not in broken.data
+    assert fine["seq"] == 2 and fine["accepted"] == 1
+    assert any(r.getMessage() == "stream_message_failed" for r in caplog.records)
+
+
+async def test_an_error_outside_a_message_closes_the_stream_with_1011(
+        api: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    from geopush.api import pings
+
+    def no_answer(obj: Any) -> str:
+        raise RuntimeError("the encoder broke")
+
+    monkeypatch.setattr(pings, "_dumps", no_answer)
+    good = ping("phone-1", load_trace()[300])
+    async with api.ws_connect("/v1/stream", headers=INGEST) as ws:
+        await ws.send_str(orjson.dumps(good).decode())
+        closing = await ws.receive(timeout=10)
+    # nothing can be encoded, so not even the error message: a close with 1011, never an
+    # HTTP 500 status line inside the WebSocket
+    assert closing.type is aiohttp.WSMsgType.CLOSE
+    assert closing.data == aiohttp.WSCloseCode.INTERNAL_ERROR

@@ -99,3 +99,20 @@ def test_configure_logging_routes_every_logger_to_one_json_handler() -> None:
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [line["event"] for line in lines] == ["shown"]
     assert "d1" not in stream.getvalue()
+
+
+@pytest.mark.parametrize("format_", ["json", "text"])
+def test_an_exception_quoting_the_lines_device_id_shows_its_pseudonym(format_: str) -> None:
+    import sys
+
+    formatter = make_formatter(LoggingSettings(format=format_, pseudonym_key="k"))
+    for device_id in ("alice@example.com", "a"):
+        try:
+            raise KeyError(f"profile of {device_id} is corrupt")
+        except KeyError:
+            record = _record("unexpected_error", logging.ERROR, device_id=device_id)
+            record.exc_info = sys.exc_info()
+        text = formatter.format(record)
+        assert f"profile of <device {pseudonym(device_id, 'k')}> is corrupt" in text
+        assert f" {device_id} " not in text
+        assert "Traceback" in text and "KeyError" in text  # whole ids only: "a" left in words

@@ -123,11 +123,12 @@ def test_bad_csv_lines_are_reported_each_and_the_rest_is_read(tmp_path: Path) ->
     bad = {line: r.message for line, r in records if isinstance(r, BadLine)}
     assert bad == {
         3: "lat = 'north': expected a number from -90 to 90",
-        4: "ts = 'yesterday': expected RFC 3339 time with offset, or epoch milliseconds",
+        4: "ts = 'yesterday': expected RFC 3339 time with offset, or epoch milliseconds, "
+           "from 2000-01-01 to 9999-12-31 UTC",
         5: "4 fields: expected 6 (device_id,ts,lat,lon,accuracy_m,speed_mps)",
         6: "lon = 194.0: expected a number from -180 to 180",
         7: "accuracy_m = -3.0: expected a number ≥ 0, or null",
-        8: "device_id = 'a b': expected 1–128 characters of A-Z a-z 0-9 . _ : @ -",
+        8: "device_id = 'a b': expected 1–128 characters of A-Z a-z 0-9 . _ : @ -, not . or ..",
     }
     assert [line for line, r in records if isinstance(r, Ping)] == [2, 9]
 
@@ -317,3 +318,17 @@ def test_document_shape_and_summary_only() -> None:
     ]
     assert doc["decisions"] == []
     assert set(result.document(summary_only=True)) == {"summary"}
+
+
+def test_devices_file_refuses_ids_pings_could_never_carry(tmp_path: Path) -> None:
+    path = _write(tmp_path, "devices.yaml",
+                  "- device_id: ok-1\n"
+                  "- device_id: '..'\n"
+                  "- device_id: \"a\\nb\"\n")
+    with pytest.raises(InvalidInput) as raised:
+        load_devices(path)
+    assert [(p.where, p.field, p.value) for p in raised.value.details] == [
+        (f"{path}:2: device #1", "device_id", ".."),
+        (f"{path}:3: device #2", "device_id", "a\nb"),
+    ]
+    assert "not . or .." in raised.value.details[0].message

@@ -30,7 +30,7 @@ def test_a_track_reads_back_as_written(state: DeviceState, due: float | None) ->
 
 def test_a_track_is_arrays_without_key_names() -> None:
     raw = encode_track(_state(), 7.0)
-    assert orjson.loads(raw)[:2] == [1_780_000_010.0, 7.0]
+    assert orjson.loads(raw)[:3] == [2, 1_780_000_010.0, 7.0]
     assert b"geofence_id" not in raw and b"last_ts" not in raw and b"state" not in raw
 
 
@@ -41,6 +41,36 @@ def test_decoded_states_share_nothing_with_each_other() -> None:
     first.stays["g1"].dwells_fired.append(600.0)
     first.recent.append((1.0, 2.0, 3.0))
     assert second == _state()
+
+
+def test_a_track_carries_its_format_number_first() -> None:
+    assert orjson.loads(encode_track(DeviceState(), None)) == [2, None, None, [], []]
+
+
+# What the release before format numbers wrote, byte for byte (a Redis value of
+# geopush:{d:<id>}:track then): a rolling upgrade meets these in Redis and snapshots.
+_PREVIOUS_RELEASE = (
+    b'[1780000010.0,1780000300.0,[["g1","s1",1780000000.0,1780000009.5,48.1,11.5,12.25,1.5,'
+    b'[300.0]],["g2","s2",1780000001.0,1780000002.0,48.2,11.6,0.0,null,[]]],'
+    b'[[1780000000.0,48.1,11.5],[1780000001.0,48.100010000000005,11.5],'
+    b'[1780000002.0,48.10002,11.5],[1780000003.0,48.100030000000004,11.5],'
+    b'[1780000004.0,48.10004,11.5],[1780000005.0,48.10005,11.5],[1780000006.0,48.10006,11.5]]]')
+
+
+def test_tracks_the_previous_release_wrote_are_read() -> None:
+    assert decode_track(_PREVIOUS_RELEASE) == (_state(), 1_780_000_300.0)
+    assert decode_track(b"[null,null,[],[]]") == (DeviceState(), None)
+    # and written back in the current format, which reads back the same
+    state, due = decode_track(_PREVIOUS_RELEASE)
+    assert orjson.loads(encode_track(state, due))[0] == 2
+    assert decode_track(encode_track(state, due)) == (_state(), 1_780_000_300.0)
+
+
+@pytest.mark.parametrize("data", [[3, None, None, [], []], [2.0, None, None, [], []],
+                                  [True, None, None, [], []], [None, 1.0, None, [], []]])
+def test_a_track_of_an_unknown_format_is_refused_naming_it(data: Any) -> None:
+    with pytest.raises(ValueError, match="track format"):
+        track_from_json(data)
 
 
 def test_tracks_of_the_earlier_object_format_are_still_read() -> None:

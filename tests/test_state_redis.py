@@ -642,3 +642,36 @@ async def test_on_a_cluster_each_call_touches_one_slot_and_at_most_a_thousand_de
         assert 1 <= len(group) <= 3
         assert len({key_slot(store.keys.device(d).version.encode()) for d in group}) == 1
     assert sum(1 for g in groups if set(g) & ({"dev-0", *crowd})) == 3  # 8 devices, by 3
+
+
+async def test_a_track_the_previous_release_wrote_is_read_and_carried_on(
+        stores: tuple[RedisStore, RedisStore], backend: Backend) -> None:
+    """A rolling upgrade: the new release meets tracks in the previous release's format."""
+    from tests.test_state_codec import _PREVIOUS_RELEASE, _state
+
+    store, _ = stores
+    keys = store.keys.device("phone-1")
+    await store.put_profile(_profile("phone-1"), None)
+    client: Any = (redis.asyncio.RedisCluster.from_url(backend.url) if backend.cluster
+                   else redis.asyncio.Redis.from_url(backend.url))
+    try:
+        await client.set(keys.track, _PREVIOUS_RELEASE)
+        seen: dict[str, DeviceSnapshot] = {}
+
+        def peek(snapshots: Mapping[str, DeviceSnapshot]) -> dict[str, DeviceOutcome]:
+            seen.update(snapshots)
+            return {}
+
+        await store.track(["phone-1"], peek)
+        assert seen["phone-1"].state == _state()
+        # the next ping goes on from that state and writes the current format
+        later = Ping("phone-1", _state().last_ts + 1.0, 10.0, 10.0)  # far from every shop
+        outcomes = await store.track(["phone-1"], _ingest([later]))
+        assert outcomes["phone-1"].accepted == 1
+        # its stays were read: the ping far away ends them
+        assert sorted((e.geofence_id, e.type) for e in outcomes["phone-1"].events) == [
+            ("g1", "exit"), ("g2", "exit")]
+        raw = await client.get(keys.track)
+        assert raw.startswith(b"[2,")
+    finally:
+        await client.aclose()

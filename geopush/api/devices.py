@@ -20,6 +20,7 @@ from geopush.api.appstate import AUTH, SETTINGS, STATE
 from geopush.api.errors import NotFound
 from geopush.api.wire import json_response, read_json, type_name
 from geopush.devices import (
+    PROFILE_BOUND,
     Consent,
     ConsentChange,
     DeviceProfile,
@@ -27,10 +28,9 @@ from geopush.devices import (
     ErasureRecord,
     erasure_hash,
 )
-from geopush.engine import DeviceOutcome, DeviceSnapshot
 from geopush.errors import InvalidInput, Problem
 from geopush.logs import log_device_change, log_erasure
-from geopush.pings import DEVICE_ID
+from geopush.pings import DEVICE_ID, DEVICE_ID_EXPECTED
 from geopush.state.base import ProfileWrite, StateStore
 from geopush.timeutil import format_ts
 
@@ -41,10 +41,9 @@ PATH = "/v1/devices/{device_id}"
 def _device_id(request: web.Request) -> str:
     device_id = request.match_info["device_id"]
     if not DEVICE_ID.match(device_id):
-        expected = "1–128 characters of A-Z a-z 0-9 . _ : @ -"
-        raise InvalidInput(f"device_id = {device_id[:80]!r}: expected {expected}",
+        raise InvalidInput(f"device_id = {device_id[:80]!r}: expected {DEVICE_ID_EXPECTED}",
                            [Problem("path", "bad device id", field="device_id",
-                                    value=device_id[:200], expected=expected)])
+                                    value=device_id[:200], expected=DEVICE_ID_EXPECTED)])
     return device_id
 
 
@@ -76,16 +75,30 @@ async def _update(request: web.Request) -> DeviceUpdate:
 
 def _problem(err: Mapping[str, Any]) -> Problem:
     key = ".".join(str(p) for p in err["loc"])
-    value = err.get("input")
-    shown = value if value is None or isinstance(value, str | int | float | bool) else repr(value)
-    if isinstance(shown, str) and len(shown) > 200:
-        shown = shown[:199] + "…"
+    if err["type"] == PROFILE_BOUND:
+        ctx = err["ctx"]
+        return Problem("body", f"{key}: {ctx['summary']}: expected {ctx['expected']}",
+                       field=key, value=ctx["summary"], expected=ctx["expected"])
+    shown = _summary(err.get("input"))
     if err["type"] == "extra_forbidden":
         return Problem("body", f"{key}: unknown field", field=key, value=shown,
                        expected="push_token, platform, locale, timezone, attributes, segments, "
                                 "consent {location, marketing}")
     return Problem("body", f"{key} = {shown!r}: {err['msg']}", field=key, value=shown,
                    expected=err["msg"])
+
+
+def _summary(value: Any) -> Any:
+    """The bad value as an error shows it: scalars as they are (long strings cut), objects
+    and lists by their size, which says more than the first 200 characters of their repr."""
+    if isinstance(value, dict):
+        return f"an object of {len(value)} keys"
+    if isinstance(value, list):
+        return f"a list of {len(value)} items"
+    if value is None or isinstance(value, int | float | bool):
+        return value
+    shown = value if isinstance(value, str) else repr(value)
+    return shown if len(shown) <= 200 else shown[:199] + "…"
 
 
 def profile_json(profile: DeviceProfile) -> dict[str, Any]:
@@ -215,26 +228,29 @@ async def export_device(request: web.Request) -> web.Response:
 
 
 async def _tracking(store: StateStore, device_id: str) -> dict[str, Any]:
-    """The device's tracker state (last ping time, open stays): location data, so exported."""
-    seen: dict[str, DeviceSnapshot] = {}
-
-    def peek(snapshots: Mapping[str, DeviceSnapshot]) -> Mapping[str, DeviceOutcome]:
-        seen.update(snapshots)
-        return {}  # nothing to write
-
-    await store.track([device_id], peek)
-    snapshot = seen.get(device_id)
-    state = snapshot.state if snapshot is not None else None
-    if state is None:
-        return {"last_ping": None, "stays": []}
+    """The device's tracking record, every field of it: location data, so exported."""
+    stored = await store.stored_track(device_id)
+    state = stored.state
     return {
-        "last_ping": format_ts(state.last_ts) if state.last_ts is not None else None,
+        "last_ping": _time(state.last_ts if state is not None else None),
         "stays": [
             {"geofence_id": s.geofence_id, "store_id": s.store_id,
-             "entered": format_ts(s.enter_ts), "last_seen": format_ts(s.confirmed_ts)}
-            for s in state.stays.values()
+             "entered": format_ts(s.enter_ts), "last_seen": format_ts(s.confirmed_ts),
+             "lat": s.lat, "lon": s.lon, "distance_m": s.distance_m, "speed_mps": s.speed_mps,
+             "dwells_fired_s": list(s.dwells_fired)}
+            for s in (state.stays.values() if state is not None else ())
         ],
+        # the last pings of a few seconds, kept to work out speeds
+        "recent_pings": [{"ts": format_ts(ts), "lat": lat, "lon": lon}
+                         for ts, lat, lon in (state.recent if state is not None else ())],
+        "next_due": _time(stored.next_due),
+        "timer_due": _time(stored.timer),
+        "record_version": stored.writes,
     }
+
+
+def _time(epoch_s: float | None) -> str | None:
+    return format_ts(epoch_s) if epoch_s is not None else None
 
 
 @routes.delete(PATH)

@@ -127,5 +127,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         # a backend that let a connection error through: still a 503, never a 500
         return from_geopush_error(StateUnavailable(f"state store unreachable: {exc}"))
     except Exception:
-        log.exception("unexpected_error", extra=fields(method=request.method, path=request.path))
+        # the route, not the path: a path holds the device id, which logs only show
+        # pseudonymised (contract §8, §12); the formatter pseudonymises `device_id`
+        resource = request.match_info.route.resource
+        log.exception("unexpected_error", extra=fields(
+            method=request.method,
+            route=resource.canonical if resource is not None else "unmatched",
+            device_id=request.match_info.get("device_id")))
         return error_response("internal", "internal error; it has been logged", 500)

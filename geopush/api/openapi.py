@@ -16,7 +16,9 @@ from aiohttp import web
 import geopush
 from geopush.api.wire import JSON
 from geopush.devices import Consent, DeviceUpdate
-from geopush.pings import DEVICE_ID
+from geopush.geo.model import ACTIVITIES
+from geopush.pings import DEVICE_ID_SCHEMA
+from geopush.timeutil import END_EPOCH_MS, MIN_EPOCH_MS
 
 routes = web.RouteTableDef()
 
@@ -48,6 +50,7 @@ _RESPONSES = {
     "Forbidden": _error("The key does not have the scope this endpoint needs"),
     "NotFound": _error("No such device (or path)"),
     "TooLarge": _error(f"Body over 1 MiB, or more than {MAX_PINGS} pings"),
+    "UnsupportedMediaType": _error("The body is not declared Content-Type: application/json"),
     "Unavailable": _error("The state store is unreachable; retry after Retry-After seconds",
                           _RETRY_AFTER),
     "Unprocessable": _error("The new stores have errors (every one in details, with file:line, "
@@ -59,7 +62,8 @@ def _responses(ok: dict[str, Any], *extra: str) -> dict[str, Any]:
     """ok + the error responses every authenticated endpoint may give, + `extra` ones."""
     out: dict[str, Any] = dict(ok)
     names = {"400": "BadRequest", "401": "Unauthorized", "403": "Forbidden",
-             "404": "NotFound", "413": "TooLarge", "503": "Unavailable"}
+             "404": "NotFound", "413": "TooLarge", "415": "UnsupportedMediaType",
+             "503": "Unavailable"}
     for status in ("400", "401", "403", *extra, "413", "503"):
         out[status] = {"$ref": f"#/components/responses/{names[status]}"}
     return out
@@ -77,7 +81,8 @@ def _pydantic_schemas() -> dict[str, Any]:
 def _schemas() -> dict[str, Any]:
     nullable_number = {"type": ["number", "null"], "minimum": 0}
     timestamp = {"type": "string", "format": "date-time"}
-    device_id = {"type": "string", "pattern": DEVICE_ID.pattern}
+    nullable_time = {"type": ["string", "null"], "format": "date-time"}
+    device_id = {"type": "string", "pattern": DEVICE_ID_SCHEMA}
     problem = {
         "type": "object",
         "required": ["where", "message"],
@@ -105,11 +110,16 @@ def _schemas() -> dict[str, Any]:
             "device_id": device_id,
             "lat": {"type": "number", "minimum": -90, "maximum": 90},
             "lon": {"type": "number", "minimum": -180, "maximum": 180},
-            "ts": {"description": "RFC 3339 with offset, or epoch milliseconds; at most 5 min "
-                                  "after the server's clock",
-                   "anyOf": [timestamp, {"type": "number", "minimum": 0, "exclusiveMaximum": 1e14}]},
+            "ts": {"description": "RFC 3339 with offset (YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)), "
+                                  "or epoch milliseconds; from 2000-01-01 to 9999-12-31 UTC "
+                                  "and at most 5 min after the server's clock",
+                   "anyOf": [timestamp, {"type": "number", "minimum": MIN_EPOCH_MS,
+                                         "exclusiveMaximum": END_EPOCH_MS}]},
             "accuracy_m": nullable_number,
             "speed_mps": nullable_number,
+            "heading_deg": {"type": ["number", "null"], "minimum": 0, "maximum": 360},
+            "altitude_m": {"type": ["number", "null"]},
+            "activity": {"enum": [*sorted(ACTIVITIES), None]},
         },
     }
     ingest_result = {
@@ -155,9 +165,28 @@ def _schemas() -> dict[str, Any]:
                 "properties": {"store_id": {"type": "string"}, "geofence_id": {"type": "string"},
                                "start": timestamp, "end": timestamp},
             }},
-            "tracking": {"type": "object", "required": ["last_ping", "stays"], "properties": {
-                "last_ping": {"type": ["string", "null"], "format": "date-time"},
-                "stays": {"type": "array", "items": {"type": "object"}},
+            "tracking": {"type": "object", "required": [
+                "last_ping", "stays", "recent_pings", "next_due", "timer_due", "record_version"],
+                "properties": {
+                "last_ping": nullable_time,
+                "stays": {"type": "array", "items": {
+                    "type": "object",
+                    "required": ["geofence_id", "store_id", "entered", "last_seen", "lat", "lon",
+                                 "distance_m", "speed_mps", "dwells_fired_s"],
+                    "properties": {
+                        "geofence_id": {"type": "string"}, "store_id": {"type": "string"},
+                        "entered": timestamp, "last_seen": timestamp,
+                        "lat": {"type": "number"}, "lon": {"type": "number"},
+                        "distance_m": {"type": "number"},
+                        "speed_mps": {"type": ["number", "null"]},
+                        "dwells_fired_s": {"type": "array", "items": {"type": "number"}}}}},
+                "recent_pings": {"type": "array", "items": {
+                    "type": "object", "required": ["ts", "lat", "lon"],
+                    "properties": {"ts": timestamp, "lat": {"type": "number"},
+                                   "lon": {"type": "number"}}}},
+                "next_due": nullable_time,
+                "timer_due": nullable_time,
+                "record_version": {"type": ["integer", "null"]},
             }},
             "decisions": {"type": "array", "items": {"type": "object"}},
             "pushes": {"type": "array", "items": {"type": "object"}},
@@ -207,7 +236,7 @@ def _schemas() -> dict[str, Any]:
 
 def _operations() -> dict[str, Any]:
     device_param = {"name": "device_id", "in": "path", "required": True,
-                    "schema": {"type": "string", "pattern": DEVICE_ID.pattern}}
+                    "schema": {"type": "string", "pattern": DEVICE_ID_SCHEMA}}
     ingest = [{"bearer": ["ingest"]}]
     devices = [{"bearer": ["devices"]}]
     update_body = {"required": True, "content": {JSON: {"schema": _ref("DeviceUpdate")}}}
@@ -223,7 +252,8 @@ def _operations() -> dict[str, Any]:
             "security": ingest,
             "requestBody": {"required": True, "content": {JSON: {"schema": {
                 "oneOf": [_ref("Ping"), _ref("PingBatch")]}}}},
-            "responses": _responses({"200": _json(_ref("IngestResult"), "What was done")}),
+            "responses": _responses({"200": _json(_ref("IngestResult"), "What was done")},
+                                    "415"),
         }},
         "/v1/stream": {"get": {
             "operationId": "stream",
@@ -247,12 +277,12 @@ def _operations() -> dict[str, Any]:
                                    "means no consent. A consent change is recorded with its "
                                    "time and takes effect at once.",
                     "security": devices, "requestBody": update_body,
-                    "responses": _responses(profile_ok, "404")},
+                    "responses": _responses(profile_ok, "404", "415")},
             "patch": {"operationId": "patchDevice", "summary": "Update the given fields",
                       "description": "Only the fields given change; in `consent`, only the "
                                      "consents given change.",
                       "security": devices, "requestBody": update_body,
-                      "responses": _responses(profile_ok, "404")},
+                      "responses": _responses(profile_ok, "404", "415")},
             "get": {"operationId": "getDevice", "summary": "The stored profile",
                     "security": devices, "responses": _responses(profile_ok, "404")},
             "delete": {"operationId": "deleteDevice",

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import suppress
 from typing import Any
 
 import orjson
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from geopush.api.appstate import AUTH, INGESTOR, METRICS, SETTINGS, WEBSOCKETS
 from geopush.api.errors import TooLarge, error_body
@@ -23,6 +24,7 @@ log = logging.getLogger("geopush.api.pings")
 routes = web.RouteTableDef()
 
 WS_HEARTBEAT_S = 30.0  # ping frames keep NATs open and find dead phones
+_INTERNAL = "internal error; it has been logged"
 _SHAPE = 'a ping object {device_id, lat, lon, ts, …} or {"pings": [ping, …]}'
 
 
@@ -100,6 +102,16 @@ async def stream(request: web.Request) -> web.WebSocketResponse:
                 await ws.send_json(answer, dumps=_dumps)
             except ConnectionResetError:
                 break  # the phone went away mid-answer: nothing left to tell it
+    except Exception:
+        # After the upgrade the connection speaks WebSocket: an exception left to the error
+        # middleware would become an HTTP 500 written into the stream. Say it in a message
+        # the client can read, then close.
+        log.exception("stream_failed", extra=fields(seq=seq))
+        with suppress(Exception):
+            await ws.send_json(_error_answer(seq, GeopushError(_INTERNAL), code="internal"),
+                               dumps=_dumps)
+        with suppress(Exception):
+            await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"internal error")
     finally:
         sockets.discard(ws)
         metrics.websockets.dec()
@@ -107,17 +119,18 @@ async def stream(request: web.Request) -> web.WebSocketResponse:
 
 
 async def _answer(app: web.Application, text: str, seq: int) -> dict[str, Any]:
+    """The answer to one message; never raises (an unexpected error is an `internal` one)."""
     try:
         items = ping_items(parse_json(text, "message"), app[SETTINGS].server.max_batch,
                            allow_list=True)
         result = await app[INGESTOR].ingest(items, time.time())
+        # inside the try: an answer that cannot be written is an error answer too
+        return {"seq": seq, **result.as_json()}
     except GeopushError as exc:
         return _error_answer(seq, exc)
     except Exception:
         log.exception("stream_message_failed", extra=fields(seq=seq))
-        return _error_answer(seq, GeopushError("internal error; it has been logged"),
-                             code="internal")
-    return {"seq": seq, **result.as_json()}
+        return _error_answer(seq, GeopushError(_INTERNAL), code="internal")
 
 
 def _error_answer(seq: int, exc: GeopushError, code: str | None = None) -> dict[str, Any]:

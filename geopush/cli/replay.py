@@ -32,7 +32,7 @@ from geopush.engine import DeviceSnapshot, Engine
 from geopush.errors import ConfigError, InvalidInput, Problem, StoreLoadError
 from geopush.geo.model import Event, Ping, Visit
 from geopush.geo.stores import load_stores
-from geopush.pings import DEVICE_ID, PingError, parse_ping
+from geopush.pings import DEVICE_ID, DEVICE_ID_EXPECTED, PingError, parse_ping
 from geopush.service.active import build_engine
 from geopush.timeutil import format_ts, parse_ts
 from geopush.yamlspots import line_of, load_yaml
@@ -236,6 +236,14 @@ def load_devices(path: Path) -> dict[str, DeviceProfile]:
                     f"{path}:{line}: device #{i}", f"{key} = {err.get('input')!r}: {err['msg']}",
                     field=key, value=repr(err.get("input")), expected=err["msg"],
                 ))
+            continue
+        if not DEVICE_ID.match(profile.device_id):
+            # the pings of such a device would all be refused: say so here, once
+            line = line_of(tree, [*prefix, i, "device_id"]) or 1
+            problems.append(Problem(f"{path}:{line}: device #{i}",
+                                    f"device_id = {profile.device_id!r}: expected "
+                                    f"{DEVICE_ID_EXPECTED}", field="device_id",
+                                    value=profile.device_id, expected=DEVICE_ID_EXPECTED))
             continue
         if profile.device_id in devices:
             problems.append(Problem(where, f"device_id {profile.device_id!r} is listed twice",

@@ -13,17 +13,29 @@ from typing import Any, Literal
 EventType = Literal["enter", "dwell", "exit"]
 
 
+Activity = Literal["still", "on_foot", "walking", "running", "on_bicycle", "in_vehicle",
+                   "unknown"]
+ACTIVITIES: frozenset[str] = frozenset(
+    ("still", "on_foot", "walking", "running", "on_bicycle", "in_vehicle", "unknown"))
+
+
 class _PingDraft:
-    __slots__ = ("device_id", "ts", "lat", "lon", "accuracy_m", "speed_mps")  # noqa: RUF023 (as Ping)
+    __slots__ = ("device_id", "ts", "lat", "lon", "accuracy_m", "speed_mps",  # noqa: RUF023 (as Ping)
+                 "heading_deg", "altitude_m", "activity")
 
     def __init__(self, device_id: str, ts: float, lat: float, lon: float,
-                 accuracy_m: float | None = None, speed_mps: float | None = None) -> None:
+                 accuracy_m: float | None = None, speed_mps: float | None = None,
+                 heading_deg: float | None = None, altitude_m: float | None = None,
+                 activity: Activity | None = None) -> None:
         self.device_id = device_id
         self.ts = ts
         self.lat = lat
         self.lon = lon
         self.accuracy_m = accuracy_m
         self.speed_mps = speed_mps
+        self.heading_deg = heading_deg
+        self.altitude_m = altitude_m
+        self.activity = activity
 
 
 @dataclass(frozen=True, slots=True, init=False)
@@ -42,10 +54,17 @@ class Ping:
     lon: float
     accuracy_m: float | None = None
     speed_mps: float | None = None
+    # carried for the rules (`when.activity`) and later use; the tracker reads none of them
+    heading_deg: float | None = None  # 0-360, clockwise from true north
+    altitude_m: float | None = None
+    activity: Activity | None = None
 
     def __new__(cls, device_id: str, ts: float, lat: float, lon: float,
-                accuracy_m: float | None = None, speed_mps: float | None = None) -> Ping:
-        draft: Any = _PingDraft(device_id, ts, lat, lon, accuracy_m, speed_mps)
+                accuracy_m: float | None = None, speed_mps: float | None = None,
+                heading_deg: float | None = None, altitude_m: float | None = None,
+                activity: Activity | None = None) -> Ping:
+        draft: Any = _PingDraft(device_id, ts, lat, lon, accuracy_m, speed_mps, heading_deg,
+                                altitude_m, activity)
         draft.__class__ = cls
         ping: Ping = draft
         return ping
@@ -53,7 +72,7 @@ class Ping:
     def __reduce__(self) -> tuple[type[Ping], tuple[Any, ...]]:
         # copy and pickle rebuild through the constructor (there is no __init__ to skip)
         return Ping, (self.device_id, self.ts, self.lat, self.lon, self.accuracy_m,
-                      self.speed_mps)
+                      self.speed_mps, self.heading_deg, self.altitude_m, self.activity)
 
 
 @dataclass(frozen=True, slots=True)

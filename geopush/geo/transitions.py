@@ -30,6 +30,7 @@ from geopush.geo.model import (
     new_event,
     new_visit,
 )
+from geopush.timeutil import format_ts
 
 SPEED_MIN_AGE_S = 5.0  # derived speed: the latest accepted ping 5–120 s older (contract §5)
 SPEED_MAX_AGE_S = 120.0
@@ -270,7 +271,10 @@ class Tracker:
                 step = _step(steps, device, state)
                 step.rejected.append(Rejection(
                     positions[i] if positions is not None else i, "out_of_order",
-                    f"ts {ts!r} is older than this device's last processed ping ({last_ts!r})",
+                    # RFC 3339 like every other time geopush shows; the same two times as
+                    # before (this ping's and its own device's last), nothing more
+                    f"ts {format_ts(ts)} is older than this device's last processed ping "
+                    f"({format_ts(last_ts)})",
                 ))
                 continue
             stays = state.stays

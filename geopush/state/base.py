@@ -15,7 +15,7 @@ from typing import Any
 from geopush.devices import ConsentChange, DeviceProfile, ErasureRecord
 from geopush.engine import DeviceOutcome, DeviceSnapshot
 from geopush.errors import GeopushError
-from geopush.geo.model import Visit
+from geopush.geo.model import DeviceState, Visit
 
 Compute = Callable[[Mapping[str, DeviceSnapshot]], Mapping[str, DeviceOutcome]]
 """Pure: snapshots of some devices → what to write for each. May be called more than once:
@@ -43,6 +43,16 @@ class StateUnavailable(GeopushError):
 
     code = "unavailable"
     http_status = 503
+
+
+@dataclass(frozen=True, slots=True)
+class StoredTrack:
+    """A device's tracking record as the store holds it, for the export (contract §12)."""
+
+    state: DeviceState | None
+    next_due: float | None  # kept with the state
+    timer: float | None  # the device's entry in the timers (a claim's lease while one runs)
+    writes: int | None  # the record's version: writes of the device so far (None: not kept)
 
 
 class StateStore(ABC):
@@ -97,6 +107,10 @@ class StateStore(ABC):
         Returns the committed outcome of every device compute returned one for. A device
         compute returns no outcome for is not written (a read-only peek is fine); an outcome
         with `state` None writes no state or visits."""
+
+    @abstractmethod
+    async def stored_track(self, device_id: str) -> StoredTrack:
+        """The device's tracking record, read-only: state, due times, version."""
 
     @abstractmethod
     async def claim_due(self, now: float, limit: int, lease_s: float) -> list[str]:

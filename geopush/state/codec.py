@@ -1,10 +1,16 @@
 """How device state is written as JSON, shared by the Redis values and the memory snapshot.
 
-A track is one JSON array, `[last_ts, next_due, stays, recent]`: `stays` rows of the Stay
-fields in order, `recent` rows of [ts, lat, lon]. Arrays rather than objects because Redis
-reads and writes a track for every device of every batch: no key names to encode, parse and
-store, and the rows map onto the dataclasses positionally. Tracks written by earlier versions
-(`{"state": DeviceState.to_dict(), "next_due": …}`) are still read.
+A track is one JSON array, `[2, last_ts, next_due, stays, recent]`: its format number, then
+`stays` rows of the Stay fields in order and `recent` rows of [ts, lat, lon]. Arrays rather
+than objects because Redis reads and writes a track for every device of every batch: no key
+names to encode, parse and store, and the rows map onto the dataclasses positionally.
+
+Each release reads what the release before it wrote, so instances of both can share one Redis
+during a rolling upgrade: the format number says which shape a record has, and the reader
+keeps every earlier shape: `[last_ts, next_due, stays, recent]` (format 1, no number: its
+first element is a time or null, never the integer 2, and it has four elements) and
+`{"state": DeviceState.to_dict(), "next_due": …}` (format 0). A change of shape gets the next
+number; the reader of format n+1 ships one release before any instance writes it.
 """
 
 from __future__ import annotations
@@ -15,11 +21,14 @@ import orjson
 
 from geopush.geo.model import DeviceState, Stay, Visit
 
+TRACK_FORMAT = 2
+
 
 def track_to_json(state: DeviceState, next_due: float | None) -> list[Any]:
     # next_due is kept with the state so a store can tell whether its timers entry is current;
     # orjson writes the (ts, lat, lon) tuples of `recent` as arrays itself
     return [
+        TRACK_FORMAT,
         state.last_ts,
         next_due,
         [[s.geofence_id, s.store_id, s.enter_ts, s.confirmed_ts, s.lat, s.lon, s.distance_m,
@@ -30,9 +39,15 @@ def track_to_json(state: DeviceState, next_due: float | None) -> list[Any]:
 
 def track_from_json(data: Any) -> tuple[DeviceState, float | None]:
     """Raises ValueError, TypeError, KeyError or IndexError on what is not a track."""
-    if type(data) is dict:  # the format before arrays
+    if type(data) is dict:  # format 0, before arrays
         return DeviceState.from_dict(data["state"]), data.get("next_due")
-    last_ts, next_due, rows, recent = data
+    if len(data) == 5:
+        version, last_ts, next_due, rows, recent = data
+        if version != TRACK_FORMAT or type(version) is not int:
+            raise ValueError(f"track format {version!r}: this release reads formats 0 to "
+                             f"{TRACK_FORMAT} (a newer release wrote it?)")
+    else:  # format 1, the array without a number: four elements or a ValueError
+        last_ts, next_due, rows, recent = data
     stays = {}
     for row in rows:
         # a row of 9 or a TypeError; orjson made every list fresh, so dwells_fired is ours

@@ -20,7 +20,7 @@ VISITS_KEPT = 1000  # visits remembered per device (when.visits looks back 90 da
 class DeviceKeys(NamedTuple):  # a tuple: built for every device of every batch, ~4x cheaper
     profile: str  # JSON of DeviceProfile
     consent: str  # list of JSON ConsentChange, oldest first
-    track: str  # JSON [last_ts, next_due, stays, recent] (geopush.state.codec)
+    track: str  # JSON [format, last_ts, next_due, stays, recent] (geopush.state.codec)
     visits: str  # list of JSON [store_id, geofence_id, start, end], oldest first
     version: str  # integer, INCR'd by every write of the device (the CAS of `track`)
 

@@ -18,7 +18,7 @@ from geopush.devices import ConsentChange, DeviceProfile, ErasureRecord
 from geopush.engine import DeviceOutcome, DeviceSnapshot
 from geopush.errors import GeopushError
 from geopush.geo.model import DeviceState, Stay, Visit
-from geopush.state.base import Compute, ProfileEdit, ProfileWrite, StateStore
+from geopush.state.base import Compute, ProfileEdit, ProfileWrite, StateStore, StoredTrack
 from geopush.state.codec import track_from_json, track_to_json, visit_from_json, visit_to_json
 from geopush.state.keys import VISITS_KEPT
 
@@ -135,6 +135,10 @@ class MemoryStore(StateStore):
             self._timers.set(device_id, outcome.next_due)
         return outcomes
 
+    async def stored_track(self, device_id: str) -> StoredTrack:
+        state, next_due = self._tracks.get(device_id, (None, None))
+        return StoredTrack(state, next_due, self._timers.due(device_id), None)
+
     async def claim_due(self, now: float, limit: int, lease_s: float) -> list[str]:
         return self._timers.claim(now, limit, lease_s)
 
@@ -219,6 +223,9 @@ class _Timers:
 
     def discard(self, device_id: str) -> bool:
         return self._due.pop(device_id, None) is not None
+
+    def due(self, device_id: str) -> float | None:
+        return self._due.get(device_id)
 
     def claim(self, now: float, limit: int, lease_s: float) -> list[str]:
         claimed: list[str] = []

@@ -46,7 +46,14 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from geopush.devices import ConsentChange, DeviceProfile, ErasureRecord
 from geopush.engine import DeviceOutcome, DeviceSnapshot
 from geopush.geo.model import DeviceState, Visit
-from geopush.state.base import Compute, ProfileEdit, ProfileWrite, StateStore, StateUnavailable
+from geopush.state.base import (
+    Compute,
+    ProfileEdit,
+    ProfileWrite,
+    StateStore,
+    StateUnavailable,
+    StoredTrack,
+)
 from geopush.state.codec import decode_track, decode_visit, encode_track, encode_visit
 from geopush.state.keys import VISITS_KEPT, DeviceKeys, Keys, group_by_slot
 from geopush.state.redis_scripts import (
@@ -368,6 +375,17 @@ class RedisStore(StateStore):
             else:
                 conflicts += (group[int(position) - 1] for position in result)
         return conflicts
+
+    async def stored_track(self, device_id: str) -> StoredTrack:
+        keys = self.keys.device(device_id)
+        async with self._guard():
+            # two slots on a cluster (the device's, the timers'): one pipelined round trip
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.execute_command("MGET", keys.track, keys.version)
+            pipe.zscore(self.keys.timers, device_id)
+            (track_raw, version), timer = await pipe.execute()
+        state, next_due = decode_track(track_raw) if track_raw is not None else (None, None)
+        return StoredTrack(state, next_due, timer, int(version) if version is not None else None)
 
     async def claim_due(self, now: float, limit: int, lease_s: float) -> list[str]:
         if limit <= 0:
