@@ -337,7 +337,7 @@ class MemoryStore(StateStore):
         tmp = files.temporary().with_suffix(f".{self._snapshots_written}.tmp")
         size = 0
         try:
-            out = await asyncio.to_thread(open, tmp, "wb")
+            out = open(tmp, "wb")  # noqa: SIM115 (closed below, after writes in threads)
             try:
                 for chunk in self._snapshot_chunks(gen):
                     size += len(chunk)
