@@ -345,3 +345,22 @@ def test_a_frame_is_a_checksummed_line() -> None:
     line = frame(b'["E","d",{}]')
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     assert line[8:9] == b" " and int(line[:8], 16) >= 0
+
+
+async def test_over_http_an_unstorable_profile_is_a_400_and_nothing_is_stored(
+        tmp_path: Path, aiohttp_client: Any) -> None:
+    from geopush.app import create_app
+    from tests.api_support import DEVICES, settings_for
+
+    api = await aiohttp_client(create_app(settings_for(tmp_path)))
+    # deeper than orjson writes (254); input bounds (contract §6) may refuse it sooner
+    body = (b'{"consent": {"location": true}, "attributes": {"n": ' + b"[" * 300 + b"]" * 300
+            + b"}}")
+    resp = await api.put("/v1/devices/bad-1", data=body,
+                         headers={**DEVICES, "Content-Type": "application/json"})
+    assert resp.status == 400, await resp.text()
+    assert (await resp.json())["error"]["code"] == "invalid"
+    assert (await api.get("/v1/devices/bad-1", headers=DEVICES)).status == 404
+    resp = await api.put("/v1/devices/good-1", json={"consent": {"location": True}},
+                         headers=DEVICES)
+    assert resp.status == 200

@@ -23,6 +23,7 @@ import contextlib
 import heapq
 import logging
 import os
+import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -94,9 +95,13 @@ class MemoryStore(StateStore):
             return
         files = StateFiles(self.snapshot_path)
         files.lock()
+        started = time.monotonic()
         try:
             files.remove_temporaries()
             gen, erased = self._restore(files)
+            log.info("state_restored", extra=fields(
+                devices=len(self._profiles), journal_bytes=self._journal_bytes,
+                seconds=round(time.monotonic() - started, 3)))
             self._writer = JournalWriter(files, gen, self.fsync_every,
                                          asyncio.get_running_loop())
         except BaseException:
@@ -337,14 +342,11 @@ class MemoryStore(StateStore):
         tmp = files.temporary().with_suffix(f".{self._snapshots_written}.tmp")
         size = 0
         try:
-            out = open(tmp, "wb")  # noqa: SIM115 (closed below, after writes in threads)
-            try:
+            with open(tmp, "wb") as out:  # writes in a thread; encoding on the event loop
                 for chunk in self._snapshot_chunks(gen):
                     size += len(chunk)
                     await asyncio.to_thread(out.write, chunk)
                 await asyncio.to_thread(_flush_and_sync, out)
-            finally:
-                out.close()
             await asyncio.to_thread(_install, files, tmp, gen)
         finally:
             tmp.unlink(missing_ok=True)
