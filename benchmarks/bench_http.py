@@ -198,7 +198,8 @@ def _stores_file(directory: Path) -> Path:
 
 
 class _Server:
-    def __init__(self, backend: str, directory: Path, redis_url: str) -> None:
+    def __init__(self, backend: str, directory: Path, redis_url: str,
+                 journal: bool = True) -> None:
         import yaml
 
         self.backend = backend
@@ -208,7 +209,9 @@ class _Server:
         config = {
             "stores_file": str(_stores_file(directory)),
             "server": {"host": "127.0.0.1", "port": self.port},
-            "storage": {"backend": backend, "redis_url": redis_url, "key_prefix": self.prefix},
+            "storage": {"backend": backend, "redis_url": redis_url, "key_prefix": self.prefix,
+                        # the memory backend as the embedded default runs it: with its journal
+                        "snapshot_path": (str(directory / "state.json") if journal else None)},
             "auth": {"keys": [{"name": "bench", "key": KEY,
                                "scopes": ["ingest", "devices", "admin"]}]},
             # with auth keys, serve refuses the default pseudonym key
@@ -359,7 +362,7 @@ def _calibrate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _measure(backend: str, args: argparse.Namespace, directory: Path) -> dict[str, Any]:
-    with _Server(backend, directory, args.redis_url) as server:
+    with _Server(backend, directory, args.redis_url, not args.no_journal) as server:
         asyncio.run(_register(server.url, DEVICES))
         start_ms = int((time.time() - 3600) * 1000)
         assert server.proc is not None
@@ -435,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
                              "the 2-core benchmark machine")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/15",
                         help="the benchmark writes under its own key prefix and removes it")
+    parser.add_argument("--no-journal", action="store_true",
+                        help="memory backend without a snapshot path (no journal): what the "
+                        "journal costs is the difference")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
     parser.add_argument("--no-calibration", action="store_true",
                         help="skip the run against a bare aiohttp handler")

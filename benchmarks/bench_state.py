@@ -2,6 +2,7 @@
 
     python benchmarks/bench_state.py [--devices D] [--pings-per-device K] [--batches B]
                                      [--repeat R] [--redis-url URL] [--backend memory|redis|both]
+                                     [--journal]
 
 Shaped like HTTP batch ingestion: D devices, all with location consent, each batch K pings per
 device (default 1: one batch = D devices = D pings, the store's hardest case; bench_http.py
@@ -30,6 +31,7 @@ import os
 import random
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -91,6 +93,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--backend", choices=["memory", "redis", "both"], default="both")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/15")
+    parser.add_argument("--journal", action="store_true",
+                        help="memory backend with a snapshot path, so every track batch is "
+                        "also appended to the journal (the embedded default)")
     parser.add_argument("--default-gc", action="store_true",
                         help="CPython's garbage collector settings instead of the service's")
     args = parser.parse_args(argv)
@@ -134,7 +139,9 @@ async def _one_run(backend: str, args: argparse.Namespace, seed: int) -> _Run:
 
         store = RedisStore(args.redis_url, key_prefix=prefix)
     else:
-        store = MemoryStore()
+        # --journal: as the embedded default runs, a snapshot path and so a journal beside it
+        store = MemoryStore(Path(tempfile.mkdtemp(prefix="geopush-bench-")) / "state.json"
+                            if args.journal else None)
     await store.open()
     try:
         for device_id in ids:

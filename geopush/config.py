@@ -97,8 +97,11 @@ class StorageSettings(_Section):
         False, description="redis_url names a node of a Redis Cluster (the client finds the "
         "others); a device's keys share a hash tag, so each device lives on one node")
     snapshot_path: Path | None = Field(
-        None, description="memory backend: state written here on clean shutdown, read at start"
-    )
+        None, description="memory backend: the state's snapshot; its journal and lock file are "
+        "written beside it (None: nothing is kept across restarts)")
+    fsync_every: Duration = Field(
+        1.0, ge=0, le=60, description="memory backend: pings are on disk at most this long "
+        "after they were acknowledged (consent changes and erasures before their answer)")
     key_prefix: str = Field("geopush", pattern=_KEY_PREFIX)
 
     @model_validator(mode="after")

@@ -8,7 +8,6 @@ not a configuration error (the service starts and answers 503 until it is back).
 
 from __future__ import annotations
 
-import asyncio
 import os
 from pathlib import Path
 
@@ -96,7 +95,7 @@ def _unreadable_snapshot(path: Path) -> str | None:
     from geopush.state.memory import MemoryStore
 
     try:
-        asyncio.run(MemoryStore(path).open())
+        MemoryStore.verify_files(path)
     except GeopushError as exc:
         return exc.message.removeprefix(f"{path}: ")
     return None

@@ -15,4 +15,4 @@ def make_store(settings: Settings) -> StateStore:
                           cluster=storage.redis_cluster)
     from geopush.state.memory import MemoryStore
 
-    return MemoryStore(storage.snapshot_path)
+    return MemoryStore(storage.snapshot_path, fsync_every=storage.fsync_every)

@@ -1,39 +1,73 @@
-"""The `memory` backend: one process, plain dicts, a JSON snapshot across clean restarts.
+"""The `memory` backend: one process, plain dicts, kept on disk as a snapshot plus a journal.
 
 Atomicity is free here: `track` reads, computes and writes with no `await` in between, so no
-other task can touch a device meanwhile.
+other task can touch a device meanwhile. Durability (contract §10) comes from the journal
+(geopush.state.journal): every change is applied to the dicts, then handed to the journal as
+a record of the device's new values, never a delta, so replaying a record twice, or over a
+snapshot taken after it, ends in the same state. Profile writes and erasures wait for their
+record's fsync before they return (their answer is a promise); tracking records do not (they
+are on disk at most `fsync_every` later). A clean shutdown, a journal grown past the snapshot's
+size, and every erasure (a few seconds later) compact: a new snapshot, the old files deleted.
+
+Records, one JSON array per journal line:
+  ["P", device_id, profile, consent trail]        the profile and the whole trail now
+  ["E", device_id, erasure record]                the device is erased
+  ["T", [[device_id, track, visits | null], …]]   one track batch: tracks (and visits) now
+Timers are not recorded: a device's timer is its track's next due time.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import heapq
+import logging
 import os
-from collections.abc import Collection
+import time
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import orjson
 from pydantic import ValidationError
 
 from geopush.devices import ConsentChange, DeviceProfile, ErasureRecord
 from geopush.engine import DeviceOutcome, DeviceSnapshot
-from geopush.errors import GeopushError
+from geopush.errors import InvalidInput
 from geopush.geo.model import DeviceState, Stay, Visit
+from geopush.logs import fields
 from geopush.state.base import Compute, ProfileEdit, ProfileWrite, StateStore, StoredTrack
 from geopush.state.codec import track_from_json, track_to_json, visit_from_json, visit_to_json
+from geopush.state.journal import (
+    JournalFailed,
+    JournalWriter,
+    SnapshotError,
+    StateFiles,
+    frame,
+    read_frames,
+)
 from geopush.state.keys import VISITS_KEPT
 
-SNAPSHOT_FORMAT = 1
+__all__ = ["MemoryStore", "SnapshotError"]
 
+log = logging.getLogger("geopush.state.memory")
 
-class SnapshotError(GeopushError):
-    """The memory backend's snapshot file cannot be read; the service refuses to start."""
+SNAPSHOT_FORMAT = 2  # format 1 (no journal) is still read
+COMPACT_MIN_BYTES = 64 << 20  # a journal compacts once past this and past the snapshot's size
+ERASURE_COMPACT_DELAY_S = 2.0  # erasures of a burst share one compaction
+COMPACT_RETRY_S = 30.0
+SNAPSHOT_CHUNK = 2000  # records encoded between two writes, so the event loop keeps serving
 
-    code = "snapshot_error"
+_READ_ERRORS = (OSError, ValueError, ValidationError, KeyError, TypeError, IndexError,
+                AttributeError)
 
 
 class MemoryStore(StateStore):
-    def __init__(self, snapshot_path: Path | None = None) -> None:
+    def __init__(self, snapshot_path: Path | None = None, *, fsync_every: float = 1.0,
+                 compact_min_bytes: int = COMPACT_MIN_BYTES,
+                 erasure_compact_delay_s: float = ERASURE_COMPACT_DELAY_S) -> None:
         self.snapshot_path = snapshot_path
+        self.fsync_every = fsync_every
         self._profiles: dict[str, DeviceProfile] = {}
         self._consent: dict[str, list[ConsentChange]] = {}
         self._tracks: dict[str, tuple[DeviceState, float | None]] = {}
@@ -41,19 +75,79 @@ class MemoryStore(StateStore):
         self._erasures: dict[str, ErasureRecord] = {}
         self._timers = _Timers()
         self._config: tuple[int, bytes] | None = None  # one process: nobody else to tell
+        # the files, once open() found a snapshot path
+        self._files: StateFiles | None = None
+        self._writer: JournalWriter | None = None
+        self._journal_bytes = 0
+        self._compact_min_bytes = compact_min_bytes
+        self._compact_at = compact_min_bytes
+        self._erasure_delay_s = erasure_compact_delay_s
+        self._compact_wanted = asyncio.Event()
+        self._compactor: asyncio.Task[None] | None = None
+        self._erasure_timer: asyncio.TimerHandle | None = None
+        self._closing = False
+        self._snapshots_written = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def open(self) -> None:
-        if self.snapshot_path is not None and self.snapshot_path.exists():
-            self._load(self.snapshot_path)
+        if self.snapshot_path is None:
+            return
+        files = StateFiles(self.snapshot_path)
+        files.lock()
+        started = time.monotonic()
+        try:
+            files.remove_temporaries()
+            gen, erased = self._restore(files)
+            log.info("state_restored", extra=fields(
+                devices=len(self._profiles), journal_bytes=self._journal_bytes,
+                seconds=round(time.monotonic() - started, 3)))
+            self._writer = JournalWriter(files, gen, self.fsync_every,
+                                         asyncio.get_running_loop())
+        except BaseException:
+            files.unlock()
+            raise
+        self._files = files
+        self._compactor = asyncio.create_task(self._compact_when_wanted(),
+                                              name="geopush-compaction")
+        if erased or self._journal_bytes > self._compact_at:
+            # erased devices may still be in the old snapshot: rewrite it soon
+            self._compact_wanted.set()
 
     async def close(self) -> None:
-        if self.snapshot_path is not None:
-            self._save(self.snapshot_path)
+        writer, files = self._writer, self._files
+        if writer is None or files is None:
+            return
+        self._closing = True
+        self._compact_wanted.set()
+        if self._erasure_timer is not None:
+            self._erasure_timer.cancel()
+        if self._compactor is not None:
+            await self._compactor
+        try:
+            if writer.error is None:
+                await self.compact()
+        except (OSError, JournalFailed) as exc:
+            log.error("final_compaction_failed", extra=fields(
+                reason=str(exc), message="the journal still holds the state; it is replayed "
+                "at the next start"))
+        finally:
+            await writer.close()
+            self._writer = None
+            empty = files.journal(writer.gen)
+            with contextlib.suppress(OSError):
+                if empty.stat().st_size == 0 and self.snapshot_path is not None \
+                        and self.snapshot_path.exists():
+                    empty.unlink()
+            files.unlock()
 
     async def healthy(self) -> bool:
-        return True
+        return self._writer is None or self._writer.error is None
+
+    async def sync(self) -> None:
+        """Returns once everything changed so far is on disk (before sending a push)."""
+        if self._writer is not None:
+            await self._writer.append_durable(b"")
 
     # -- devices ---------------------------------------------------------------------------
 
@@ -61,6 +155,7 @@ class MemoryStore(StateStore):
         return self._profiles.get(device_id)
 
     async def update_profile(self, device_id: str, edit: ProfileEdit) -> ProfileWrite | None:
+        self._check_writable()
         # read, edit and write with no await in between: no other task can write meanwhile
         write = edit(self._profiles.get(device_id))
         if write is None:
@@ -68,14 +163,28 @@ class MemoryStore(StateStore):
         profile = write.profile
         if profile.device_id != device_id:
             raise ValueError(f"edit of {device_id!r} returned the profile of {profile.device_id!r}")
-        self._profiles[device_id] = profile
+        trail = self._consent.get(device_id, [])
         if write.change is not None:
-            self._consent.setdefault(device_id, []).append(write.change)
+            trail = [*trail, write.change]
+        # encoded before anything changes: a profile that cannot be stored fails its own
+        # write (400), and never a snapshot or the journal
+        line = _profile_line(device_id, profile, trail)
+        self._apply_profile(device_id, profile, trail)
+        if self._writer is not None:
+            done = self._writer.append_durable(line)
+            self._journal_bytes += len(line)
+            await done
+        return write
+
+    def _apply_profile(self, device_id: str, profile: DeviceProfile,
+                       trail: list[ConsentChange]) -> None:
+        self._profiles[device_id] = profile
+        if trail:
+            self._consent[device_id] = trail
         if not profile.consent.location:
             # revoked (or never given): stays and timers end silently, no exit events
             self._tracks.pop(device_id, None)
             self._timers.discard(device_id)
-        return write
 
     async def consent_history(self, device_id: str) -> list[ConsentChange]:
         return list(self._consent.get(device_id, ()))
@@ -84,13 +193,24 @@ class MemoryStore(StateStore):
         return list(self._visits.get(device_id, ()))
 
     async def erase(self, device_id: str, record: ErasureRecord) -> bool:
+        self._check_writable()
+        known = self._apply_erasure(device_id)
+        if not known:
+            return False
+        self._erasures[record.device_hash] = record
+        if self._writer is not None:
+            line = frame(orjson.dumps(["E", device_id, record.model_dump(mode="json")]))
+            done = self._writer.append_durable(line)
+            self._journal_bytes += len(line)
+            self._compact_soon(self._erasure_delay_s)
+            await done
+        return True
+
+    def _apply_erasure(self, device_id: str) -> bool:
         known = False
         for table in (self._profiles, self._consent, self._tracks, self._visits):
             known = table.pop(device_id, None) is not None or known
-        known = self._timers.discard(device_id) or known
-        if known:
-            self._erasures[record.device_hash] = record
-        return known
+        return self._timers.discard(device_id) or known
 
     async def erasure_record(self, device_hash: str) -> ErasureRecord | None:
         return self._erasures.get(device_hash)
@@ -98,6 +218,7 @@ class MemoryStore(StateStore):
     # -- tracking --------------------------------------------------------------------------
 
     async def track(self, device_ids: Collection[str], compute: Compute) -> dict[str, DeviceOutcome]:
+        self._check_writable()
         snapshots = {}
         saved: list[_Saved] = []
         tracks = self._tracks
@@ -122,25 +243,54 @@ class MemoryStore(StateStore):
             outcome = outcomes.get(undo.device_id)
             if outcome is None or outcome.state is not undo.state:
                 undo.restore()
+        journaled = self._writer is not None
+        rows: list[tuple[str, list[Any], list[list[Any]] | None]] = []
         for device_id, outcome in outcomes.items():
             if outcome.state is None:
                 stored = tracks.get(device_id)
                 self._timers.set(device_id, stored[1] if stored is not None else None)
                 continue
             tracks[device_id] = (outcome.state, outcome.next_due)
+            visits = None
             if outcome.visits:
                 kept = self._visits.setdefault(device_id, [])
                 kept.extend(outcome.visits)
                 del kept[:-VISITS_KEPT]
+                if journaled:
+                    visits = [visit_to_json(v) for v in kept]
             self._timers.set(device_id, outcome.next_due)
+            if journaled:
+                rows.append((device_id, track_to_json(outcome.state, outcome.next_due), visits))
+        if rows:
+            self._journal_tracks(rows)
         return outcomes
 
     async def stored_track(self, device_id: str) -> StoredTrack:
         state, next_due = self._tracks.get(device_id, (None, None))
         return StoredTrack(state, next_due, self._timers.due(device_id), None)
 
+    def _journal_tracks(self, rows: list[tuple[str, list[Any], list[list[Any]] | None]]
+                        ) -> None:
+        """One encode and one hand-over per batch; the writer thread does the rest."""
+        assert self._writer is not None
+        try:
+            payload = orjson.dumps(("T", rows))
+        except TypeError:  # orjson.JSONEncodeError: find the rows at fault, keep the others
+            payload = orjson.dumps(("T", _encodable(rows)))
+        line = frame(payload)
+        self._writer.append(line)
+        self._journal_bytes += len(line)
+        if self._journal_bytes > self._compact_at:
+            self._compact_wanted.set()
+
     async def claim_due(self, now: float, limit: int, lease_s: float) -> list[str]:
+        # leases are not journaled: after a crash a leased timer is simply due again
         return self._timers.claim(now, limit, lease_s)
+
+    def _check_writable(self) -> None:
+        if self._writer is not None and self._writer.error is not None:
+            raise JournalFailed(f"the state journal cannot be written ({self._writer.error}); "
+                                "restart geopush once the disk is writable")
 
     # -- the published configuration -------------------------------------------------------
 
@@ -155,51 +305,221 @@ class MemoryStore(StateStore):
     async def published_config(self) -> tuple[int, bytes] | None:
         return self._config
 
-    # -- snapshot --------------------------------------------------------------------------
+    # -- compaction ------------------------------------------------------------------------
 
-    def _save(self, path: Path) -> None:
-        data = {
-            "format": SNAPSHOT_FORMAT,
-            "profiles": {d: p.model_dump(mode="json") for d, p in self._profiles.items()},
-            "consent": {d: [c.model_dump(mode="json") for c in trail]
-                        for d, trail in self._consent.items()},
-            "tracks": {d: track_to_json(s, due) for d, (s, due) in self._tracks.items()},
-            "visits": {d: [visit_to_json(v) for v in vs] for d, vs in self._visits.items()},
-            "timers": self._timers.as_dict(),
-            "erasures": {h: r.model_dump(mode="json") for h, r in self._erasures.items()},
-        }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        # write aside and rename: a crash mid-write leaves the previous snapshot intact
-        with open(tmp, "wb") as f:
-            f.write(orjson.dumps(data))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+    def _compact_soon(self, delay_s: float) -> None:
+        if self._erasure_timer is None:
+            def fire() -> None:
+                self._erasure_timer = None
+                self._compact_wanted.set()
 
-    def _load(self, path: Path) -> None:
+            self._erasure_timer = asyncio.get_running_loop().call_later(delay_s, fire)
+
+    async def _compact_when_wanted(self) -> None:
+        while True:
+            await self._compact_wanted.wait()
+            self._compact_wanted.clear()
+            if self._closing:
+                return
+            try:
+                await self.compact()
+            except JournalFailed:
+                return
+            except (OSError, SnapshotError) as exc:
+                log.error("compaction_failed", extra=fields(reason=str(exc)))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._compact_wanted.wait(), COMPACT_RETRY_S)
+                self._compact_wanted.set()
+
+    async def compact(self) -> None:
+        """A new snapshot, then the journals it covers are deleted.
+
+        The journal moves to a new generation first; the snapshot is then encoded a chunk at a
+        time while requests go on, so a device may be written as it was at any moment after
+        the switch. The new generation holds every change since, as whole values, so
+        replaying it over the snapshot ends in the current state."""
+        writer, files = self._writer, self._files
+        assert writer is not None and files is not None and self.snapshot_path is not None
+        gen = await writer.rotate()
+        self._journal_bytes = 0
+        self._snapshots_written += 1
+        tmp = files.temporary().with_suffix(f".{self._snapshots_written}.tmp")
+        size = 0
+        try:
+            with open(tmp, "wb") as out:  # writes in a thread; encoding on the event loop
+                for chunk in self._snapshot_chunks(gen):
+                    size += len(chunk)
+                    await asyncio.to_thread(out.write, chunk)
+                await asyncio.to_thread(_flush_and_sync, out)
+            await asyncio.to_thread(_install, files, tmp, gen)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._compact_at = max(self._compact_min_bytes, size)
+
+    def _snapshot_chunks(self, gen: int) -> Iterator[bytes]:
+        """The snapshot, each record encoded on its own: one that fails is left out (and
+        logged), never the file. Profiles were encoded once already when they were written."""
+        yield b'{"format":%d,"journal":%d' % (SNAPSHOT_FORMAT, gen)
+        sections: list[tuple[str, Mapping[str, Any], Callable[[Any], bytes]]] = [
+            ("profiles", self._profiles, lambda p: orjson.dumps(p.model_dump(mode="json"))),
+            ("consent", self._consent,
+             lambda trail: orjson.dumps([c.model_dump(mode="json") for c in trail])),
+            ("tracks", self._tracks, lambda t: orjson.dumps(track_to_json(*t))),
+            ("visits", self._visits, lambda vs: orjson.dumps([visit_to_json(v) for v in vs])),
+            ("erasures", self._erasures, lambda r: orjson.dumps(r.model_dump(mode="json"))),
+        ]
+        for name, table, encode in sections:
+            yield b',"%s":{' % name.encode()
+            keys = list(table)
+            first = True
+            for start in range(0, len(keys), SNAPSHOT_CHUNK):
+                parts = []
+                for key in keys[start:start + SNAPSHOT_CHUNK]:
+                    value = table.get(key)
+                    if value is None:
+                        continue  # erased meanwhile
+                    try:
+                        parts.append(orjson.dumps(key) + b":" + encode(value))
+                    except TypeError as exc:
+                        log.error("snapshot_record_left_out",
+                                  extra=fields(section=name, reason=str(exc)))
+                if parts:
+                    yield (b"" if first else b",") + b",".join(parts)
+                    first = False
+            yield b"}"
+        yield b"}"
+
+    # -- restoring -------------------------------------------------------------------------
+
+    @classmethod
+    def verify_files(cls, snapshot_path: Path) -> None:
+        """Read the snapshot and journals as `open` would, changing nothing on disk and taking
+        no lock (`geopush check`, even while a service runs on them); SnapshotError if not."""
+        cls(snapshot_path)._restore(StateFiles(snapshot_path), read_only=True)
+
+    def _restore(self, files: StateFiles, *, read_only: bool = False) -> tuple[int, bool]:
+        """Snapshot + journals → the dicts. Returns the journal generation to append to and
+        whether an erasure was replayed. `read_only` leaves stale journals and torn tails be."""
+        first_gen = 1
+        if files.snapshot.exists():
+            first_gen = self._load(files.snapshot)
+        gens = files.journal_gens()
+        for old in (g for g in gens if g < first_gen and not read_only):
+            files.journal(old).unlink()  # covered by the snapshot; a crash left it behind
+        gens = [g for g in gens if g >= first_gen]
+        erased = False
+        for gen in gens:
+            path = files.journal(gen)
+            frames = read_frames(path, tail_may_tear=gen == gens[-1])
+            for number, payload in enumerate(frames.payloads, 1):
+                erased = self._replay(payload, f"{path}:{number}") or erased
+            if frames.good_end < frames.size and not read_only:
+                with open(path, "r+b") as f:
+                    f.truncate(frames.good_end)
+                    os.fsync(f.fileno())
+                log.warning("journal_tail_cut", extra=fields(
+                    file=str(path), bytes=frames.size - frames.good_end,
+                    message="the last record was cut short by a crash; it was never "
+                    "acknowledged as durable"))
+            self._journal_bytes += frames.good_end
+        self._timers = _Timers()
+        for device_id, (_, due) in self._tracks.items():
+            self._timers.set(device_id, due)
+        return (gens[-1] if gens else first_gen), erased
+
+    def _replay(self, payload: bytes, where: str) -> bool:
+        try:
+            record = orjson.loads(payload)
+            kind = record[0]
+            if kind == "T":
+                for device_id, track, visits in record[1]:
+                    self._tracks[device_id] = track_from_json(track)
+                    if visits is not None:
+                        self._visits[device_id] = [visit_from_json(device_id, v)
+                                                   for v in visits]
+                return False
+            if kind == "P":
+                _, device_id, profile, trail = record
+                self._apply_profile(device_id, DeviceProfile.model_validate(profile),
+                                    [ConsentChange.model_validate(c) for c in trail])
+                return False
+            if kind == "E":
+                _, device_id, erasure = record
+                self._apply_erasure(device_id)
+                kept = ErasureRecord.model_validate(erasure)
+                self._erasures[kept.device_hash] = kept
+                return True
+            raise ValueError(f"unknown record kind {kind!r}")
+        except _READ_ERRORS as exc:
+            raise SnapshotError(
+                f"{where}: cannot read the journal record ({type(exc).__name__}: {exc}); "
+                "move the journal files away to start from the snapshot alone"
+            ) from None
+
+    def _load(self, path: Path) -> int:
+        """Reads a snapshot into the dicts; returns the first journal generation it does not
+        cover."""
         try:
             data = orjson.loads(path.read_bytes())
-            if not isinstance(data, dict) or data.get("format") != SNAPSHOT_FORMAT:
+            if not isinstance(data, dict) or data.get("format") not in (1, SNAPSHOT_FORMAT):
                 raise ValueError(f"expected a geopush state snapshot (format {SNAPSHOT_FORMAT})")
+            gen = int(data.get("journal", 1))
             profiles = {d: DeviceProfile.model_validate(p) for d, p in data["profiles"].items()}
             consent = {d: [ConsentChange.model_validate(c) for c in trail]
                        for d, trail in data["consent"].items()}
             tracks = {d: track_from_json(t) for d, t in data["tracks"].items()}
             visits = {d: [visit_from_json(d, v) for v in vs] for d, vs in data["visits"].items()}
-            timers = {str(d): float(t) for d, t in data["timers"].items()}
             erasures = {h: ErasureRecord.model_validate(r) for h, r in data["erasures"].items()}
-        except (OSError, ValueError, ValidationError, KeyError, TypeError, IndexError,
-                AttributeError) as exc:
+        except _READ_ERRORS as exc:
             raise SnapshotError(
                 f"{path}: cannot read the state snapshot ({type(exc).__name__}: {exc}); "
                 "move the file away to start with empty state"
             ) from None
         self._profiles, self._consent, self._tracks = profiles, consent, tracks
         self._visits, self._erasures = visits, erasures
-        self._timers = _Timers()
-        for device_id, due in timers.items():
-            self._timers.set(device_id, due)
+        return gen
+
+
+def _profile_line(device_id: str, profile: DeviceProfile, trail: list[ConsentChange]) -> bytes:
+    """The profile's journal line, or InvalidInput when it would not read back as itself
+    (an integer beyond 64 bits, NaN, nesting deeper than JSON encoders go)."""
+    try:
+        encoded = orjson.dumps(profile.model_dump(mode="json"))
+        same = DeviceProfile.model_validate(orjson.loads(encoded)) == profile
+        reason = "it does not read back as it was written (NaN or infinite numbers?)"
+    except (TypeError, ValueError, ValidationError) as exc:
+        same, reason = False, str(exc)
+    if not same:
+        raise InvalidInput(f"the profile of device {device_id!r} cannot be stored: {reason}")
+    trail_json = orjson.dumps([c.model_dump(mode="json") for c in trail])
+    return frame(b'["P",%s,%s,%s]' % (orjson.dumps(device_id), encoded, trail_json))
+
+
+def _encodable(rows: list[tuple[str, list[Any], list[list[Any]] | None]]
+               ) -> list[tuple[str, list[Any], list[list[Any]] | None]]:
+    kept = []
+    for row in rows:
+        try:
+            orjson.dumps(row)
+        except TypeError as exc:
+            log.error("track_record_left_out", extra=fields(reason=str(exc)))
+            continue
+        kept.append(row)
+    return kept
+
+
+def _flush_and_sync(out: Any) -> None:
+    out.flush()
+    os.fsync(out.fileno())
+
+
+def _install(files: StateFiles, tmp: Path, gen: int) -> None:
+    # rename over the old snapshot: a crash leaves either the old one or the new one whole
+    os.replace(tmp, files.snapshot)
+    files.sync_dir()
+    for old in files.journal_gens():
+        if old < gen:
+            files.journal(old).unlink(missing_ok=True)
 
 
 class _Timers:
