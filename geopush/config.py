@@ -57,6 +57,9 @@ class StorageSettings(_Section):
         None, description="memory backend: state written here on clean shutdown, read at start"
     )
     key_prefix: str = Field("geopush", pattern=r"^[A-Za-z0-9_.:-]+$")
+    redis_timeout: Duration = Field(
+        2.0, gt=0, le=60, description="how long a Redis call may take before it counts as "
+        "failed; a write whose answer is lost is resolved within about twice this, or 503")
 
 
 class GeofenceSettings(_Section):

@@ -350,3 +350,46 @@ async def test_on_a_cluster_devices_of_a_stalled_node_are_unavailable_and_the_re
                 d: expected[d] for d in unavailable}
     finally:
         await store.close()
+
+
+# -- the answer of a request of which some devices could not commit -------------------------
+
+
+class _NodeDown(MemoryStore):
+    """Commits every device but those in `down`, as a cluster with a node failed would."""
+
+    def __init__(self, down: set[str]) -> None:
+        super().__init__()
+        self.down = down
+
+    async def track(self, device_ids: Any, compute: Any) -> dict[str, DeviceOutcome]:
+        up = [d for d in device_ids if d not in self.down]
+        committed = await super().track(up, compute) if up else {}
+        if self.down & set(device_ids):
+            if not committed:
+                raise StateUnavailable("every node failed")
+            raise PartlyUnavailable(committed, self.down & set(device_ids), "a node failed")
+        return committed
+
+
+async def test_pings_of_devices_that_could_not_commit_are_rejected_unavailable() -> None:
+    from geopush.metrics import Metrics
+    from geopush.service.ingest import Ingestor
+
+    store = _NodeDown({"dev-1"})
+    for device_id in ("dev-0", "dev-1"):
+        await store.put_profile(_profile(device_id), None)
+    ingestor = Ingestor(store, lambda: ENGINE, Metrics())
+
+    def item(device_id: str) -> dict[str, Any]:
+        return {"device_id": device_id, "ts": round(T0 * 1000), "lat": SHOPS[0][0],
+                "lon": SHOPS[0][1]}
+
+    both, alone = await asyncio.gather(
+        ingestor.ingest([item("dev-0"), item("dev-1"), {"device_id": "x"}], T0 + 5),
+        ingestor.ingest([item("dev-1")], T0 + 5), return_exceptions=True)
+    assert not isinstance(both, BaseException)
+    assert both.accepted == 1 and [e.type for e in both.events] == ["enter"]
+    assert [(r.index, r.code) for r in both.rejected] == [(1, "unavailable"), (2, "invalid")]
+    # a request none of whose devices committed: 503, nothing of it was written
+    assert isinstance(alone, StateUnavailable)

@@ -26,6 +26,24 @@ On a single Redis an erasure is one script over the device's keys, its timer and
 hash, so it is whole or not at all. On a cluster those are three slots: the erasure record is
 written first, then the device's keys and its timer go; a failure between the two leaves the
 record and the data, the DELETE answers 503, and its retry finishes the erasure.
+
+Commits are safe to retry (contract §12). A call whose answer is lost (timeout, dropped
+connection) may have run or not, and may still run later: redis-py's Retry re-sent it (a
+batch committed twice reads as a conflict, is recomputed on state that already holds its pings
+and answers with no events). So redis-py never re-sends anything here (reads are sent again by
+`_reading`), and each state-changing script runs at most once (`_run_once`): it carries a
+random call id naming a record key in its own slot (a tag per slot, `keys.slot_tag`, so no
+record names a device), and a deadline on Redis's clock. It writes nothing if it comes after
+the deadline or finds the record; else it keeps its result in the record (60 s). After a lost
+answer RESOLVE reads the record, the exact result of that one run (the events computed for it
+stand), or fences the call so that it never runs; it is asked again until the call's deadline
+has passed here too (2 socket timeouts and a margin), then the answer is 503 and nothing of the
+call can land any more. One record per script call (per slot group), not per device: a SET
+with a TTL and a TIME, whatever the batch's size. Left open: a call that ran just before Redis
+stopped answering for longer than its window is answered 503 though written.
+On a Redis Cluster a node that fails takes only its devices: `track` raises PartlyUnavailable
+with the committed outcomes and the devices to send again, and the ingest rejects their pings
+`unavailable`. claim_due is a lease, not resolved: what a lost claim took comes back with it.
 """
 
 from __future__ import annotations
