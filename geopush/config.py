@@ -103,6 +103,9 @@ class StorageSettings(_Section):
         1.0, ge=0, le=60, description="memory backend: pings are on disk at most this long "
         "after they were acknowledged (consent changes and erasures before their answer)")
     key_prefix: str = Field("geopush", pattern=_KEY_PREFIX)
+    redis_timeout: Duration = Field(
+        2.0, gt=0, le=60, description="how long a Redis call may take before it counts as "
+        "failed; a write whose answer is lost is resolved within about twice this, or 503")
 
     @model_validator(mode="after")
     def _cluster_over_tcp(self) -> StorageSettings:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp.test_utils import TestClient
 
 from geopush.app import create_app
@@ -95,3 +96,51 @@ async def test_the_service_starts_while_redis_is_down_and_becomes_ready(
     private_redis.start()
     await _wait_ready(api, RECOVERY_S)
     assert (await _register(api)).status == 200
+
+
+async def test_a_redis_stall_never_loses_the_events_of_an_answered_batch(
+        tmp_path: Path, aiohttp_client: MakeClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue #8 finding 1: a batch of exits in flight while Redis sleeps past the socket
+    timeout is answered with its events, or 503 and then its retry gets them."""
+    from geopush.app import STATE
+    from geopush.state.redis_scripts import COMMIT
+    from tests.conftest import _need_redis_server
+    from tests.test_redis_stalls import Staller, _connection_class, _stall_when_sent
+
+    _need_redis_server()
+    stallable = PrivateRedis(tmp_path, "--enable-debug-command", "local")
+    stallable.start()
+    try:
+        settings = settings_for(tmp_path, backend="redis", redis_url=stallable.url,
+                                storage={"redis_timeout": 0.3})
+        api = await aiohttp_client(create_app(settings, timer_interval_s=60))
+        trace = load_trace()
+        devices = [f"phone-{n}" for n in range(20)]
+        for device_id in devices:
+            assert (await api.put(f"/v1/devices/{device_id}", headers=DEVICES,
+                                  json={"consent": {"location": True}})).status == 200
+        inside = {"pings": [ping(d, p) for d in devices for p in trace[280:300]]}
+        entered = await (await api.post("/v1/pings", headers=INGEST, json=inside)).json()
+        assert [e["type"] for e in entered["events"]] == ["enter"] * len(devices)
+        exits = {"pings": [ping(d, p) for d in devices for p in trace[300:340]]}
+        staller = Staller(stallable.port)
+        lost = 0
+        try:
+            # Redis sleeps right after the commit is sent: it has run it, or runs it after
+            _stall_when_sent(_connection_class(api.app[STATE]), staller, COMMIT.sha, monkeypatch)
+            resp = await api.post("/v1/pings", headers=INGEST, json=exits)
+            if resp.status == 503:
+                await _assert_unavailable(resp)
+                await asyncio.sleep(1.2)
+                resp = await api.post("/v1/pings", headers=INGEST, json=exits)
+            assert resp.status == 200
+            body = await resp.json()
+            assert body["accepted"] == len(exits["pings"]), body["rejected"][:3]
+            got = sorted((e["device_id"], e["type"]) for e in body["events"])
+            lost = len(devices) - len(got)
+            assert got == sorted((d, "exit") for d in devices)
+        finally:
+            staller.close()
+        assert lost == 0, f"{lost} exit events lost"
+    finally:
+        stallable.stop()

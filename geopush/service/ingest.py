@@ -23,7 +23,7 @@ from geopush.geo.model import Event, Ping
 from geopush.logs import fields
 from geopush.metrics import Metrics
 from geopush.pings import PingError, parse
-from geopush.state.base import StateStore, StateUnavailable
+from geopush.state.base import PartlyUnavailable, StateStore, StateUnavailable
 from geopush.timeutil import format_ts
 
 log = logging.getLogger("geopush.service.ingest")
@@ -171,6 +171,19 @@ class Ingestor:
 
         try:
             outcomes = await self._store.track(group.devices, compute)
+        except PartlyUnavailable as partly:
+            # a Redis Cluster node failed: its devices' pings are rejected `unavailable` (retry
+            # them), the rest of each request stands; a request none of whose devices
+            # committed gets the error (503: nothing of it was written)
+            self._failing = True
+            for part in group.parts:
+                if part.done.done():
+                    continue
+                if part.devices <= partly.unavailable:
+                    part.done.set_exception(StateUnavailable(partly.message))
+                else:
+                    part.done.set_result(_partly(part, partly))
+            return
         except BaseException as exc:
             self._failing = True
             for part in group.parts:
@@ -183,3 +196,17 @@ class Ingestor:
         for part in group.parts:
             if not part.done.done():
                 part.done.set_result({d: outcomes[d] for d in part.devices if d in outcomes})
+
+
+def _partly(part: _Part, partly: PartlyUnavailable) -> dict[str, DeviceOutcome]:
+    """The outcomes of a request part of which some devices could not commit: theirs hold
+    only their pings, rejected `unavailable`."""
+    outcomes = {d: partly.committed[d] for d in part.devices if d in partly.committed}
+    for ping, at in zip(part.pings, part.positions, strict=True):
+        if ping.device_id in partly.unavailable:
+            outcome = outcomes.setdefault(ping.device_id, DeviceOutcome(None))
+            outcome.rejected.append(Rejected(
+                at, "unavailable",
+                "the state of this device could not be written (a Redis node failed); "
+                "nothing of it was stored: send the ping again"))
+    return outcomes

@@ -55,6 +55,17 @@ class StoredTrack:
     writes: int | None  # the record's version: writes of the device so far (None: not kept)
 
 
+class PartlyUnavailable(StateUnavailable):
+    """Some devices of a `track` call committed, the others could not (on a Redis Cluster, their
+    node failed): nothing of the latter was written, so their pings may be sent again."""
+
+    def __init__(self, committed: Mapping[str, DeviceOutcome], unavailable: Collection[str],
+                 reason: str) -> None:
+        super().__init__(reason)
+        self.committed = dict(committed)
+        self.unavailable = frozenset(unavailable)
+
+
 class StateStore(ABC):
     @abstractmethod
     async def open(self) -> None:
@@ -104,7 +115,9 @@ class StateStore(ABC):
     async def track(self, device_ids: Collection[str], compute: Compute) -> dict[str, DeviceOutcome]:
         """Atomically per device: snapshot → compute → write state, visits and due time.
 
-        Returns the committed outcome of every device compute returned one for. A device
+        Returns the committed outcome of every device compute returned one for. StateUnavailable
+        when nothing could be committed; PartlyUnavailable when some devices could not (their
+        outcomes are not written) while the others were. A device
         compute returns no outcome for is not written (a read-only peek is fine); an outcome
         with `state` None writes no state or visits."""
 

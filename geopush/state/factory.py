@@ -12,7 +12,8 @@ def make_store(settings: Settings) -> StateStore:
         from geopush.state.redis import RedisStore  # redis is only imported when used
 
         return RedisStore(storage.redis_url, key_prefix=storage.key_prefix,
-                          cluster=storage.redis_cluster)
+                          cluster=storage.redis_cluster,
+                          socket_timeout_s=storage.redis_timeout)
     from geopush.state.memory import MemoryStore
 
     return MemoryStore(storage.snapshot_path, fsync_every=storage.fsync_every)

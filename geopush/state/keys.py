@@ -4,10 +4,17 @@ All keys of one device share the hash tag `{d:<device_id>}` so they live in one 
 slot: the profile script touches one device's keys, the batch commit script those of devices
 of one slot (`group_by_slot`) on a cluster. The global timers sorted set and the erasure hash
 are in slots of their own; nothing writes them in the same script as device keys.
+
+Each state-changing script call leaves a short-lived record `<prefix>:{<tag>}:once:<id>` of its
+outcome (geopush.state.redis). It must be in the slot of the keys the call writes, yet must not
+name a device (an erasure leaves no key naming the device, and cannot find records by name): on a
+cluster its tag is one that hashes to that slot (`slot_tag`), from a table built once.
 """
 
 from __future__ import annotations
 
+import functools
+from binascii import crc_hqx
 from collections.abc import Iterable
 from typing import NamedTuple
 
@@ -38,6 +45,10 @@ class Keys:
         self.config_serial = f"{prefix}:{{config}}:serial"
         self.config_payload = f"{prefix}:{{config}}:payload"
 
+    def record(self, tag: str, call_id: str) -> str:
+        """Where a call with hash tag `tag` keeps its outcome (see the module's docstring)."""
+        return f"{self.prefix}:{{{tag}}}:once:{call_id}"
+
     def device(self, device_id: str) -> DeviceKeys:
         base = f"{self.prefix}:{{d:{device_id}}}"
         return DeviceKeys(f"{base}:profile", f"{base}:consent", f"{base}:track",
@@ -52,3 +63,27 @@ def group_by_slot(keys: Keys, device_ids: Iterable[str]) -> dict[int, list[str]]
         slot = key_slot(keys.device(device_id).version.encode())
         groups.setdefault(slot, []).append(device_id)
     return groups
+
+
+CONFIG_TAG = "config"  # the hash tag of the published configuration's keys
+SINGLE_TAG = "calls"  # any tag does on a single Redis
+
+
+def slot_tag(slot: int) -> str:
+    """A short hash tag whose keys live in cluster hash slot `slot`."""
+    return _slot_tags()[slot]
+
+
+@functools.cache
+def _slot_tags() -> tuple[str, ...]:
+    # ~150k CRCs, ~0.3 s once per process; only Redis Cluster deployments ask
+    tags: list[str | None] = [None] * 16384
+    missing, n = 16384, 0
+    while missing:
+        tag = f"s{n}"
+        slot = crc_hqx(tag.encode(), 0) % 16384  # redis.crc.key_slot of a key without braces
+        if tags[slot] is None:
+            tags[slot] = tag
+            missing -= 1
+        n += 1
+    return tuple(t for t in tags if t is not None)

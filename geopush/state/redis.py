@@ -26,28 +26,53 @@ On a single Redis an erasure is one script over the device's keys, its timer and
 hash, so it is whole or not at all. On a cluster those are three slots: the erasure record is
 written first, then the device's keys and its timer go; a failure between the two leaves the
 record and the data, the DELETE answers 503, and its retry finishes the erasure.
+
+Commits are safe to retry (contract §12). A call whose answer is lost (timeout, dropped
+connection) may have run or not, and may still run later: redis-py's Retry re-sent it (a
+batch committed twice reads as a conflict, is recomputed on state that already holds its pings
+and answers with no events). So redis-py never re-sends anything here (reads are sent again by
+`_reading`), and each state-changing script runs at most once (`_run_once`): it carries a
+random call id naming a record key in its own slot (a tag per slot, `keys.slot_tag`, so no
+record names a device), and a deadline on Redis's clock. It writes nothing if it comes after
+the deadline or finds the record; else it keeps its result in the record (60 s). After a lost
+answer RESOLVE reads the record, the exact result of that one run (the events computed for it
+stand), or fences the call so that it never runs; it is asked until Redis answers it (for
+RESOLVE_PATIENCE_S at least, and past the call's deadline), so a stall of a few seconds ends in
+the exact answer. One record per script call (per slot group), not per device: a SET with a TTL
+and a TIME, whatever the batch's size. Left open: Redis unreachable for longer than
+RESOLVE_PATIENCE_S after a lost answer: a 503 that cannot say whether the call ran.
+On a Redis Cluster a node that fails takes only its devices: `track` raises PartlyUnavailable
+with the committed outcomes and the devices to send again, and the ingest rejects their pings
+`unavailable`. claim_due is a lease, not resolved: what a lost claim took comes back with it.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection, Sequence
-from contextlib import asynccontextmanager
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.backoff import NoBackoff
+from redis.crc import key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from geopush.devices import ConsentChange, DeviceProfile, ErasureRecord
 from geopush.engine import DeviceOutcome, DeviceSnapshot
 from geopush.geo.model import DeviceState, Visit
 from geopush.state.base import (
     Compute,
+    PartlyUnavailable,
     ProfileEdit,
     ProfileWrite,
     StateStore,
@@ -55,13 +80,23 @@ from geopush.state.base import (
     StoredTrack,
 )
 from geopush.state.codec import decode_track, decode_visit, encode_track, encode_visit
-from geopush.state.keys import VISITS_KEPT, DeviceKeys, Keys, group_by_slot
+from geopush.state.keys import (
+    CONFIG_TAG,
+    SINGLE_TAG,
+    VISITS_KEPT,
+    DeviceKeys,
+    Keys,
+    group_by_slot,
+    slot_tag,
+)
 from geopush.state.redis_scripts import (
     CLAIM_DUE,
     COMMIT,
     ERASE,
+    ERASE_DEVICE,
     PUBLISH_CONFIG,
     PUT_PROFILE,
+    RESOLVE,
     SCRIPTS,
     Script,
 )
@@ -70,6 +105,19 @@ MAX_ATTEMPTS = 10  # of read → compute → commit for one device before giving
 DEVICES_PER_CALL = 1000  # in one MGET or commit script: Redis serves no one else meanwhile
 SOCKET_TIMEOUT_S = 2.0
 CONNECT_TIMEOUT_S = 1.0
+# A state-changing call must run within this many socket timeouts of being sent, or it writes
+# nothing: after that (and CLOCK_MARGIN_S) a call whose answer was lost can no longer land.
+CALL_WINDOW_TIMEOUTS = 2.0
+CLOCK_MARGIN_S = 0.25  # for the clocks of Redis and of this host drifting apart, cluster nodes'
+CLOCK_REFRESH_S = 30.0  # how long a measure of Redis's clock against ours is used
+RECORD_TTL_S = 60.0  # a call's record outlives by far any moment the call could still land
+RESOLVE_PAUSE_S = 0.05  # between attempts to learn what became of a call (doubling up to 0.5 s)
+# How long a call whose answer was lost is asked after. Its window only says when it can no
+# longer run; whether it ran before Redis stalled is known only once Redis answers RESOLVE, so
+# an answer waits for that (well within the record's RECORD_TTL_S) rather than guess.
+RESOLVE_PATIENCE_S = 10.0
+_REPLY_LOST = (RedisConnectionError, RedisTimeoutError, OSError)
+_T = TypeVar("_T")
 
 @dataclass(slots=True)
 class _Read:
@@ -91,29 +139,37 @@ class RedisStore(StateStore):
         self.cluster = cluster
         self._socket_timeout_s = socket_timeout_s
         self._connect_timeout_s = connect_timeout_s
+        self._window_s = CALL_WINDOW_TIMEOUTS * socket_timeout_s
         self._client: aioredis.Redis | RedisCluster | None = None
+        self._clock_offset_s: float | None = None  # Redis's clock minus ours, at most
+        self._clock_measured = 0.0  # time.monotonic() of that measure
+        self._last_error: StateUnavailable | None = None  # why the last commit lost devices
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def open(self) -> None:
         # No round trip here: the service starts (and /readyz says why it is not ready)
         # while Redis is down; the pool connects on first use and again after a failure.
+        # No command is ever sent again by redis-py (its default Retry re-sends commands and
+        # pipelines, and the cluster client re-sends pipelined commands whose replies were
+        # empty): a state-changing call whose answer is lost is resolved (`_run_once`), a read
+        # is sent again by `_reading`.
         if self.cluster:
             # the client learns the other nodes and the slot map from this one on first use
             self._client = RedisCluster.from_url(
                 self.url,
                 socket_timeout=self._socket_timeout_s,
                 socket_connect_timeout=self._connect_timeout_s,
-                retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
+                retry=Retry(NoBackoff(), 0),
                 decode_responses=False,
             )
+            await asyncio.to_thread(slot_tag, 0)  # builds the table of records' hash tags
             return
         self._client = aioredis.Redis.from_url(
             self.url,
             socket_timeout=self._socket_timeout_s,
             socket_connect_timeout=self._connect_timeout_s,
-            # one quick retry replaces a pooled connection that died with a Redis restart
-            retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
+            retry=Retry(NoBackoff(), 0),
             decode_responses=False,
         )
         pool = self._client.connection_pool
@@ -142,31 +198,167 @@ class RedisStore(StateStore):
         try:
             yield
         except (RedisError, RedisClusterException) as exc:
-            raise StateUnavailable(
-                f"Redis at {_safe_url(self.url)} is unavailable: {type(exc).__name__}: {exc}"
-            ) from exc
+            raise self._unavailable(exc) from exc
         except OSError as exc:
             raise StateUnavailable(
                 f"Redis at {_safe_url(self.url)} is unreachable: {exc}"
             ) from exc
 
+    def _unavailable(self, exc: BaseException) -> StateUnavailable:
+        return StateUnavailable(
+            f"Redis at {_safe_url(self.url)} is unavailable: {type(exc).__name__}: {exc}")
+
+    async def _reading(self, read: Callable[[], Awaitable[_T]]) -> _T:
+        """`read()`, once more if its connection failed: a read changes nothing."""
+        async with self._guard():
+            try:
+                return await read()
+            except _REPLY_LOST:
+                return await read()
+
     async def _load_scripts(self) -> None:
         for script in SCRIPTS:
             await self._redis.script_load(script.source)
 
+    # -- calls that run once ---------------------------------------------------------------
+
+    async def _deadline(self) -> tuple[int, float]:
+        """For a call sent now: its deadline on Redis's clock (ms), and the time.monotonic()
+        after which it cannot land any more. The offset between the clocks is measured by
+        TIME and errs low (the reply's travel is counted in), so the call's deadline comes
+        on Redis no later than here."""
+        if (self._clock_offset_s is None
+                or time.monotonic() - self._clock_measured > CLOCK_REFRESH_S):
+            reply: Any = await self._reading(lambda: self._redis.execute_command("TIME"))
+            if isinstance(reply, dict):  # a cluster: {node: reply} when it asked several
+                reply = next(iter(reply.values()))
+            seconds, micros = reply
+            self._clock_offset_s = int(seconds) + int(micros) / 1e6 - time.time()
+            self._clock_measured = time.monotonic()
+        deadline_ms = int((time.time() + self._clock_offset_s + self._window_s) * 1000)
+        return deadline_ms, time.monotonic() + self._window_s + CLOCK_MARGIN_S
+
+    async def _run_once(self, calls: Sequence[tuple[Script, str, Sequence[Any], Sequence[Any]]],
+                        before: Sequence[tuple[Any, ...]] = ()) -> list[bytes | Exception | None]:
+        """Run each (script, hash tag, keys, args) at most once, in one round trip after the
+        idempotent commands `before`. Per call: the script's answer; None when it did not
+        run and never will (the caller may try again on fresh state); or the StateUnavailable
+        to raise when Redis did not say within the call's window (nothing lands later)."""
+        deadline_ms, give_up = await self._deadline()
+        ttl_ms = int(RECORD_TTL_S * 1000)
+        call_id = secrets.token_hex(8)
+        records = [self.keys.record(tag, f"{call_id}.{n}") for n, (_, tag, _, _) in
+                   enumerate(calls)]
+        pipe = self._redis.pipeline(transaction=False)
+        for command in before:
+            pipe.execute_command(*command)
+        if self.cluster and before:
+            # a cluster pipeline runs on every node at once: wait for the timers' node
+            async with self._guard():
+                _raise_first_error(await pipe.execute(raise_on_error=False))
+            pipe = self._redis.pipeline(transaction=False)
+        skip = len(pipe)
+        for (script, _, keys, args), record in zip(calls, records, strict=True):
+            pipe.execute_command("EVALSHA", script.sha, 1 + len(keys), record, *keys,
+                                 deadline_ms, ttl_ms, *args)
+        replies: list[Any]
+        try:
+            replies = (await pipe.execute(raise_on_error=False))[skip:]
+        except (RedisError, RedisClusterException, OSError) as exc:
+            if _never_sent(exc):
+                raise self._unavailable(exc) from exc
+            replies = [exc] * len(calls)
+        answers: list[bytes | Exception | None] = []
+        lost: dict[int, str] = {}
+        for n, reply in enumerate(replies):
+            if isinstance(reply, NoScriptError) or (
+                    isinstance(reply, ResponseError) and str(reply).startswith(
+                        ("GEOPUSH_LATE", "GEOPUSH_FENCED"))):
+                answers.append(None)
+            elif isinstance(reply, Exception):
+                answers.append(reply)
+                lost[n] = records[n]
+            else:
+                answers.append(bytes(reply))
+        if any(isinstance(r, NoScriptError) for r in replies):
+            with suppress(RedisError, RedisClusterException, OSError):
+                await self._load_scripts()  # Redis restarted; the caller's next try runs them
+        if lost:
+            resolved = await self._resolve(lost, give_up)
+            for n, answer in resolved.items():
+                answers[n] = answer
+        return answers
+
+    async def _resolve(self, records: dict[int, str], give_up: float
+                       ) -> dict[int, bytes | Exception | None]:
+        """What became of calls whose answers were lost: asked until Redis answers (RESOLVE
+        fences a call that has not run, so it never will). Giving up before the window is over
+        would let the call land after a 503; giving up at its end could miss that it ran just
+        before the stall: so ask for RESOLVE_PATIENCE_S at least."""
+        give_up = max(give_up, time.monotonic() + RESOLVE_PATIENCE_S)
+        pause = RESOLVE_PAUSE_S
+        answers: dict[int, bytes | Exception | None] = {}
+        pending = dict(records)
+        last: BaseException | None = None
+        ttl_ms = int(RECORD_TTL_S * 1000)
+        while pending:
+            pipe = self._redis.pipeline(transaction=False)
+            for record in pending.values():
+                pipe.execute_command("EVALSHA", RESOLVE.sha, 1, record, ttl_ms)
+            try:
+                replies = await pipe.execute(raise_on_error=False)
+            except (RedisError, RedisClusterException, OSError) as exc:
+                replies = [exc] * len(pending)
+            for n, reply in zip(list(pending), replies, strict=True):
+                if isinstance(reply, bytes):
+                    answers[n] = reply[1:] if reply.startswith(b"=") else None
+                    del pending[n]
+                elif isinstance(reply, NoScriptError):
+                    with suppress(RedisError, RedisClusterException, OSError):
+                        await self._load_scripts()
+                else:
+                    last = reply
+            if pending:
+                if time.monotonic() >= give_up:
+                    break
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.5)
+        for n in pending:
+            # the one answer that is not exact (contract §12 cannot be kept without Redis):
+            # the call may have run before Redis stopped answering; it cannot run any more
+            answers[n] = StateUnavailable(
+                f"Redis at {_safe_url(self.url)} did not answer for {RESOLVE_PATIENCE_S:g} s "
+                f"after a write whose answer was lost; it may have been applied, and can no "
+                f"longer be ({type(last).__name__}: {last})")
+        return answers
+
+    async def _once(self, script: Script, tag: str, keys: Sequence[Any], args: Sequence[Any],
+                    before: Sequence[tuple[Any, ...]] = ()) -> bytes | None:
+        """One call of `_run_once`; None: it did not run (try again)."""
+        answer = (await self._run_once([(script, tag, keys, args)], before))[0]
+        if isinstance(answer, StateUnavailable):
+            raise answer
+        if isinstance(answer, Exception):
+            raise self._unavailable(answer) from answer
+        return answer
+
+    def _tag_of(self, device_id: str) -> str:
+        """The hash tag of the records of calls writing `device_id`'s keys."""
+        if not self.cluster:
+            return SINGLE_TAG
+        return slot_tag(key_slot(self.keys.device(device_id).version.encode()))
+
     # -- devices ---------------------------------------------------------------------------
 
     async def get_profile(self, device_id: str) -> DeviceProfile | None:
-        async with self._guard():
-            raw = await self._redis.get(self.keys.device(device_id).profile)
+        raw = await self._reading(lambda: self._redis.get(self.keys.device(device_id).profile))
         return DeviceProfile.model_validate_json(raw) if raw is not None else None
 
     async def update_profile(self, device_id: str, edit: ProfileEdit) -> ProfileWrite | None:
         keys = self.keys.device(device_id)
         for _ in range(MAX_ATTEMPTS):
-            async with self._guard():
-                raw, version = await self._redis.execute_command("MGET", keys.profile,
-                                                                 keys.version)
+            raw, version = await self._reading(
+                lambda: self._redis.execute_command("MGET", keys.profile, keys.version))
             stored = DeviceProfile.model_validate_json(raw) if raw is not None else None
             write = edit(stored)
             if write is None:
@@ -178,75 +370,71 @@ class RedisStore(StateStore):
 
     async def _put_profile(self, keys: DeviceKeys, device_id: str, write: ProfileWrite,
                            version: bytes) -> bool:
-        """The compare-and-set of one profile write; False when the version moved."""
+        """The compare-and-set of one profile write; False when it was not written (the
+        version moved, or the call did not run)."""
         profile, change = write.profile, write.change
         if profile.device_id != device_id:
             raise ValueError(f"edit of {device_id!r} returned the profile of {profile.device_id!r}")
         revoke = not profile.consent.location
         args = (version, profile.model_dump_json(), change.model_dump_json() if change else "",
                 "1" if revoke else "0")
-        for _ in range(2):  # the second time after loading the scripts (Redis restarted)
-            async with self._guard():
-                pipe = self._redis.pipeline(transaction=False)
-                if revoke:
-                    # before the profile script: a commit that read the new version writes
-                    # its timer after this removal (a cluster pipeline runs on every node at
-                    # once: wait for the timers' node)
-                    pipe.zrem(self.keys.timers, device_id)
-                    if self.cluster:
-                        _raise_first_error(await pipe.execute(raise_on_error=False))
-                        pipe = self._redis.pipeline(transaction=False)
-                pipe.execute_command("EVALSHA", PUT_PROFILE.sha, 4, keys.profile, keys.consent,
-                                     keys.track, keys.version, *args)
-                results = await pipe.execute(raise_on_error=False)
-                if not isinstance(results[-1], NoScriptError):
-                    _raise_first_error(results)
-                    return int(results[-1]) != -1
-                await self._load_scripts()
-        raise StateUnavailable("Redis keeps losing geopush's scripts")
+        # before the profile script: a commit that read the new version writes its timer
+        # after this removal
+        before = [("ZREM", self.keys.timers, device_id)] if revoke else []
+        answer = await self._once(PUT_PROFILE, self._tag_of(device_id),
+                                  (keys.profile, keys.consent, keys.track, keys.version), args,
+                                  before)
+        return answer is not None and answer != b"-1"
 
     async def consent_history(self, device_id: str) -> list[ConsentChange]:
-        async with self._guard():
-            rows = await self._redis.lrange(self.keys.device(device_id).consent, 0, -1)
+        rows = await self._reading(
+            lambda: self._redis.lrange(self.keys.device(device_id).consent, 0, -1))
         return [ConsentChange.model_validate_json(r) for r in rows]
 
     async def visits(self, device_id: str) -> list[Visit]:
-        async with self._guard():
-            rows = await self._redis.lrange(self.keys.device(device_id).visits, 0, -1)
+        rows = await self._reading(
+            lambda: self._redis.lrange(self.keys.device(device_id).visits, 0, -1))
         return [decode_visit(device_id, r) for r in rows]
 
     async def erase(self, device_id: str, record: ErasureRecord) -> bool:
         keys = self.keys.device(device_id)
-        if self.cluster:
-            return await self._erase_across_slots(device_id, keys, record)
-        # a commit racing with this either wrote its timer before (removed here) or fails its
-        # version check (the version key is gone) and repairs the timer when it retries
-        erased = await self._run_script(
-            ERASE, [self.keys.erasures, self.keys.timers, *keys.all()],
-            [device_id, record.device_hash, record.model_dump_json()])
-        return bool(erased)
+        for _ in range(MAX_ATTEMPTS):
+            if self.cluster:
+                erased = await self._erase_across_slots(device_id, keys, record)
+            else:
+                # a commit racing with this either wrote its timer before (removed here) or
+                # fails its version check (the version key is gone) and repairs the timer
+                # when it retries
+                erased = await self._once(
+                    ERASE, SINGLE_TAG, [self.keys.erasures, self.keys.timers, *keys.all()],
+                    [device_id, record.device_hash, record.model_dump_json()])
+            if erased is not None:
+                return erased == b"1"
+        raise StateUnavailable(f"the erasure did not run in {MAX_ATTEMPTS} attempts; retry later")
 
     async def _erase_across_slots(self, device_id: str, keys: DeviceKeys,
-                                  record: ErasureRecord) -> bool:
+                                  record: ErasureRecord) -> bytes | None:
         """Record first, then the data (see the module's docstring)."""
-        async with self._guard():
+
+        async def present() -> tuple[int, Any]:
             pipe = self._redis.pipeline(transaction=False)
             pipe.exists(*keys.all())
             pipe.zscore(self.keys.timers, device_id)
-            present, timer = await pipe.execute()
-            if not present and timer is None:
-                return False
+            found, timer = await pipe.execute()
+            return int(found), timer
+
+        found, timer = await self._reading(present)
+        if not found and timer is None:
+            return b"0"
+        async with self._guard():  # the same field and value each time: safe to send again
             await self._redis.hset(self.keys.erasures, record.device_hash,
                                    record.model_dump_json())
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.delete(*keys.all())
-            pipe.zrem(self.keys.timers, device_id)
-            await pipe.execute()
-        return True
+        answer = await self._once(ERASE_DEVICE, self._tag_of(device_id), keys.all(), [],
+                                  [("ZREM", self.keys.timers, device_id)])
+        return answer if answer is None else b"1"  # found before: erased, by this or a twin
 
     async def erasure_record(self, device_hash: str) -> ErasureRecord | None:
-        async with self._guard():
-            raw = await self._redis.hget(self.keys.erasures, device_hash)
+        raw = await self._reading(lambda: self._redis.hget(self.keys.erasures, device_hash))
         return ErasureRecord.model_validate_json(raw) if raw is not None else None
 
     # -- tracking --------------------------------------------------------------------------
@@ -254,23 +442,43 @@ class RedisStore(StateStore):
     async def track(self, device_ids: Collection[str], compute: Compute) -> dict[str, DeviceOutcome]:
         pending = list(dict.fromkeys(device_ids))
         committed: dict[str, DeviceOutcome] = {}
-        if not pending:
-            return committed
+        unavailable: set[str] = set()
+        written = 0  # devices whose commit applied
+        reason: StateUnavailable | None = None
         for _ in range(MAX_ATTEMPTS):
-            reads = await self._read(pending)
-            snapshots = {d: r.snapshot for d, r in reads.items()}
-            outcomes = {d: o for d, o in compute(snapshots).items() if d in reads}
-            conflicts = await self._commit(reads, outcomes)
-            if not conflicts:
-                committed.update(outcomes)
-                return committed
-            retry = set(conflicts)
+            if not pending:
+                break
+            try:
+                reads, lost = await self._read(pending)
+                unavailable |= lost
+                snapshots = {d: r.snapshot for d, r in reads.items()}
+                outcomes = {d: o for d, o in compute(snapshots).items() if d in reads}
+                conflicts, lost, applied = await self._commit(reads, outcomes)
+            except StateUnavailable as exc:  # nothing of this attempt was written
+                unavailable.update(pending)
+                reason = exc
+                break
+            unavailable |= lost
+            written += applied
+            retry = set(conflicts) | lost
             committed.update((d, o) for d, o in outcomes.items() if d not in retry)
             pending = conflicts
-        raise StateUnavailable(
-            f"{len(pending)} device(s) changed under every one of {MAX_ATTEMPTS} attempts; "
-            "retry later"
-        )
+        else:
+            if pending:
+                unavailable.update(pending)
+                reason = StateUnavailable(
+                    f"{len(pending)} device(s) changed under every one of {MAX_ATTEMPTS} "
+                    "attempts; retry later")
+        if not unavailable:
+            return committed
+        if reason is None:
+            reason = self._last_error or StateUnavailable(
+                f"Redis at {_safe_url(self.url)} is unavailable for {len(unavailable)} "
+                "device(s): their cluster node failed")
+        message = str(reason)
+        if written:
+            raise PartlyUnavailable(committed, unavailable, message)
+        raise reason
 
     def _per_slot(self, device_ids: Sequence[str]) -> list[list[str]]:
         """The devices in groups one command or script may touch together: those of one hash
@@ -283,11 +491,14 @@ class RedisStore(StateStore):
         return [group[i:i + DEVICES_PER_CALL] for group in slots
                 for i in range(0, len(group), DEVICES_PER_CALL)]
 
-    async def _read(self, device_ids: Sequence[str]) -> dict[str, _Read]:
+    async def _read(self, device_ids: Sequence[str]) -> tuple[dict[str, _Read], set[str]]:
+        """The devices as stored, and those that could not be read (on a cluster, their node
+        failed)."""
         groups = self._per_slot(device_ids)
         ordered = [d for group in groups for d in group]
         device_keys = [self.keys.device(d) for d in ordered]
-        async with self._guard():
+
+        async def read() -> list[Any]:
             pipe = self._redis.pipeline(transaction=False)
             start = 0
             for group in groups:
@@ -295,14 +506,33 @@ class RedisStore(StateStore):
                                                for name in (k.profile, k.track, k.version)])
                 start += len(group)
             pipe.zmscore(self.keys.timers, ordered)
-            results = await pipe.execute()
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+            _raise_first_error(results[-1:])  # without the timers, nothing to go on
+            if not self.cluster:
+                _raise_first_error(results)
+            return results
+
+        results = await self._reading(read)
         timers = results.pop()
-        values = iter(results[0] if len(results) == 1 else [v for vs in results for v in vs])
+        lost: set[str] = set()
+        if any(isinstance(r, Exception) for r in results):  # a cluster node failed
+            values_list: list[Any] = []
+            for group, result in zip(groups, results, strict=True):
+                if isinstance(result, Exception):
+                    lost.update(group)
+                    values_list += [None] * (3 * len(group))
+                else:
+                    values_list += result
+            values = iter(values_list)
+        else:
+            values = iter(results[0] if len(results) == 1 else [v for vs in results for v in vs])
         # the validator itself: model_validate_json's wrapper costs a fifth of the call
         profile_from_json = DeviceProfile.__pydantic_validator__.validate_json
         reads = {}
         for device_id, keys, profile_raw, track_raw, version, timer in zip(
                 ordered, device_keys, values, values, values, timers, strict=True):
+            if lost and device_id in lost:
+                continue
             state: DeviceState | None = None
             due: float | None = None
             if track_raw is not None:
@@ -310,11 +540,13 @@ class RedisStore(StateStore):
             profile = profile_from_json(profile_raw) if profile_raw is not None else None
             reads[device_id] = _Read(DeviceSnapshot(profile, state), keys, version or b"", due,
                                      timer)
-        return reads
+        return reads, lost
 
     async def _commit(self, reads: dict[str, _Read], outcomes: dict[str, DeviceOutcome]
-                      ) -> list[str]:
-        """Write every outcome in one round trip; the devices whose version check failed."""
+                      ) -> tuple[list[str], set[str], int]:
+        """Write every outcome in one round trip: the devices to read and compute again (their
+        version moved, or their script did not run), those whose slot could not commit
+        (nothing of theirs was written), and how many were written."""
         schedule: dict[str, float] = {}
         unschedule: list[str] = []
         writes: dict[str, tuple[Any, ...]] = {}  # device → its ARGV of the commit script
@@ -342,39 +574,42 @@ class RedisStore(StateStore):
             bumped = str(int(version) + 1) if version else ("1" if track else "")
             writes[device_id] = (version, bumped, track, len(visits), *visits)
         if not writes:
-            return []
+            return [], set(), 0
         groups = self._per_slot(list(writes))
-        pipe = self._redis.pipeline(transaction=False)
         # timers first: each device's timer write precedes its compare-and-set
+        before: list[tuple[Any, ...]] = []
         if schedule:
-            pipe.zadd(self.keys.timers, schedule)
+            before.append(("ZADD", self.keys.timers,
+                           *[x for d, due in schedule.items() for x in (due, d)]))
         if unschedule:
-            pipe.zrem(self.keys.timers, *unschedule)
-        async with self._guard():
-            if self.cluster and (schedule or unschedule):
-                # a cluster pipeline runs on every node at once: wait for the timers' node
-                _raise_first_error(await pipe.execute(raise_on_error=False))
-                pipe = self._redis.pipeline(transaction=False)
-            timer_writes = len(pipe)
-            for group in groups:
-                keys: list[str] = []
-                args: list[Any] = [VISITS_KEPT]
-                for device_id in group:
-                    device_keys = reads[device_id].keys
-                    keys += (device_keys.track, device_keys.version, device_keys.visits)
-                    args += writes[device_id]
-                pipe.execute_command("EVALSHA", COMMIT.sha, len(keys), *keys, *args)
-            results = await pipe.execute(raise_on_error=False)
-            if any(isinstance(r, NoScriptError) for r in results):
-                await self._load_scripts()  # Redis restarted; the retry runs them
-            _raise_first_error([r for r in results if not isinstance(r, NoScriptError)])
+            before.append(("ZREM", self.keys.timers, *unschedule))
+        calls = []
+        for group in groups:
+            keys: list[str] = []
+            args: list[Any] = [VISITS_KEPT]
+            for device_id in group:
+                device_keys = reads[device_id].keys
+                keys += (device_keys.track, device_keys.version, device_keys.visits)
+                args += writes[device_id]
+            calls.append((COMMIT, self._tag_of(group[0]), keys, args))
+        answers = await self._run_once(calls, before)
         conflicts: list[str] = []
-        for group, result in zip(groups, results[timer_writes:], strict=True):
-            if isinstance(result, NoScriptError):
+        lost: set[str] = set()
+        applied = 0
+        for group, answer in zip(groups, answers, strict=True):
+            if answer is None:
                 conflicts += group  # nothing of the group was written
+            elif isinstance(answer, Exception):
+                lost.update(group)
             else:
-                conflicts += (group[int(position) - 1] for position in result)
-        return conflicts
+                moved = [group[int(p) - 1] for p in answer.split(b",")] if answer else []
+                conflicts += moved
+                applied += len(group) - len(moved)
+        if lost:
+            error = next(a for a in answers if isinstance(a, Exception))
+            self._last_error = error if isinstance(error, StateUnavailable) else (
+                self._unavailable(error))
+        return conflicts, lost, applied
 
     async def stored_track(self, device_id: str) -> StoredTrack:
         keys = self.keys.device(device_id)
@@ -390,6 +625,7 @@ class RedisStore(StateStore):
     async def claim_due(self, now: float, limit: int, lease_s: float) -> list[str]:
         if limit <= 0:
             return []  # Redis reads a LIMIT count of 0 or less as "no limit"
+        # not resolved when its answer is lost: the devices it claimed come back with the lease
         members = await self._run_script(
             CLAIM_DUE, [self.keys.timers],
             [repr(float(now)), int(limit), repr(float(now + lease_s))])
@@ -398,19 +634,21 @@ class RedisStore(StateStore):
     # -- the published configuration -------------------------------------------------------
 
     async def publish_config(self, payload: bytes) -> int:
-        serial = await self._run_script(
-            PUBLISH_CONFIG, [self.keys.config_serial, self.keys.config_payload], [payload])
-        return int(serial)
+        for _ in range(MAX_ATTEMPTS):
+            serial = await self._once(PUBLISH_CONFIG, CONFIG_TAG,
+                                      [self.keys.config_serial, self.keys.config_payload],
+                                      [payload])
+            if serial is not None:
+                return int(serial)
+        raise StateUnavailable(f"the publish did not run in {MAX_ATTEMPTS} attempts; retry later")
 
     async def config_serial(self) -> int:
-        async with self._guard():
-            raw = await self._redis.get(self.keys.config_serial)
+        raw = await self._reading(lambda: self._redis.get(self.keys.config_serial))
         return int(raw) if raw is not None else 0
 
     async def published_config(self) -> tuple[int, bytes] | None:
-        async with self._guard():
-            serial, payload = await self._redis.execute_command(
-                "MGET", self.keys.config_serial, self.keys.config_payload)
+        serial, payload = await self._reading(lambda: self._redis.execute_command(
+            "MGET", self.keys.config_serial, self.keys.config_payload))
         if serial is None or payload is None:
             return None
         return int(serial), bytes(payload)
@@ -455,6 +693,13 @@ def _raise_first_error(results: Sequence[Any]) -> None:
     for result in results:
         if isinstance(result, Exception):
             raise result
+
+
+def _never_sent(exc: BaseException) -> bool:
+    """The call failed while connecting: nothing of it reached Redis (redis-py's words)."""
+    text = str(exc)
+    return isinstance(exc, RedisConnectionError | RedisTimeoutError) and (
+        "connecting to" in text or "Timeout connecting" in text)
 
 
 def _safe_url(url: str) -> str:

@@ -9,24 +9,45 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-# KEYS: track, ver, visits of each device in turn. ARGV: visits kept, then for each device:
-# expected version ('' = none), the version to set ('' = leave it: a device with no version
-# and nothing to write), track JSON ('' = leave it), number of visits n, n visit JSONs. Each
-# device is checked and written on its own (a conflict on one does not hold back the others).
-# Returns the 1-based positions of the devices whose version was not the one expected.
-# Versions are read with one MGET and written with the tracks by MSET: a few calls for the
-# whole batch instead of three per device. `unpack` is bounded by Lua's stack, hence chunks.
-_COMMIT = """
-local kept = -tonumber(ARGV[1])
-local count = #KEYS / 3
+# Every state-changing script runs at most once, and says so (geopush.state.redis: "commits that
+# are safe to retry"). KEYS[1] is the call's record, a key named after a random id the call
+# carries; ARGV[1] its deadline (Redis clock, ms), ARGV[2] how long the record is kept (ms). A call
+# that comes after its deadline, or finds its record (RESOLVE fenced it while it was in flight),
+# writes nothing and fails; one that runs keeps its result in the record, where RESOLVE finds it.
+# The script then returns the same string: one parser for both ways of learning the outcome.
+_ONCE = """
+local clock = redis.call('TIME')
+if tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000) > tonumber(ARGV[1]) then
+  return redis.error_reply('GEOPUSH_LATE the call came after its deadline; nothing written')
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return redis.error_reply('GEOPUSH_FENCED the call was resolved in flight; nothing written')
+end
+local function done(result)
+  redis.call('SET', KEYS[1], '=' .. result, 'PX', ARGV[2])
+  return result
+end
+"""
+
+# KEYS: the record, then track, ver, visits of each device in turn. ARGV: deadline, record ttl,
+# visits kept, then for each device: expected version ('' = none), the version to set ('' =
+# leave it: a device with no version and nothing to write), track JSON ('' = leave it), number
+# of visits n, n visit JSONs. Each device is checked and written on its own (a conflict on one
+# does not hold back the others). Returns the 1-based positions of the devices whose version
+# was not the one expected, comma-separated ('' = none). Versions are read with one MGET and
+# written with the tracks by MSET: a few calls for the whole batch instead of three per
+# device. `unpack` is bounded by Lua's stack, hence chunks.
+_COMMIT = _ONCE + """
+local kept = -tonumber(ARGV[3])
+local count = (#KEYS - 1) / 3
 local versions = {}
 for first = 1, count, 1000 do
   local names = {}
-  for i = first, math.min(first + 999, count) do names[i - first + 1] = KEYS[3 * i - 1] end
+  for i = first, math.min(first + 999, count) do names[i - first + 1] = KEYS[3 * i] end
   local got = redis.call('MGET', unpack(names))
   for j = 1, #got do versions[first + j - 1] = got[j] end
 end
-local conflicts, sets, c, s, a = {}, {}, 0, 0, 2
+local conflicts, sets, c, s, a = {}, {}, 0, 0, 4
 for i = 1, count do
   local n = tonumber(ARGV[a + 3])
   if (versions[i] or '') ~= ARGV[a] then
@@ -34,12 +55,12 @@ for i = 1, count do
     conflicts[c] = i
   elseif ARGV[a + 1] ~= '' then
     if ARGV[a + 2] ~= '' then
-      sets[s + 1], sets[s + 2], s = KEYS[3 * i - 2], ARGV[a + 2], s + 2
+      sets[s + 1], sets[s + 2], s = KEYS[3 * i - 1], ARGV[a + 2], s + 2
     end
-    sets[s + 1], sets[s + 2], s = KEYS[3 * i - 1], ARGV[a + 1], s + 2
+    sets[s + 1], sets[s + 2], s = KEYS[3 * i], ARGV[a + 1], s + 2
     if n > 0 then
-      redis.call('RPUSH', KEYS[3 * i], unpack(ARGV, a + 4, a + 3 + n))
-      redis.call('LTRIM', KEYS[3 * i], kept, -1)
+      redis.call('RPUSH', KEYS[3 * i + 1], unpack(ARGV, a + 4, a + 3 + n))
+      redis.call('LTRIM', KEYS[3 * i + 1], kept, -1)
     end
     if s >= 1000 then
       redis.call('MSET', unpack(sets, 1, s))
@@ -49,24 +70,26 @@ for i = 1, count do
   a = a + 4 + n
 end
 if s > 0 then redis.call('MSET', unpack(sets, 1, s)) end
-return conflicts
+return done(table.concat(conflicts, ','))
 """
 
-# KEYS: profile, consent, track, ver. ARGV: the version the profile was read at ('' = none),
-# profile JSON, consent change JSON or '', '1' to drop the track (location consent revoked:
-# stays end without events). A compare-and-set like the commit's: when the version moved since
-# the read (a ping, another profile write), nothing is written and -1 comes back, so the caller
-# edits the fresh profile again; a PATCH never writes back a profile read before another write.
-_PUT_PROFILE = """
-if (redis.call('GET', KEYS[4]) or '') ~= ARGV[1] then return -1 end
-redis.call('SET', KEYS[1], ARGV[2])
-if ARGV[3] ~= '' then redis.call('RPUSH', KEYS[2], ARGV[3]) end
-if ARGV[4] == '1' then redis.call('DEL', KEYS[3]) end
-return redis.call('INCR', KEYS[4])
+# KEYS: the record, profile, consent, track, ver. ARGV: deadline, record ttl, the version the
+# profile was read at ('' = none), profile JSON, consent change JSON or '', '1' to drop the
+# track (location consent revoked: stays end without events). A compare-and-set like the
+# commit's: when the version moved since the read (a ping, another profile write), nothing is
+# written and '-1' comes back, so the caller edits the fresh profile again; a PATCH never
+# writes back a profile read before another write. Else the new version.
+_PUT_PROFILE = _ONCE + """
+if (redis.call('GET', KEYS[5]) or '') ~= ARGV[3] then return done('-1') end
+redis.call('SET', KEYS[2], ARGV[4])
+if ARGV[5] ~= '' then redis.call('RPUSH', KEYS[3], ARGV[5]) end
+if ARGV[6] == '1' then redis.call('DEL', KEYS[4]) end
+return done(tostring(redis.call('INCR', KEYS[5])))
 """
 
 # KEYS: timers. ARGV: now, limit, now + lease. Claimed members are re-scored, not removed, so
-# a crashed claimer's timers come back when the lease runs out.
+# a crashed claimer's timers come back when the lease runs out; so do those of a claim whose
+# answer was lost (it is never sent twice).
 _CLAIM_DUE = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
 for _, member in ipairs(due) do redis.call('ZADD', KEYS[1], ARGV[3], member) end
@@ -74,24 +97,43 @@ return due
 """
 
 
-# KEYS: erasures, timers, then the device's keys. ARGV: device id, device hash, erasure record
-# JSON. One script so that an erasure is whole or not at all: the data never goes without
-# its erasure record (proof of consent), and a retry after a failure finds the data still
-# there to erase. Returns 1 if there was anything to erase (the record is written only then).
-_ERASE = """
-local erased = redis.call('DEL', unpack(KEYS, 3))
-erased = erased + redis.call('ZREM', KEYS[2], ARGV[1])
-if erased == 0 then return 0 end
-redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
-return 1
+# KEYS: the record, erasures, timers, then the device's keys. ARGV: deadline, record ttl,
+# device id, device hash, erasure record JSON. One script so that an erasure is whole or not at
+# all: the data never goes without its erasure record (proof of consent), and a retry after a
+# failure finds the data still there to erase. '1' if there was anything to erase (the record
+# is written only then), else '0'.
+_ERASE = _ONCE + """
+local erased = redis.call('DEL', unpack(KEYS, 4))
+erased = erased + redis.call('ZREM', KEYS[3], ARGV[3])
+if erased == 0 then return done('0') end
+redis.call('HSET', KEYS[2], ARGV[4], ARGV[5])
+return done('1')
+"""
+
+# KEYS: the record, then the device's keys (a Redis Cluster, where the erasure record and the
+# timer are in other slots). ARGV: deadline, record ttl. '1' if there was anything, else '0'.
+_ERASE_DEVICE = _ONCE + """
+if redis.call('DEL', unpack(KEYS, 2)) == 0 then return done('0') end
+return done('1')
 """
 
 
-# KEYS: config serial, config payload. ARGV: payload. Both together, or neither.
-_PUBLISH_CONFIG = """
-local serial = redis.call('INCR', KEYS[1])
-redis.call('SET', KEYS[2], ARGV[1])
-return serial
+# KEYS: the record, config serial, config payload. ARGV: deadline, record ttl, payload. Both
+# together, or neither; the new serial.
+_PUBLISH_CONFIG = _ONCE + """
+local serial = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[3], ARGV[3])
+return done(tostring(serial))
+"""
+
+# KEYS: a record. ARGV: record ttl. What became of a call whose answer was lost: '=<result>'
+# when it ran; else '!' and the call is fenced, so that it writes nothing if it still comes.
+# Sending this again is harmless, so it may be retried until Redis answers.
+_RESOLVE = """
+local got = redis.call('GET', KEYS[1])
+if got then return got end
+redis.call('SET', KEYS[1], '!', 'PX', ARGV[1])
+return '!'
 """
 
 
@@ -109,5 +151,8 @@ COMMIT = Script.of(_COMMIT)
 PUT_PROFILE = Script.of(_PUT_PROFILE)
 CLAIM_DUE = Script.of(_CLAIM_DUE)
 ERASE = Script.of(_ERASE)
+ERASE_DEVICE = Script.of(_ERASE_DEVICE)
 PUBLISH_CONFIG = Script.of(_PUBLISH_CONFIG)
-SCRIPTS = (COMMIT, PUT_PROFILE, CLAIM_DUE, ERASE, PUBLISH_CONFIG)
+RESOLVE = Script.of(_RESOLVE)
+SCRIPTS = (COMMIT, PUT_PROFILE, CLAIM_DUE, ERASE, ERASE_DEVICE, PUBLISH_CONFIG, RESOLVE)
+ONCE = (COMMIT, PUT_PROFILE, ERASE, ERASE_DEVICE, PUBLISH_CONFIG)  # take a record and deadline
