@@ -63,3 +63,19 @@ def optional_measure(value: Any, field: str, *, scale: float = 1.0) -> float | N
 def put_optional(ping: dict[str, Any], key: str, value: float | str | None) -> None:
     if value is not None:
         ping[key] = value
+
+
+def heading(value: Any, field: str) -> float | None:
+    """Degrees from north in [0, 360); negative (the SDKs' -1) or absent is unknown."""
+    degrees = optional_measure(value, field)
+    return None if degrees is None else degrees % 360.0
+
+
+def altitude(value: Any, field: str) -> float | None:
+    """Metres; may be negative (below sea level); absent is unknown."""
+    if value is None:
+        return None
+    metres = number(value)
+    if metres is None:
+        raise PingError(field, value, "metres above sea level, or null")
+    return metres

@@ -11,7 +11,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from geopush.clients import KMH_TO_MPS, Mapped, number, optional_measure, put_optional
+from geopush.clients import (
+    KMH_TO_MPS,
+    Mapped,
+    altitude,
+    heading,
+    number,
+    optional_measure,
+    put_optional,
+)
 from geopush.pings import PingError
 
 # epoch seconds up to the year 9999; a bigger `tst` is milliseconds sent by mistake
@@ -51,11 +59,6 @@ def _ping(message: dict[str, Any], device_id: str) -> dict[str, Any]:
     put_optional(ping, "accuracy_m", optional_measure(message.get("acc"), "acc"))
     put_optional(ping, "speed_mps",
                  optional_measure(message.get("vel"), "vel", scale=KMH_TO_MPS))
-    heading = optional_measure(message.get("cog"), "cog")
-    put_optional(ping, "heading_deg", None if heading is None else heading % 360.0)
-    altitude = message.get("alt")
-    if altitude is not None:
-        if number(altitude) is None:
-            raise PingError("alt", altitude, "metres above sea level, or null")
-        ping["altitude_m"] = float(altitude)
+    put_optional(ping, "heading_deg", heading(message.get("cog"), "cog"))
+    put_optional(ping, "altitude_m", altitude(message.get("alt"), "alt"))
     return ping

@@ -12,7 +12,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from geopush.clients import Mapped, activity_of, number, optional_measure, put_optional
+from geopush.clients import (
+    Mapped,
+    activity_of,
+    altitude,
+    heading,
+    number,
+    optional_measure,
+    put_optional,
+)
 from geopush.pings import PingError
 
 
@@ -53,13 +61,8 @@ def _ping(location: Any, device_id: str) -> dict[str, Any]:
                                                      "location.coords.accuracy"))
     put_optional(out, "speed_mps", optional_measure(coords.get("speed"),
                                                     "location.coords.speed"))
-    heading = optional_measure(coords.get("heading"), "location.coords.heading")
-    put_optional(out, "heading_deg", None if heading is None else heading % 360.0)
-    altitude = coords.get("altitude")
-    if altitude is not None:
-        if number(altitude) is None:
-            raise PingError("location.coords.altitude", altitude, "metres, or null")
-        out["altitude_m"] = float(altitude)
+    put_optional(out, "heading_deg", heading(coords.get("heading"), "location.coords.heading"))
+    put_optional(out, "altitude_m", altitude(coords.get("altitude"), "location.coords.altitude"))
     activity = location.get("activity")
     if isinstance(activity, dict):
         put_optional(out, "activity", activity_of(activity.get("type")))
