@@ -28,6 +28,8 @@ PROTECTED = [
     ("GET", "/v1/devices/d1", "devices"),
     ("GET", "/v1/devices/d1/export", "devices"),
     ("DELETE", "/v1/devices/d1", "devices"),
+    ("POST", "/v1/devices/d1/token", "devices"),
+    ("DELETE", "/v1/devices/d1/token", "devices"),
 ]
 
 
