@@ -73,7 +73,7 @@ def create_app(settings: Settings, *, store: StateStore | None = None,
                           client_max_size=MAX_BODY_BYTES)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
-    app[AUTH] = Authenticator(settings.auth.keys)
+    app[AUTH] = Authenticator(settings.auth)
     app[LIVE] = Live()
     app[WEBSOCKETS] = weakref.WeakSet()
     if store is None:

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -35,6 +36,8 @@ from geopush.config_problems import PATTERN_MEANINGS, SECRET_MARK, validation_pr
 from geopush.config_sources import ENV_PREFIX, Origin, deep_merge, read_environment
 from geopush.durations import Duration
 from geopush.errors import ConfigError
+from geopush.tokens import PREFIX as TOKEN_PREFIX
+from geopush.tokens import looks_like_token
 from geopush.yamlspots import YamlError, load_yaml
 
 DEFAULT_CONFIG_PATH = Path("config/geopush.yaml")
@@ -166,15 +169,49 @@ class PolicySettings(_Section):
     max_event_lag: Duration = Field(600.0, gt=0)
 
 
+MIN_DEVICE_TOKEN_SECRET_CHARS = 32
+
+
 class AuthKey(_Section):
     name: str = Field(min_length=1)
     key: str = Field(min_length=16, description="Bearer token; at least 16 characters",
                      json_schema_extra=SECRET)
-    scopes: list[Literal["ingest", "devices", "admin"]] = Field(min_length=1)
+    scopes: list[Literal["ingest", "devices", "admin", "relay"]] = Field(
+        min_length=1, description="relay: pings of any device on /v1/pings and /v1/stream, "
+        "also with auth.device_tokens: required (a backend relaying its phones' pings)")
+
+    @field_validator("key")
+    @classmethod
+    def _not_a_device_token(cls, key: str) -> str:
+        if looks_like_token(key):
+            # it would be read as a device token, never as this key
+            raise ValueError(f"a server key may not start with {TOKEN_PREFIX + '.'!r}, the "
+                             "prefix of device tokens")
+        return key
+
+
+def _one_or_many(value: Any) -> Any:
+    """A single secret (e.g. from one environment variable) is a list of one."""
+    return [value] if isinstance(value, str) else value
 
 
 class AuthSettings(_Section):
     keys: list[AuthKey] = Field(default_factory=list)
+    device_tokens: Literal["optional", "required"] = Field(
+        "optional", description="required: server keys with only the ingest scope are refused "
+        "on every ping endpoint; phones use device tokens, backends relay with the relay scope")
+    device_token_secret: Annotated[
+        list[Annotated[str, Field(min_length=MIN_DEVICE_TOKEN_SECRET_CHARS)]],
+        BeforeValidator(_one_or_many),
+    ] = Field(
+        default_factory=list, json_schema_extra=SECRET,
+        description="The MAC keys of device tokens, newest first: tokens are issued with the "
+        "first and verified with any, so a secret is rotated by putting a new one first and "
+        "dropping the old one once its tokens are replaced. Separate from "
+        "logging.pseudonym_key. Empty: device tokens are off")
+    query_tokens: bool = Field(
+        False, description="GET|POST /v1/clients/osmand may carry the device token as `key` in "
+        "the query string (it ends up in proxies' access logs; Bearer is preferred)")
 
     @field_validator("keys")
     @classmethod
@@ -185,6 +222,14 @@ class AuthSettings(_Section):
                 raise ValueError(f"duplicate key name {k.name!r}")
             seen.add(k.name)
         return keys
+
+    @model_validator(mode="after")
+    def _required_has_a_secret(self) -> AuthSettings:
+        if self.device_tokens == "required" and not self.device_token_secret:
+            raise ValueError("device_tokens: required needs auth.device_token_secret (a list "
+                             f"of secrets of {MIN_DEVICE_TOKEN_SECRET_CHARS}+ characters, "
+                             "newest first) to issue and check device tokens")
+        return self
 
 
 class LoggingSettings(_Section):

@@ -15,7 +15,10 @@ from geopush.devices import DeviceProfile, has_location_consent
 from geopush.geo.model import DeviceState, Event, Ping, Visit
 from geopush.geo.transitions import Tracker, process_batch
 
-RejectCode = Literal["invalid", "no_consent", "out_of_order", "unavailable"]
+RejectCode = Literal["invalid", "no_consent", "out_of_order", "forbidden", "unavailable"]
+
+REVOKED = ("the device token was revoked or replaced by a newer one: ask your backend for a "
+           "new token")
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +34,7 @@ class DeviceSnapshot:
 
     profile: DeviceProfile | None
     state: DeviceState | None
+    token_nonce: str | None = None  # the nonce of the device's current token (None: no token)
 
 
 @dataclass(slots=True)
@@ -56,10 +60,14 @@ class Engine:
         *,
         positions: Sequence[int] | None = None,
         assume_consent: bool = False,
+        nonces: Mapping[str, str] | None = None,
     ) -> dict[str, DeviceOutcome]:
         """Apply a batch of valid pings. Devices without location consent (or unknown ones)
         get every ping rejected `no_consent` and nothing stored. `positions` maps each ping to
-        its index in the request (default: its index in `pings`)."""
+        its index in the request (default: its index in `pings`). `nonces`: the devices whose
+        pings came with a device token, and the token's nonce: unless it is the device's
+        current one (the token was revoked, replaced or the device erased), every ping of the
+        device is rejected `forbidden` and nothing is stored."""
         if positions is not None and len(positions) != len(pings):
             raise ValueError(f"positions: {len(positions)} given for {len(pings)} pings; "
                              "expected one request index per ping")
@@ -70,7 +78,11 @@ class Engine:
         per_device: dict[str, int] = {}
         for ping, at in zip(pings, where, strict=True):
             snap = snapshots.get(ping.device_id)
-            if assume_consent or (snap is not None and has_location_consent(snap.profile)):
+            if nonces and ping.device_id in nonces and (
+                    snap is None or snap.token_nonce != nonces[ping.device_id]):
+                outcome = outcomes.setdefault(ping.device_id, DeviceOutcome(None))
+                outcome.rejected.append(Rejected(at, "forbidden", REVOKED))
+            elif assume_consent or (snap is not None and has_location_consent(snap.profile)):
                 admitted.append(ping)
                 admitted_at.append(at)
                 per_device[ping.device_id] = per_device.get(ping.device_id, 0) + 1

@@ -65,6 +65,20 @@ class StoreLoadError(GeopushError):
     http_status = 422
 
 
+class Unauthorized(GeopushError):
+    """No credential, or one that is not (or no longer) valid."""
+
+    code = "unauthorized"
+    http_status = 401
+
+
+class Forbidden(GeopushError):
+    """A valid credential that may not do this."""
+
+    code = "forbidden"
+    http_status = 403
+
+
 class InvalidInput(GeopushError):
     """A request or input file does not have the expected shape."""
 

@@ -143,6 +143,13 @@ def log_erasure(credential: str | None, device_id: str) -> None:
     audit_log.info("device_erased", extra=fields(credential=credential, device_id=device_id))
 
 
+def log_device_token(credential: str | None, device_id: str, *, issued: bool) -> None:
+    """POST / DELETE /v1/devices/{id}/token: a token issued (the one before is revoked) or
+    revoked. Never the token or its nonce."""
+    audit_log.info("device_token_issued" if issued else "device_token_revoked",
+                   extra=fields(credential=credential, device_id=device_id))
+
+
 def log_reload(credential: str | None, *, version: str | None = None,
                geofences: int | None = None, errors: int | None = None) -> None:
     """POST /v1/admin/reload: the set swapped in, or how many errors refused it."""

@@ -41,6 +41,12 @@ def deployment_problems(settings: Settings) -> list[Problem]:
                     f"a random secret of {MIN_SECRET_CHARS}+ characters "
                     "(e.g. `openssl rand -hex 32`)", value="***")
 
+    if settings.logging.pseudonym_key in settings.auth.device_token_secret:
+        problem(("auth", "device_token_secret"),
+                "auth.device_token_secret holds logging.pseudonym_key: one leaked secret "
+                "would both forge device tokens and link log lines to device ids",
+                "a secret of its own (e.g. `openssl rand -hex 32`)", value="***")
+
     if not settings.stores_file.is_file():
         problem(("stores_file",), f"stores_file = {str(settings.stores_file)!r}: "
                 f"{_missing(settings.stores_file)}", "a readable GeoJSON file",

@@ -29,6 +29,8 @@ KEYS = [
     {"name": "backend", "key": DEVICES_KEY, "scopes": ["devices"]},
     {"name": "ops", "key": ADMIN_KEY, "scopes": ["admin", "ingest", "devices"]},
 ]
+# device tokens (contract §13): the secrets they are made with, newest first
+TOKEN_SECRET = "device-token-secret-0123456789abcdef"
 INGEST = {"Authorization": f"Bearer {INGEST_KEY}"}
 DEVICES = {"Authorization": f"Bearer {DEVICES_KEY}"}
 
@@ -122,7 +124,7 @@ def settings_for(tmp_path: Path, *, backend: str = "memory", redis_url: str | No
         "stores_file": str(stores),
         "rules_dir": str(tmp_path / "rules"),
         "storage": storage,
-        "auth": {"keys": KEYS if keys is None else keys},
+        "auth": {"keys": KEYS if keys is None else keys, "device_token_secret": [TOKEN_SECRET]},
         "logging": {"pseudonym_key": "test-pseudonym-key"},
     }
     for name, section in sections.items():

@@ -39,7 +39,8 @@ def _config(tmp_path: Path, keys: list[dict[str, Any]]) -> Path:
     stores = write_stores(tmp_path / "stores.geojson", load_trace())
     path = tmp_path / "geopush.yaml"
     path.write_text(yaml.safe_dump({
-        "stores_file": str(stores), "rules_dir": "rules", "auth": {"keys": keys},
+        "stores_file": str(stores), "rules_dir": "rules",
+        "auth": {"keys": keys, "device_token_secret": ["audit-device-token-secret-0123456789"]},
         "logging": {"pseudonym_key": SECRET}}))
     return path
 
@@ -83,6 +84,21 @@ async def test_device_changes_leave_a_line_with_the_credential_and_the_fields_ch
     text = json.dumps(lines)
     assert "phone-1" not in text and "fcm-token-1" not in text and "de-DE" not in text
     assert {line["device"] for line in lines} == {pseudonym("phone-1", SECRET)}
+
+
+async def test_device_tokens_issued_and_revoked_leave_a_line_without_the_token(
+        api: Client, caplog: pytest.LogCaptureFixture) -> None:
+    await api.put("/v1/devices/phone-1", headers=DEVICES, json={"consent": {"location": True}})
+    with caplog.at_level(logging.INFO, logger="geopush.audit"):
+        resp = await api.post("/v1/devices/phone-1/token", headers=DEVICES)
+        token = (await resp.json())["token"]
+        assert (await api.delete("/v1/devices/phone-1/token", headers=DEVICES)).status == 204
+    lines = _lines(caplog)
+    assert [(line["event"], line["credential"], line["device"]) for line in lines] == [
+        ("device_token_issued", "backend", pseudonym("phone-1", SECRET)),
+        ("device_token_revoked", "backend", pseudonym("phone-1", SECRET))]
+    text = json.dumps(lines)
+    assert "phone-1" not in text and token.split(".")[2] not in text
 
 
 async def test_an_erasure_leaves_a_line_and_its_record_is_found_from_the_device_id(

@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient, make_mocked_request
 from geopush.api.auth import Authenticator
 from geopush.api.errors import Unauthorized
 from geopush.app import LOOPBACK, create_app, listen_host
-from geopush.config import AuthKey
+from geopush.config import AuthKey, AuthSettings
 from tests.api_support import ADMIN_KEY, DEVICES, DEVICES_KEY, INGEST, settings_for
 
 Client = TestClient[Any, Any]
@@ -28,6 +28,8 @@ PROTECTED = [
     ("GET", "/v1/devices/d1", "devices"),
     ("GET", "/v1/devices/d1/export", "devices"),
     ("DELETE", "/v1/devices/d1", "devices"),
+    ("POST", "/v1/devices/d1/token", "devices"),
+    ("DELETE", "/v1/devices/d1/token", "devices"),
 ]
 
 
@@ -106,7 +108,7 @@ def test_with_keys_the_server_listens_where_configured(tmp_path: Path) -> None:
 
 
 def test_keys_are_compared_whole() -> None:
-    auth = Authenticator([AuthKey(name="a", key="k" * 16, scopes=["ingest"])])
+    auth = Authenticator(AuthSettings(keys=[AuthKey(name="a", key="k" * 16, scopes=["ingest"])]))
     assert auth.enabled
 
     request = make_mocked_request("GET", "/", headers={"Authorization": "Bearer " + "k" * 15})

@@ -1,10 +1,15 @@
 """GET /v1/devices/{id}/export holds every field stored about the device (contract §12),
 checked against what the store itself holds: every Redis key of the device and its timer,
-or every table of the memory backend."""
+or every table of the memory backend.
+
+One deliberate exception: the device token's nonce is a credential (with the secret, it is the
+token), so the export holds its issue time and a fingerprint of the nonce instead, and never
+the nonce itself (docs/security.md)."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +24,7 @@ from geopush.app import create_app
 from geopush.devices import ConsentChange, DeviceProfile
 from geopush.engine import DeviceOutcome, DeviceSnapshot
 from geopush.geo.model import DeviceState, Stay, Visit
+from geopush.state.base import StoredToken
 from geopush.state.codec import decode_track, decode_visit
 from geopush.state.keys import Keys
 from geopush.state.memory import MemoryStore
@@ -74,6 +80,8 @@ async def _a_device_with_everything(api: Client) -> None:
         return {DEVICE: DeviceOutcome(state, next_due=state.last_ts + 3600.0)}
 
     await store.track([DEVICE], fire_a_dwell)
+    resp = await api.post(f"/v1/devices/{DEVICE}/token", headers=DEVICES)
+    assert resp.status == 200
 
 
 def _same_time(exported: Any, stored: float | None) -> bool:
@@ -114,6 +122,13 @@ def _check_visits(visits: list[Visit], exported: list[dict[str, Any]]) -> None:
                 assert out[f.name] == value, f.name
 
 
+def _check_token(token: StoredToken, exported: dict[str, Any], raw_export: bytes) -> None:
+    assert set(exported) == {"issued_at", "fingerprint"}
+    assert _same_time(exported["issued_at"], token.issued_at)
+    assert exported["fingerprint"] == hashlib.sha256(token.nonce.encode()).hexdigest()[:16]
+    assert token.nonce.encode() not in raw_export  # the credential itself is never exported
+
+
 def _check_state(state: DeviceState, tracking: dict[str, Any]) -> None:
     stored_fields = {f.name for f in dataclasses.fields(state) if f.compare}
     # a field added to DeviceState fails here until it is exported and checked below
@@ -136,7 +151,7 @@ def _check_state(state: DeviceState, tracking: dict[str, Any]) -> None:
         assert _same_time(out["ts"], ts) and (out["lat"], out["lon"]) == (lat, lon)
 
 
-async def _check_redis(url: str, export: dict[str, Any]) -> None:
+async def _check_redis(url: str, export: dict[str, Any], raw_export: bytes) -> None:
     keys = Keys()
     device_keys = keys.device(DEVICE)
     client = redis.asyncio.Redis.from_url(url)
@@ -159,6 +174,9 @@ async def _check_redis(url: str, export: dict[str, Any]) -> None:
                 state, next_due = decode_track(await client.get(key))
                 _check_state(state, export["tracking"])
                 assert _same_time(export["tracking"]["next_due"], next_due) and next_due
+            elif key == device_keys.token:
+                value = orjson.loads(await client.get(key))
+                _check_token(StoredToken(**value), export["device_token"], raw_export)
             elif key == device_keys.version:
                 assert export["tracking"]["record_version"] == int(await client.get(key))
             else:
@@ -170,11 +188,12 @@ async def _check_redis(url: str, export: dict[str, Any]) -> None:
         await client.aclose()
 
 
-def _check_memory(store: MemoryStore, export: dict[str, Any]) -> None:
+def _check_memory(store: MemoryStore, export: dict[str, Any], raw_export: bytes) -> None:
     tables = {name: table for name, table in vars(store).items()
               if isinstance(table, dict) and DEVICE in table}
     # a table added to the memory store fails here until it is exported and checked below
-    assert set(tables) == {"_profiles", "_consent", "_tracks", "_visits"}
+    assert set(tables) == {"_profiles", "_consent", "_tracks", "_visits", "_tokens"}
+    _check_token(store._tokens[DEVICE], export["device_token"], raw_export)
     _check_profile(store._profiles[DEVICE], export["profile"])
     _check_consent(store._consent[DEVICE], export["consent_history"])
     _check_visits(store._visits[DEVICE], export["visits"])
@@ -191,10 +210,11 @@ async def test_the_export_holds_every_field_the_store_holds(
     await _a_device_with_everything(api)
     resp = await api.get(f"/v1/devices/{DEVICE}/export", headers=DEVICES)
     assert resp.status == 200
-    export = orjson.loads(await resp.read())
+    raw_export = await resp.read()
+    export = orjson.loads(raw_export)
     store = api.app[STATE]
     if isinstance(store, MemoryStore):
-        _check_memory(store, export)
+        _check_memory(store, export, raw_export)
     else:
         assert redis_url is not None
-        await _check_redis(redis_url, export)
+        await _check_redis(redis_url, export, raw_export)

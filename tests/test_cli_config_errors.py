@@ -52,6 +52,8 @@ MISTAKES = [
     ({}, "stores_file: stores.geojson\nserver:\n  port: [\n", "geopush.yaml:4: not valid YAML"),
     ({}, "stores_file: &s stores.geojson\nrules_dir: *s\n",
      "geopush.yaml:1: anchor &s is not allowed"),
+    ({}, "stores_file: stores.geojson\nauth:\n  device_tokens: required\n",
+     "geopush.yaml:2: auth: device_tokens: required needs auth.device_token_secret"),
 ]
 
 
@@ -83,6 +85,9 @@ DEPLOYMENT_MISTAKES = [
     ({}, "storage:\n  snapshot_path: stores.geojson/state.json\n",
      "geopush.yaml:6: storage.snapshot_path = "),
     ({}, "storage:\n  snapshot_path: broken.json\n", "cannot read the state snapshot"),
+    ({"GEOPUSH_LOGGING__PSEUDONYM_KEY": GOOD_SECRET},
+     f"auth:\n  device_token_secret: [{GOOD_SECRET}]\n",
+     "geopush.yaml:6: auth.device_token_secret holds logging.pseudonym_key"),
 ]
 
 
@@ -121,6 +126,21 @@ def test_secrets_are_never_echoed_by_check(world: Path) -> None:
     assert len(_errors(result.stdout)) == 4
     assert "S3CRET" not in result.stdout + result.stderr
     assert result.stdout.count("***") == 3
+
+
+def test_device_token_secrets_are_never_echoed(world: Path) -> None:
+    result = _run("check", "-c", world, env={
+        "GEOPUSH_AUTH__DEVICE_TOKEN_SECRET": '["DTS-S3CRET", "x"]',
+        "GEOPUSH_AUTH__DEVICE_TOKENS": "always",
+    })
+    assert result.returncode == 1
+    errors = _errors(result.stdout)
+    assert len(errors) == 3, result.stdout
+    assert "S3CRET" not in result.stdout + result.stderr
+    assert sum("auth.device_token_secret.0 = ***; expected at least 32 characters" in e or
+               "auth.device_token_secret.1 = ***; expected at least 32 characters" in e
+               for e in errors) == 2
+    assert any("auth.device_tokens = 'always'" in e for e in errors)
 
 
 def test_version_comes_from_the_package_metadata() -> None:

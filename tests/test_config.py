@@ -380,7 +380,7 @@ def test_every_redis_url_scheme_loads(tmp_path: Path, url: str) -> None:
     ("policy:\n  quiet_hours: {from: '25:00'}\n", "a time of day HH:MM"),
     ("geofence:\n  stale_after: soon\n", "a duration like 30s, 5m, 2h or 7d"),
     ("auth:\n  keys: [{name: a, key: '0123456789abcdef', scopes: [root]}]\n",
-     "one of 'ingest', 'devices' or 'admin'"),
+     "one of 'ingest', 'devices', 'admin' or 'relay'"),
 ])
 def test_messages_say_what_to_write_not_pydantic_s_words(tmp_path: Path, text: str,
                                                           expected: str) -> None:

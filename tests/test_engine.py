@@ -56,6 +56,31 @@ def test_pings_without_location_consent_are_rejected_and_leave_no_state(
     assert "'d'" in outcome.rejected[0].message and "consent" in outcome.rejected[0].message
 
 
+@pytest.mark.parametrize(("stored", "presented", "codes"), [
+    pytest.param("n1", "n1", [], id="current-token"),
+    pytest.param("n2", "n1", ["forbidden", "forbidden"], id="replaced"),
+    pytest.param(None, "n1", ["forbidden", "forbidden"], id="revoked-or-erased"),
+    pytest.param("n1", None, [], id="a-server-key"),
+])
+def test_a_device_token_s_pings_need_the_device_s_current_nonce(
+        stored: str | None, presented: str | None, codes: list[str]) -> None:
+    snapshot = DeviceSnapshot(profile("d"), None, stored)
+    outcome = ENGINE.ingest([inside("d", 10), inside("d", 20)], {"d": snapshot},
+                            nonces={"d": presented} if presented is not None else None)["d"]
+    assert [r.code for r in outcome.rejected] == codes
+    assert outcome.accepted == 2 - len(codes)
+    assert (outcome.state is None) == bool(codes)  # a refused token stores nothing
+
+
+def test_a_revoked_token_is_refused_before_consent_is_looked_at() -> None:
+    """Refused `forbidden` whether or not the device exists or consents: the answer to a
+    revoked token says nothing of the device."""
+    for snapshots in ({}, {"d": DeviceSnapshot(None, None)},
+                      {"d": snap("d", location=False)}):
+        outcome = ENGINE.ingest([inside("d", 10)], snapshots, nonces={"d": "n1"})["d"]
+        assert [r.code for r in outcome.rejected] == ["forbidden"]
+
+
 def test_consenting_device_is_tracked() -> None:
     outcome = ENGINE.ingest([inside("d", 10)], {"d": snap("d")})["d"]
     assert outcome.accepted == 1 and outcome.rejected == []

@@ -13,7 +13,7 @@ from geopush.engine import DeviceOutcome, DeviceSnapshot, Engine
 from geopush.geo.index import GeofenceIndex
 from geopush.geo.model import Ping
 from geopush.geo.transitions import Tracker
-from geopush.state.base import StateStore
+from geopush.state.base import StateStore, StoredToken
 from geopush.state.factory import make_store
 
 T0 = 1_780_000_000.0  # 2026-05-28
@@ -199,6 +199,62 @@ async def test_firing_a_device_without_state_drops_its_timer(store: StateStore) 
     outcome = (await _fire(store, ["dev-1"], T0 + DWELL_S))["dev-1"]
     assert outcome.state is None
     assert await store.claim_due(T0 + 10 * STALE_S, 10, LEASE_S) == []
+
+
+# -- device tokens -------------------------------------------------------------------------
+
+
+async def _nonce_seen(store: StateStore, device_id: str = "dev-1") -> str | None:
+    """The nonce `track` hands the compute (a read-only peek)."""
+    seen: list[str | None] = []
+
+    def peek(snapshots: Mapping[str, DeviceSnapshot]) -> dict[str, DeviceOutcome]:
+        seen.append(snapshots[device_id].token_nonce)
+        return {}
+
+    await store.track([device_id], peek)
+    return seen[-1]
+
+
+async def test_a_device_token_is_kept_apart_from_the_profile_and_goes_with_an_erasure(
+        store: StateStore) -> None:
+    token = StoredToken("nonce-1", T0)
+    assert await store.set_token("dev-1", token) is False  # not registered: nothing written
+    assert await store.stored_token("dev-1") is None
+    await _join(store, _profile())
+    assert await store.set_token("dev-1", token) is True
+    assert await store.stored_token("dev-1") == token
+    assert await _nonce_seen(store) == "nonce-1"  # in the read the ping path makes
+    # a PUT (consent revoked and given back included) keeps it
+    await store.put_profile(_profile(location=False, segments=["x"]), None)
+    await _join(store, _profile())
+    assert await store.stored_token("dev-1") == token
+    replaced = StoredToken("nonce-2", T0 + 1)
+    assert await store.set_token("dev-1", replaced) is True
+    assert await _nonce_seen(store) == "nonce-2"
+    assert await store.set_token("dev-1", None) is True
+    assert await store.stored_token("dev-1") is None and await _nonce_seen(store) is None
+    await store.set_token("dev-1", replaced)
+    record = ErasureRecord(device_hash=device_hash("dev-1", "k"), erased_at=T0 + 2,
+                           last_consent=None)
+    assert await store.erase("dev-1", record) is True
+    assert await store.stored_token("dev-1") is None
+    await _join(store, _profile())  # the id comes back: without a token
+    assert await store.stored_token("dev-1") is None and await _nonce_seen(store) is None
+
+
+async def test_a_revoked_token_s_pings_are_refused_and_nothing_is_stored(
+        store: StateStore) -> None:
+    await _join(store, _profile())
+    await store.set_token("dev-1", StoredToken("current", T0))
+    pings = [Ping("dev-1", T0, *SHOP, accuracy_m=10.0)]
+    outcome = (await store.track(["dev-1"], lambda snaps: ENGINE.ingest(
+        pings, snaps, nonces={"dev-1": "superseded"})))["dev-1"]
+    assert [r.code for r in outcome.rejected] == ["forbidden"] and outcome.accepted == 0
+    assert (await store.stored_track("dev-1")).state is None
+    outcome = (await store.track(["dev-1"], lambda snaps: ENGINE.ingest(
+        pings, snaps, nonces={"dev-1": "current"})))["dev-1"]
+    assert outcome.accepted == 1 and [e.type for e in outcome.events] == ["enter"]
 
 
 # -- export and erasure --------------------------------------------------------------------

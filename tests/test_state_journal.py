@@ -18,7 +18,7 @@ from geopush.devices import Consent, ConsentChange, DeviceProfile, ErasureRecord
 from geopush.errors import InvalidInput
 from geopush.geo.model import Ping
 from geopush.state import memory
-from geopush.state.base import ProfileWrite, StateUnavailable
+from geopush.state.base import ProfileWrite, StateUnavailable, StoredToken
 from geopush.state.codec import track_to_json, visit_to_json
 from geopush.state.journal import SnapshotError, frame, read_frames
 from geopush.state.memory import MemoryStore
@@ -119,6 +119,39 @@ async def test_a_profile_write_is_on_disk_when_it_returns_and_pings_within_fsync
     await asyncio.sleep(0.35)
     kinds = [orjson.loads(p)[0] for p in read_frames(journal, tail_may_tear=True).payloads]
     assert kinds == ["P", "T"]
+    await store.close()
+
+
+async def test_a_device_token_and_its_revocation_survive_a_crash_and_a_compaction(
+        tmp_path: Path) -> None:
+    """An answered token write is on disk (a revocation must not come undone), replayed from
+    the journal after a crash, kept in the snapshot by a compaction, gone with an erasure."""
+    path = tmp_path / "state.json"
+    store = await _reopen(path, fsync_every=60.0)  # only durable writes reach the disk soon
+    await store.put_profile(_profile("phone-a"), _change(True))
+    await store.put_profile(_profile("phone-b"), _change(True))
+    await store.set_token("phone-a", StoredToken("first", T0))
+    await store.set_token("phone-a", StoredToken("second", T0 + 1))
+    await store.set_token("phone-b", StoredToken("b-nonce", T0))
+    await store.set_token("phone-b", None)
+    # on disk already, without waiting for anything else
+    journal = tmp_path / "state.json.journal.1"
+    assert [orjson.loads(p)[0] for p in read_frames(journal, tail_may_tear=True).payloads
+            ] == ["P", "P", "K", "K", "K", "K"]
+    await _crash(store)
+    store = await _reopen(path)
+    assert await store.stored_token("phone-a") == StoredToken("second", T0 + 1)
+    assert await store.stored_token("phone-b") is None
+    await store.compact()
+    await _crash(store)
+    store = await _reopen(path)
+    assert await store.stored_token("phone-a") == StoredToken("second", T0 + 1)
+    record = ErasureRecord(device_hash="h", erased_at=T0 + 2, last_consent=None)
+    assert await store.erase("phone-a", record)
+    await store.close()
+    store = await _reopen(path)
+    assert await store.stored_token("phone-a") is None
+    assert b"second" not in path.read_bytes()
     await store.close()
 
 

@@ -21,7 +21,7 @@ from geopush.engine import DeviceOutcome, DeviceSnapshot, Engine
 from geopush.geo.index import GeofenceIndex
 from geopush.geo.model import Event, Ping
 from geopush.geo.transitions import Tracker
-from geopush.state.base import PartlyUnavailable, StateUnavailable
+from geopush.state.base import PartlyUnavailable, StateUnavailable, StoredToken
 from geopush.state.keys import Keys, group_by_slot
 from geopush.state.memory import MemoryStore
 from geopush.state.redis import RedisStore
@@ -169,13 +169,15 @@ async def test_erasure_leaves_no_key_or_value_mentioning_the_device(
     victim, bystander = "erase-me-7f3a9c", "keep-me-1b2c"
     await _walk_in(store, victim)
     await _walk_in(store, bystander)
+    assert await store.set_token(victim, StoredToken("victim-nonce", T0))
     before = await _all_keys_and_values(backend)
     assert any(victim in k or victim in v for k, v in before.items())  # the check can see it
     record = ErasureRecord(device_hash=device_hash(victim, "k"), erased_at=T0 + 600,
                            last_consent=Consent(location=True, marketing=True))
     assert await store.erase(victim, record)
     after = await _all_keys_and_values(backend)
-    leaks = {k: v for k, v in after.items() if victim in k or victim in v}
+    leaks = {k: v for k, v in after.items()
+             if victim in k or victim in v or "victim-nonce" in v}
     assert leaks == {}
     assert any(bystander in k for k in after)
     assert await store.erasure_record(record.device_hash) == record
@@ -288,6 +290,32 @@ async def test_a_commit_racing_a_revocation_leaves_no_stay_or_timer(
     assert await api.claim_due(T0 + 10_000, 10, 30) == []
 
 
+async def test_a_commit_racing_a_new_device_token_is_computed_again_and_refused(
+    stores: tuple[RedisStore, RedisStore],
+) -> None:
+    """Another instance issues a new token between this batch's read and its commit: the token
+    write moved the version, so the batch computed with the old nonce is computed again on the
+    new one, and the old token's pings are refused; nothing of them is stored."""
+    tracker_store, api = stores
+    device_id = "phone-7"
+    await api.put_profile(_profile(device_id), None)
+    assert await api.set_token(device_id, StoredToken("old-nonce", T0))
+    seen: list[str | None] = []
+
+    def compute(snapshots: Mapping[str, DeviceSnapshot]) -> dict[str, DeviceOutcome]:
+        seen.append(snapshots[device_id].token_nonce)
+        return ENGINE.ingest([Ping(device_id, T0, *SHOPS[0])], snapshots,
+                             nonces={device_id: "old-nonce"})
+
+    await _between_read_and_commit(
+        tracker_store, lambda: api.set_token(device_id, StoredToken("new-nonce", T0 + 1)))
+    outcome = (await tracker_store.track([device_id], compute))[device_id]
+    assert seen == ["old-nonce", "new-nonce"]
+    assert [r.code for r in outcome.rejected] == ["forbidden"] and outcome.events == []
+    assert (await tracker_store.stored_track(device_id)).state is None
+    assert await api.stored_token(device_id) == StoredToken("new-nonce", T0 + 1)
+
+
 # -- many instances ------------------------------------------------------------------------
 
 
@@ -388,10 +416,15 @@ async def test_a_batch_costs_one_read_and_one_commit_round_trip(
     ids = [f"dev-{d}" for d in range(200)]
     for device_id in ids:
         await store.put_profile(_profile(device_id), None)
+    # half of them send with their device token: its nonce comes in the same read
+    nonces = {d: f"nonce-{d}" for d in ids[::2]}
+    for device_id, nonce in nonces.items():
+        await store.set_token(device_id, StoredToken(nonce, T0))
     await store.track(ids[:1], _ingest([Ping(ids[0], T0 - 10, 48.14, 11.60)]))  # scripts loaded
     round_trips.update(pipelines=0, commands=0)
     batch = [Ping(d, T0 + i * 0.1, *SHOPS[i % 3]) for i, d in enumerate(ids)]
-    outcomes = await store.track(ids, _ingest(batch))
+    outcomes = await store.track(
+        ids, lambda snaps: ENGINE.ingest(batch, snaps, nonces=nonces))
     assert sum(len(o.events) for o in outcomes.values()) == len(ids)
     assert round_trips == {"pipelines": 2, "commands": 0}
 

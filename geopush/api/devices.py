@@ -3,6 +3,11 @@
 Every consent change is kept with its time and takes effect at once (the state store ends stays
 and timers when location consent goes). DELETE leaves only the erasure record: a keyed hash of
 the id, the time and the last consent (proof of consent, GDPR art. 7(1)).
+
+/v1/devices/{device_id}/token issues (POST) and revokes (DELETE) the device's device token
+(contract §13, geopush.tokens): the phone's own credential for its pings, in place of a server
+key shipped inside the app. Only a server key with the devices scope (the app's backend, after
+it authenticated its user) may ask for one.
 """
 
 from __future__ import annotations
@@ -29,10 +34,11 @@ from geopush.devices import (
     erasure_hash,
 )
 from geopush.errors import InvalidInput, Problem
-from geopush.logs import log_device_change, log_erasure
+from geopush.logs import log_device_change, log_device_token, log_erasure
 from geopush.pings import DEVICE_ID, DEVICE_ID_EXPECTED
-from geopush.state.base import ProfileWrite, StateStore
+from geopush.state.base import ProfileWrite, StateStore, StoredToken
 from geopush.timeutil import format_ts
+from geopush.tokens import new_nonce
 
 routes = web.RouteTableDef()
 PATH = "/v1/devices/{device_id}"
@@ -222,6 +228,7 @@ async def export_device(request: web.Request) -> web.Response:
              "end": format_ts(v.end)} for v in visits
         ],
         "tracking": await _tracking(store, device_id),
+        "device_token": _token_json(await store.stored_token(device_id)),
         "decisions": [],
         "pushes": [],
     })
@@ -249,8 +256,43 @@ async def _tracking(store: StateStore, device_id: str) -> dict[str, Any]:
     }
 
 
+def _token_json(token: StoredToken | None) -> dict[str, Any] | None:
+    """The stored token without its nonce, a credential: when it was issued, and a fingerprint
+    of the nonce that says which token is the current one (docs/security.md)."""
+    if token is None:
+        return None
+    return {"issued_at": format_ts(token.issued_at), "fingerprint": token.fingerprint()}
+
+
 def _time(epoch_s: float | None) -> str | None:
     return format_ts(epoch_s) if epoch_s is not None else None
+
+
+@routes.post(PATH + "/token")
+async def issue_token(request: web.Request) -> web.Response:
+    """A new device token; the device's previous one stops working with this answer."""
+    auth = request.app[AUTH]
+    who = auth.check(request, "devices")
+    device_id = _device_id(request)
+    nonce = new_nonce()
+    token = auth.issue(device_id, nonce)  # 409 before anything is written when tokens are off
+    if not await request.app[STATE].set_token(device_id, StoredToken(nonce, time.time())):
+        raise NotFound(f"device {device_id!r} is not registered: PUT it before asking for its "
+                       "token")
+    log_device_token(who, device_id, issued=True)
+    # a credential: no cache between the backend and geopush may keep it
+    return json_response({"token": token}, headers={"Cache-Control": "no-store"})
+
+
+@routes.delete(PATH + "/token")
+async def revoke_token(request: web.Request) -> web.Response:
+    """The device's device token stops working (it has none until the next POST)."""
+    who = request.app[AUTH].check(request, "devices")
+    device_id = _device_id(request)
+    if not await request.app[STATE].set_token(device_id, None):
+        raise NotFound(f"device {device_id!r} is not registered")
+    log_device_token(who, device_id, issued=False)
+    return web.Response(status=204)
 
 
 @routes.delete(PATH)

@@ -14,7 +14,9 @@ import redis.exceptions
 from aiohttp import web
 
 from geopush.api.wire import MAX_BODY_BYTES, json_response
+from geopush.errors import Forbidden as Forbidden
 from geopush.errors import GeopushError, Problem
+from geopush.errors import Unauthorized as Unauthorized
 from geopush.logs import fields
 from geopush.state.base import StateUnavailable
 
@@ -23,16 +25,6 @@ log = logging.getLogger("geopush.api")
 RETRY_AFTER_S = 5  # Redis comes back within seconds; clients retry sooner than 15 s
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class Unauthorized(GeopushError):
-    code = "unauthorized"
-    http_status = 401
-
-
-class Forbidden(GeopushError):
-    code = "forbidden"
-    http_status = 403
 
 
 class NotFound(GeopushError):

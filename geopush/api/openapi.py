@@ -17,6 +17,7 @@ import geopush
 from geopush.api.wire import JSON
 from geopush.devices import Consent, DeviceUpdate
 from geopush.geo.model import ACTIVITIES
+from geopush.metrics import REJECT_CODES
 from geopush.pings import DEVICE_ID_SCHEMA
 from geopush.timeutil import END_EPOCH_MS, MIN_EPOCH_MS
 
@@ -46,13 +47,18 @@ _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying"
 _RESPONSES = {
     "BadRequest": _error("The body or a parameter is not what was expected; the message names "
                          "the field, the value and what was expected"),
-    "Unauthorized": _error("No API key, or an unknown one"),
-    "Forbidden": _error("The key does not have the scope this endpoint needs"),
+    "Unauthorized": _error("No API key, or an unknown one; a device token that is not valid, or "
+                           "(ping endpoints) was revoked"),
+    "Forbidden": _error("The key does not have the scope this endpoint needs; a device token "
+                        "outside its device's pings and stream; with auth.device_tokens: "
+                        "required, a key without the relay scope on a ping endpoint; a device "
+                        "token's request of only other devices' pings"),
     "NotFound": _error("No such device (or path)"),
     "TooLarge": _error(f"Body over 1 MiB, or more than {MAX_PINGS} pings"),
     "UnsupportedMediaType": _error("The body is not declared Content-Type: application/json"),
     "Unavailable": _error("The state store is unreachable; retry after Retry-After seconds",
                           _RETRY_AFTER),
+    "NotConfigured": _error("Device tokens are off: auth.device_token_secret is empty"),
     "Unprocessable": _error("The new stores have errors (every one in details, with file:line, "
                             "feature, field and value); the previous stores stay active"),
 }
@@ -151,7 +157,7 @@ def _schemas() -> dict[str, Any]:
     export = {
         "type": "object",
         "required": ["device_id", "profile", "consent_history", "visits", "tracking",
-                     "decisions", "pushes"],
+                     "device_token", "decisions", "pushes"],
         "properties": {
             "device_id": device_id,
             "profile": _ref("DeviceProfile"),
@@ -165,6 +171,13 @@ def _schemas() -> dict[str, Any]:
                 "properties": {"store_id": {"type": "string"}, "geofence_id": {"type": "string"},
                                "start": timestamp, "end": timestamp},
             }},
+            "device_token": {
+                "type": ["object", "null"], "required": ["issued_at", "fingerprint"],
+                "description": "The device's current device token, null when it has none. Not "
+                               "the token: when it was issued, and the first 16 hex digits of "
+                               "the SHA-256 of its nonce (the token's third part)",
+                "properties": {"issued_at": timestamp,
+                               "fingerprint": {"type": "string", "pattern": "^[0-9a-f]{16}$"}}},
             "tracking": {"type": "object", "required": [
                 "last_ping", "stays", "recent_pings", "next_due", "timer_due", "record_version"],
                 "properties": {
@@ -206,7 +219,7 @@ def _schemas() -> dict[str, Any]:
             "type": "object", "required": ["index", "code", "message"],
             "properties": {
                 "index": {"type": "integer", "minimum": 0},
-                "code": {"type": "string", "enum": ["invalid", "no_consent", "out_of_order", "unavailable"]},
+                "code": {"type": "string", "enum": list(REJECT_CODES)},
                 "message": {"type": "string"},
             },
         },
@@ -237,7 +250,7 @@ def _schemas() -> dict[str, Any]:
 def _operations() -> dict[str, Any]:
     device_param = {"name": "device_id", "in": "path", "required": True,
                     "schema": {"type": "string", "pattern": DEVICE_ID_SCHEMA}}
-    ingest = [{"bearer": ["ingest"]}]
+    pings = [{"bearer": ["ingest"]}, {"bearer": ["relay"]}, {"deviceToken": []}]
     devices = [{"bearer": ["devices"]}]
     update_body = {"required": True, "content": {JSON: {"schema": _ref("DeviceUpdate")}}}
     profile_ok = {"200": _json(_ref("DeviceProfile"), "The stored profile")}
@@ -248,8 +261,11 @@ def _operations() -> dict[str, Any]:
             "description": "Each ping is validated on its own: a bad ping is rejected "
                            "`invalid` with a message naming the field, the rest is processed. "
                            "Pings of unknown devices or devices without location consent are "
-                           "rejected `no_consent` and not stored.",
-            "security": ingest,
+                           "rejected `no_consent` and not stored. Under a device token, pings "
+                           "for another device are rejected `forbidden` (all of them: 403), and "
+                           "so are the device's own when the token was revoked (nothing "
+                           "accepted: 401).",
+            "security": pings,
             "requestBody": {"required": True, "content": {JSON: {"schema": {
                 "oneOf": [_ref("Ping"), _ref("PingBatch")]}}}},
             "responses": _responses({"200": _json(_ref("IngestResult"), "What was done")},
@@ -261,8 +277,11 @@ def _operations() -> dict[str, Any]:
             "description": "Upgrade to a WebSocket. Each text message is a ping, a list of "
                            "pings or {\"pings\": [...]}; each is answered, in order, with a "
                            "StreamAnswer. A bad message gets an answer with `error` and the "
-                           "socket stays open. Closed with 1001 when the server shuts down.",
-            "security": ingest,
+                           "socket stays open. Closed with 1001 when the server shuts down. A "
+                           "device token is checked at the upgrade and binds every message's "
+                           "pings to its device; once it turns out revoked, the message's "
+                           "answer carries the error and the socket is closed with 1008.",
+            "security": pings,
             "responses": {
                 "101": {"description": "Switching to the WebSocket protocol; messages are "
                                        "answered with StreamAnswer",
@@ -291,6 +310,29 @@ def _operations() -> dict[str, Any]:
                                       "the time and the last consent.",
                        "security": devices,
                        "responses": _responses({"204": {"description": "Erased"}}, "404")},
+        },
+        "/v1/devices/{device_id}/token": {
+            "parameters": [device_param],
+            "post": {"operationId": "issueDeviceToken",
+                     "summary": "Issue the device's device token, revoking the one before",
+                     "description": "The token speaks for this device's pings, stream and "
+                                    "opens only; hand it to the app (after you authenticated "
+                                    "its user) in place of a server key. A new token revokes "
+                                    "the previous one; PUT and PATCH of the profile do not.",
+                     "security": devices,
+                     "responses": {
+                         **_responses({"200": _json(
+                             {"type": "object", "required": ["token"],
+                              "properties": {"token": {
+                                  "type": "string",
+                                  "description": "gpd1.<device_id>.<nonce>.<mac>"}}},
+                             "The new token")}, "404"),
+                         "409": {"$ref": "#/components/responses/NotConfigured"}}},
+            "delete": {"operationId": "revokeDeviceToken",
+                       "summary": "Revoke the device's device token",
+                       "security": devices,
+                       "responses": _responses({"204": {"description": "Revoked (or there "
+                                                        "was none)"}}, "404")},
         },
         "/v1/devices/{device_id}/export": {
             "parameters": [device_param],
@@ -364,10 +406,16 @@ def openapi_document() -> dict[str, Any]:
         "security": [{"bearer": []}],
         "paths": _operations(),
         "components": {
-            "securitySchemes": {"bearer": {
-                "type": "http", "scheme": "bearer",
-                "description": "Authorization: Bearer <key>; keys in config auth.keys with "
-                               "scopes ingest, devices, admin"}},
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http", "scheme": "bearer",
+                    "description": "Authorization: Bearer <key>; keys in config auth.keys with "
+                                   "scopes ingest, devices, admin, relay"},
+                "deviceToken": {
+                    "type": "http", "scheme": "bearer", "bearerFormat": "gpd1.<id>.<nonce>.<mac>",
+                    "description": "Authorization: Bearer <device token> (POST "
+                                   "/v1/devices/{id}/token): one device's pings, stream and "
+                                   "opens"}},
             "schemas": _schemas(),
             "responses": _RESPONSES,
         },

@@ -2,6 +2,9 @@
 
 Both check the shape of what came in, then hand the ping objects to the app's Ingestor
 (geopush.service.ingest), which validates each ping and runs the valid ones through the engine.
+The credential (geopush.api.auth.Authenticator.ping_credential) is a server key with the
+`ingest` or `relay` scope, or a device token, which binds every ping to its own device; the
+stream checks it once, at the upgrade, and each message's pings against it.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from geopush.api.appstate import AUTH, INGESTOR, METRICS, SETTINGS, WEBSOCKETS
+from geopush.api.auth import Credential
 from geopush.api.errors import TooLarge, error_body
 from geopush.api.wire import MAX_BODY_BYTES, json_response, parse_json, read_json, type_name
-from geopush.errors import GeopushError, InvalidInput, Problem
+from geopush.errors import GeopushError, InvalidInput, Problem, Unauthorized
 from geopush.logs import fields
 
 log = logging.getLogger("geopush.api.pings")
@@ -61,21 +65,21 @@ def ping_items(payload: Any, max_batch: int, *, allow_list: bool) -> list[Any]:
 @routes.post("/v1/pings")
 async def post_pings(request: web.Request) -> web.Response:
     app = request.app
-    app[AUTH].check(request, "ingest")
+    credential = app[AUTH].ping_credential(request)
     length = request.content_length
     if length is not None and length > MAX_BODY_BYTES:
         raise TooLarge(f"request body of {length} bytes is larger than the limit of "
                        f"{MAX_BODY_BYTES} bytes (1 MiB)")
     items = ping_items(await read_json(request), app[SETTINGS].server.max_batch,
                        allow_list=False)
-    result = await app[INGESTOR].ingest(items, time.time())
+    result = await app[INGESTOR].ingest(items, time.time(), token=credential.token)
     return json_response(result.as_json())
 
 
 @routes.get("/v1/stream")
 async def stream(request: web.Request) -> web.WebSocketResponse:
     app = request.app
-    app[AUTH].check(request, "ingest")
+    credential = app[AUTH].ping_credential(request)  # 401 / 403 before the upgrade
     ws = web.WebSocketResponse(heartbeat=WS_HEARTBEAT_S, max_msg_size=MAX_BODY_BYTES)
     if not ws.can_prepare(request).ok:
         raise InvalidInput("GET /v1/stream is a WebSocket: expected an upgrade request "
@@ -88,9 +92,10 @@ async def stream(request: web.Request) -> web.WebSocketResponse:
     seq = 0
     try:
         async for message in ws:
+            revoked = False
             if message.type is WSMsgType.TEXT:
                 seq += 1
-                answer = await _answer(app, message.data, seq)
+                answer, revoked = await _answer(app, message.data, seq, credential)
             elif message.type is WSMsgType.BINARY:
                 seq += 1
                 answer = _error_answer(seq, InvalidInput(
@@ -102,6 +107,10 @@ async def stream(request: web.Request) -> web.WebSocketResponse:
                 await ws.send_json(answer, dumps=_dumps)
             except ConnectionResetError:
                 break  # the phone went away mid-answer: nothing left to tell it
+            if revoked:
+                # the answer said why; nothing this socket sends will be accepted any more
+                await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"device token revoked")
+                break
     except Exception:
         # After the upgrade the connection speaks WebSocket: an exception left to the error
         # middleware would become an HTTP 500 written into the stream. Say it in a message
@@ -118,19 +127,23 @@ async def stream(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-async def _answer(app: web.Application, text: str, seq: int) -> dict[str, Any]:
-    """The answer to one message; never raises (an unexpected error is an `internal` one)."""
+async def _answer(app: web.Application, text: str, seq: int, credential: Credential
+                  ) -> tuple[dict[str, Any], bool]:
+    """The answer to one message, and whether the socket's device token turned out revoked;
+    never raises (an unexpected error is an `internal` one)."""
     try:
         items = ping_items(parse_json(text, "message"), app[SETTINGS].server.max_batch,
                            allow_list=True)
-        result = await app[INGESTOR].ingest(items, time.time())
+        result = await app[INGESTOR].ingest(items, time.time(), token=credential.token)
         # inside the try: an answer that cannot be written is an error answer too
-        return {"seq": seq, **result.as_json()}
+        return {"seq": seq, **result.as_json()}, False
+    except Unauthorized as exc:
+        return _error_answer(seq, exc), True
     except GeopushError as exc:
-        return _error_answer(seq, exc)
+        return _error_answer(seq, exc), False
     except Exception:
         log.exception("stream_message_failed", extra=fields(seq=seq))
-        return _error_answer(seq, GeopushError(_INTERNAL), code="internal")
+        return _error_answer(seq, GeopushError(_INTERNAL), code="internal"), False
 
 
 def _error_answer(seq: int, exc: GeopushError, code: str | None = None) -> dict[str, Any]:

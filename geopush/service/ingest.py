@@ -6,6 +6,15 @@ round trip, one index query) for many small requests, the way databases group co
 never holds two requests with a device in common, so every device's outcome belongs to exactly
 one request and each request's answer is what it would be alone. One group at a time is in the
 store; the next gathers the requests that arrive meanwhile, so groups grow with the load.
+
+A request sent with a device token (geopush.tokens) speaks for that device alone. Its pings for
+any other device are rejected `forbidden` here, before anything is read, so nothing of another
+device is read or revealed; a request of only such pings is refused whole (403). Whether the
+token is still the device's current one is decided in the group's compute, on the device's
+snapshot (its nonce is read with the profile and track, in the same round trip): as a group
+never holds two requests with a device in common, one map device → the nonce its request
+carries does for the whole group. A request whose token was revoked and that had nothing
+accepted is refused whole (401).
 """
 
 from __future__ import annotations
@@ -18,18 +27,22 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any
 
-from geopush.engine import DeviceOutcome, DeviceSnapshot, Engine, Rejected
+from geopush.engine import REVOKED, DeviceOutcome, DeviceSnapshot, Engine, Rejected
+from geopush.errors import Forbidden, Unauthorized
 from geopush.geo.model import Event, Ping
 from geopush.logs import fields
 from geopush.metrics import Metrics
 from geopush.pings import PingError, parse
 from geopush.state.base import PartlyUnavailable, StateStore, StateUnavailable
 from geopush.timeutil import format_ts
+from geopush.tokens import DeviceToken
 
 log = logging.getLogger("geopush.service.ingest")
 
 MAX_GROUP_PINGS = 2000  # a group's latency grows with its size; requests beyond wait for the next
 MAX_FLUSHING = 1  # groups in the state store at once; the next one gathers requests meanwhile
+# names no other device and says nothing of it: the same for an id that exists and one that does not
+_NOT_YOURS = "a device token may send pings for its own device only"
 
 
 @dataclass(slots=True)
@@ -59,22 +72,25 @@ _by_ts = attrgetter("ts")
 class _Part:
     """One request's valid pings inside a group."""
 
-    __slots__ = ("devices", "done", "pings", "positions")
+    __slots__ = ("devices", "done", "pings", "positions", "token")
 
-    def __init__(self, pings: list[Ping], positions: list[int], devices: set[str]) -> None:
+    def __init__(self, pings: list[Ping], positions: list[int], devices: set[str],
+                 token: DeviceToken | None) -> None:
         self.pings = pings
         self.positions = positions
         self.devices = devices
+        self.token = token
         self.done: asyncio.Future[dict[str, DeviceOutcome]] = (
             asyncio.get_running_loop().create_future())
 
 
 class _Group:
-    __slots__ = ("devices", "parts", "size")
+    __slots__ = ("devices", "nonces", "parts", "size")
 
     def __init__(self) -> None:
         self.parts: list[_Part] = []
         self.devices: set[str] = set()
+        self.nonces: dict[str, str] = {}  # device → the nonce its request's token carries
         self.size = 0
 
 
@@ -88,27 +104,45 @@ class Ingestor:
         self._flushing: set[asyncio.Task[None]] = set()
         self._failing = False  # the last group's commit failed: the store may be down
 
-    async def ingest(self, items: Sequence[Any], now: float) -> IngestResult:
-        """StateUnavailable propagates (503 for HTTP, an error answer on the stream)."""
+    async def ingest(self, items: Sequence[Any], now: float, *,
+                     token: DeviceToken | None = None) -> IngestResult:
+        """StateUnavailable propagates (503 for HTTP, an error answer on the stream). With a
+        device `token` (its MAC verified): Forbidden when every ping is for another device,
+        Unauthorized when the token was revoked and nothing was accepted."""
         result = IngestResult()
         valid: list[Ping] = []
         positions: list[int] = []
+        others = 0
         for i, obj in enumerate(items):
+            if token is not None and isinstance(obj, dict):
+                claimed = obj.get("device_id")
+                if isinstance(claimed, str) and claimed != token.device_id:
+                    others += 1
+                    result.rejected.append(Rejected(i, "forbidden", _NOT_YOURS))
+                    continue
             try:
                 valid.append(parse(obj, now))
                 positions.append(i)
             except PingError as exc:
                 result.rejected.append(Rejected(i, "invalid", exc.message))
+        if token is not None and others and others == len(items):
+            self._metrics.count_pings(0, result.rejected)
+            raise Forbidden(f"a device token speaks for its own device only: all {others} "
+                            "ping(s) of this request are for another device")
+        revoked = False
         if valid:
             devices = {p.device_id for p in valid}
             try:
-                outcomes = await self._join(_Part(valid, positions, devices))
+                outcomes = await self._join(_Part(valid, positions, devices, token))
             except StateUnavailable:
                 self._metrics.state_unavailable.labels("track").inc()
                 raise
             for outcome in outcomes.values():
                 result.accepted += outcome.accepted
                 result.rejected.extend(outcome.rejected)
+                # the store saw this request's own device alone: `forbidden` there is revoked
+                revoked = revoked or (token is not None and any(
+                    r.code == "forbidden" for r in outcome.rejected))
                 result.events.extend(outcome.events)
             if len(result.rejected) > 1:
                 result.rejected.sort(key=_by_index)
@@ -121,6 +155,8 @@ class Ingestor:
                         device_id=e.device_id, type=e.type, geofence_id=e.geofence_id,
                         ts=format_ts(e.ts), source="ping"))
         self._metrics.count_pings(result.accepted, result.rejected)
+        if revoked and not result.accepted:
+            raise Unauthorized(REVOKED)
         return result
 
     def _join(self, part: _Part) -> asyncio.Future[dict[str, DeviceOutcome]]:
@@ -134,6 +170,8 @@ class Ingestor:
             asyncio.get_running_loop().call_soon(self._launch)
         group.parts.append(part)
         group.devices |= part.devices
+        if part.token is not None:
+            group.nonces[part.token.device_id] = part.token.nonce
         group.size += len(part.pings)
         return part.done
 
@@ -160,14 +198,15 @@ class Ingestor:
         # each device is in one part only, so a part's own indexes identify its rejections
         positions = [i for part in group.parts for i in part.positions]
         engine = self._engine()
+        nonces = group.nonces or None
 
         def compute(snapshots: Mapping[str, DeviceSnapshot]) -> Mapping[str, DeviceOutcome]:
             # the store may call again for only the devices that changed meanwhile
             if len(snapshots) >= len(group.devices):
-                return engine.ingest(pings, snapshots, positions=positions)
+                return engine.ingest(pings, snapshots, positions=positions, nonces=nonces)
             keep = [k for k, p in enumerate(pings) if p.device_id in snapshots]
             return engine.ingest([pings[k] for k in keep], snapshots,
-                                 positions=[positions[k] for k in keep])
+                                 positions=[positions[k] for k in keep], nonces=nonces)
 
         try:
             outcomes = await self._store.track(group.devices, compute)

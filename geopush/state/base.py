@@ -7,6 +7,7 @@ so any number of instances can share one Redis and produce the events one instan
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
@@ -53,6 +54,21 @@ class StoredTrack:
     next_due: float | None  # kept with the state
     timer: float | None  # the device's entry in the timers (a claim's lease while one runs)
     writes: int | None  # the record's version: writes of the device so far (None: not kept)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredToken:
+    """A device's current device token as the store holds it (geopush.tokens): its nonce, which
+    the token carries, and when it was issued. The nonce is kept apart from the profile, so a
+    PUT or PATCH never revokes the token."""
+
+    nonce: str
+    issued_at: float  # epoch seconds
+
+    def fingerprint(self) -> str:
+        """What the export shows of the nonce (a credential): the first 16 hex digits of its
+        SHA-256. Anyone holding the token can compute it from the token's third part."""
+        return hashlib.sha256(self.nonce.encode()).hexdigest()[:16]
 
 
 class PartlyUnavailable(StateUnavailable):
@@ -108,6 +124,17 @@ class StateStore(ABC):
 
     @abstractmethod
     async def erasure_record(self, device_hash: str) -> ErasureRecord | None: ...
+
+    @abstractmethod
+    async def set_token(self, device_id: str, token: StoredToken | None) -> bool:
+        """Make `token` the device's current device token (None: it has none), durably and
+        atomically per device, which revokes the one before. Counts as a write of the device
+        (its version moves), so a batch computed with the old nonce meanwhile is computed
+        again. False, writing nothing, when the device is not registered (no profile)."""
+
+    @abstractmethod
+    async def stored_token(self, device_id: str) -> StoredToken | None:
+        """The device's current device token, for the export."""
 
     # -- tracking --------------------------------------------------------------------------
 

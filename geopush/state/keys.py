@@ -30,8 +30,11 @@ class DeviceKeys(NamedTuple):  # a tuple: built for every device of every batch,
     track: str  # JSON [format, last_ts, next_due, stays, recent] (geopush.state.codec)
     visits: str  # list of JSON [store_id, geofence_id, start, end], oldest first
     version: str  # integer, INCR'd by every write of the device (the CAS of `track`)
+    # JSON {nonce, issued_at} of the device's current device token; apart from the profile,
+    # so that a PUT or PATCH never revokes it, yet read in the batch's one MGET
+    token: str
 
-    def all(self) -> tuple[str, str, str, str, str]:
+    def all(self) -> tuple[str, str, str, str, str, str]:
         return self
 
 
@@ -52,7 +55,7 @@ class Keys:
     def device(self, device_id: str) -> DeviceKeys:
         base = f"{self.prefix}:{{d:{device_id}}}"
         return DeviceKeys(f"{base}:profile", f"{base}:consent", f"{base}:track",
-                          f"{base}:visits", f"{base}:ver")
+                          f"{base}:visits", f"{base}:ver", f"{base}:token")
 
 
 def group_by_slot(keys: Keys, device_ids: Iterable[str]) -> dict[int, list[str]]:

@@ -9,9 +9,11 @@ record's fsync before they return (their answer is a promise); tracking records 
 are on disk at most `fsync_every` later). A clean shutdown, a journal grown past the snapshot's
 size, and every erasure (a few seconds later) compact: a new snapshot, the old files deleted.
 
-Records, one JSON array per journal line:
+A device token's nonce (issued or revoked) waits for its fsync too: a revocation answered
+must not come undone in a crash. Records, one JSON array per journal line:
   ["P", device_id, profile, consent trail]        the profile and the whole trail now
   ["E", device_id, erasure record]                the device is erased
+  ["K", device_id, {nonce, issued_at} | null]     the device's token now (null: none)
   ["T", [[device_id, track, visits | null], …]]   one track batch: tracks (and visits) now
 Timers are not recorded: a device's timer is its track's next due time.
 """
@@ -36,7 +38,14 @@ from geopush.engine import DeviceOutcome, DeviceSnapshot
 from geopush.errors import InvalidInput
 from geopush.geo.model import DeviceState, Stay, Visit
 from geopush.logs import fields
-from geopush.state.base import Compute, ProfileEdit, ProfileWrite, StateStore, StoredTrack
+from geopush.state.base import (
+    Compute,
+    ProfileEdit,
+    ProfileWrite,
+    StateStore,
+    StoredToken,
+    StoredTrack,
+)
 from geopush.state.codec import track_from_json, track_to_json, visit_from_json, visit_to_json
 from geopush.state.journal import (
     JournalFailed,
@@ -72,6 +81,8 @@ class MemoryStore(StateStore):
         self._consent: dict[str, list[ConsentChange]] = {}
         self._tracks: dict[str, tuple[DeviceState, float | None]] = {}
         self._visits: dict[str, list[Visit]] = {}
+        # device tokens' nonces, apart from the profiles: a PUT or PATCH never revokes one
+        self._tokens: dict[str, StoredToken] = {}
         self._erasures: dict[str, ErasureRecord] = {}
         self._timers = _Timers()
         self._config: tuple[int, bytes] | None = None  # one process: nobody else to tell
@@ -208,12 +219,35 @@ class MemoryStore(StateStore):
 
     def _apply_erasure(self, device_id: str) -> bool:
         known = False
-        for table in (self._profiles, self._consent, self._tracks, self._visits):
+        for table in (self._profiles, self._consent, self._tracks, self._visits, self._tokens):
             known = table.pop(device_id, None) is not None or known
         return self._timers.discard(device_id) or known
 
     async def erasure_record(self, device_hash: str) -> ErasureRecord | None:
         return self._erasures.get(device_hash)
+
+    async def set_token(self, device_id: str, token: StoredToken | None) -> bool:
+        self._check_writable()
+        # checked and written with no await in between: a track call sees the old nonce or
+        # the new one, never a mix (what the version does on Redis)
+        if device_id not in self._profiles:
+            return False
+        self._apply_token(device_id, token)
+        if self._writer is not None:
+            line = frame(orjson.dumps(["K", device_id, _token_to_json(token)]))
+            done = self._writer.append_durable(line)
+            self._journal_bytes += len(line)
+            await done
+        return True
+
+    def _apply_token(self, device_id: str, token: StoredToken | None) -> None:
+        if token is None:
+            self._tokens.pop(device_id, None)
+        else:
+            self._tokens[device_id] = token
+
+    async def stored_token(self, device_id: str) -> StoredToken | None:
+        return self._tokens.get(device_id)
 
     # -- tracking --------------------------------------------------------------------------
 
@@ -223,16 +257,19 @@ class MemoryStore(StateStore):
         saved: list[_Saved] = []
         tracks = self._tracks
         profiles = self._profiles
+        tokens = self._tokens
         for device_id in device_ids:
             stored = tracks.get(device_id)
+            token = tokens.get(device_id) if tokens else None
+            nonce = token.nonce if token is not None else None
             if stored is None:
-                snapshots[device_id] = DeviceSnapshot(profiles.get(device_id), None)
+                snapshots[device_id] = DeviceSnapshot(profiles.get(device_id), None, nonce)
                 continue
             # compute gets the stored state itself and may mutate it: what it can change is
             # saved first, and put back if it fails or writes no new state for the device
             state = stored[0]
             saved.append(_Saved(device_id, state))
-            snapshots[device_id] = DeviceSnapshot(profiles.get(device_id), state)
+            snapshots[device_id] = DeviceSnapshot(profiles.get(device_id), state, nonce)
         try:
             outcomes = dict(compute(snapshots))
         except BaseException:
@@ -366,6 +403,7 @@ class MemoryStore(StateStore):
              lambda trail: orjson.dumps([c.model_dump(mode="json") for c in trail])),
             ("tracks", self._tracks, lambda t: orjson.dumps(track_to_json(*t))),
             ("visits", self._visits, lambda vs: orjson.dumps([visit_to_json(v) for v in vs])),
+            ("tokens", self._tokens, lambda t: orjson.dumps(_token_to_json(t))),
             ("erasures", self._erasures, lambda r: orjson.dumps(r.model_dump(mode="json"))),
         ]
         for name, table, encode in sections:
@@ -443,6 +481,10 @@ class MemoryStore(StateStore):
                 self._apply_profile(device_id, DeviceProfile.model_validate(profile),
                                     [ConsentChange.model_validate(c) for c in trail])
                 return False
+            if kind == "K":
+                _, device_id, token = record
+                self._apply_token(device_id, _token_from_json(token))
+                return False
             if kind == "E":
                 _, device_id, erasure = record
                 self._apply_erasure(device_id)
@@ -470,6 +512,8 @@ class MemoryStore(StateStore):
             tracks = {d: track_from_json(t) for d, t in data["tracks"].items()}
             visits = {d: [visit_from_json(d, v) for v in vs] for d, vs in data["visits"].items()}
             erasures = {h: ErasureRecord.model_validate(r) for h, r in data["erasures"].items()}
+            # snapshots written before device tokens have no such section
+            device_tokens = {d: _token_from_json(t) for d, t in data.get("tokens", {}).items()}
         except _READ_ERRORS as exc:
             raise SnapshotError(
                 f"{path}: cannot read the state snapshot ({type(exc).__name__}: {exc}); "
@@ -477,6 +521,7 @@ class MemoryStore(StateStore):
             ) from None
         self._profiles, self._consent, self._tracks = profiles, consent, tracks
         self._visits, self._erasures = visits, erasures
+        self._tokens = {d: t for d, t in device_tokens.items() if t is not None}
         return gen
 
 
@@ -493,6 +538,16 @@ def _profile_line(device_id: str, profile: DeviceProfile, trail: list[ConsentCha
         raise InvalidInput(f"the profile of device {device_id!r} cannot be stored: {reason}")
     trail_json = orjson.dumps([c.model_dump(mode="json") for c in trail])
     return frame(b'["P",%s,%s,%s]' % (orjson.dumps(device_id), encoded, trail_json))
+
+
+def _token_to_json(token: StoredToken | None) -> dict[str, Any] | None:
+    return {"nonce": token.nonce, "issued_at": token.issued_at} if token is not None else None
+
+
+def _token_from_json(value: Any) -> StoredToken | None:
+    if value is None:
+        return None
+    return StoredToken(str(value["nonce"]), float(value["issued_at"]))
 
 
 def _encodable(rows: list[tuple[str, list[Any], list[list[Any]] | None]]

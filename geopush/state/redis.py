@@ -1,10 +1,10 @@
 """The `redis` backend: any number of instances share one Redis (or Redis Cluster).
 
 Atomicity of `track` is optimistic. Every write of a device adds one to its `:ver` key. One
-pipelined round trip reads profile, track and version of every device in a batch (one MGET)
-and their timers (one ZMSCORE); the pure compute runs; one pipelined round trip commits the
-batch with one Lua script that compare-and-sets each device on its version. Devices whose
-version moved meanwhile are read and computed again.
+pipelined round trip reads profile, track, version and device token of every device in a
+batch (one MGET) and their timers (one ZMSCORE); the pure compute runs; one pipelined round
+trip commits the batch with one Lua script that compare-and-sets each device on its version.
+Devices whose version moved meanwhile are read and computed again.
 
 Commands are few and big because redis-py spends ~10-30 µs of Python per command, more than
 Redis itself; the connections pack commands with hiredis, which is ~6x faster than redis-py's
@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import hiredis
+import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
@@ -77,6 +78,7 @@ from geopush.state.base import (
     ProfileWrite,
     StateStore,
     StateUnavailable,
+    StoredToken,
     StoredTrack,
 )
 from geopush.state.codec import decode_track, decode_visit, encode_track, encode_visit
@@ -98,6 +100,7 @@ from geopush.state.redis_scripts import (
     PUT_PROFILE,
     RESOLVE,
     SCRIPTS,
+    SET_TOKEN,
     Script,
 )
 
@@ -433,6 +436,22 @@ class RedisStore(StateStore):
                                   [("ZREM", self.keys.timers, device_id)])
         return answer if answer is None else b"1"  # found before: erased, by this or a twin
 
+    async def set_token(self, device_id: str, token: StoredToken | None) -> bool:
+        keys = self.keys.device(device_id)
+        value = orjson.dumps({"nonce": token.nonce, "issued_at": token.issued_at}) \
+            if token is not None else b""
+        for _ in range(MAX_ATTEMPTS):
+            answer = await self._once(SET_TOKEN, self._tag_of(device_id),
+                                      (keys.profile, keys.token, keys.version), [value])
+            if answer is not None:
+                return answer == b"1"
+        raise StateUnavailable(
+            f"the device token write did not run in {MAX_ATTEMPTS} attempts; retry later")
+
+    async def stored_token(self, device_id: str) -> StoredToken | None:
+        raw = await self._reading(lambda: self._redis.get(self.keys.device(device_id).token))
+        return _token(raw) if raw is not None else None
+
     async def erasure_record(self, device_hash: str) -> ErasureRecord | None:
         raw = await self._reading(lambda: self._redis.hget(self.keys.erasures, device_hash))
         return ErasureRecord.model_validate_json(raw) if raw is not None else None
@@ -502,8 +521,9 @@ class RedisStore(StateStore):
             pipe = self._redis.pipeline(transaction=False)
             start = 0
             for group in groups:
-                pipe.execute_command("MGET", *[name for k in device_keys[start:start + len(group)]
-                                               for name in (k.profile, k.track, k.version)])
+                pipe.execute_command("MGET", *[
+                    name for k in device_keys[start:start + len(group)]
+                    for name in (k.profile, k.track, k.version, k.token)])
                 start += len(group)
             pipe.zmscore(self.keys.timers, ordered)
             results: list[Any] = await pipe.execute(raise_on_error=False)
@@ -520,7 +540,7 @@ class RedisStore(StateStore):
             for group, result in zip(groups, results, strict=True):
                 if isinstance(result, Exception):
                     lost.update(group)
-                    values_list += [None] * (3 * len(group))
+                    values_list += [None] * (4 * len(group))
                 else:
                     values_list += result
             values = iter(values_list)
@@ -529,8 +549,8 @@ class RedisStore(StateStore):
         # the validator itself: model_validate_json's wrapper costs a fifth of the call
         profile_from_json = DeviceProfile.__pydantic_validator__.validate_json
         reads = {}
-        for device_id, keys, profile_raw, track_raw, version, timer in zip(
-                ordered, device_keys, values, values, values, timers, strict=True):
+        for device_id, keys, profile_raw, track_raw, version, token_raw, timer in zip(
+                ordered, device_keys, values, values, values, values, timers, strict=True):
             if lost and device_id in lost:
                 continue
             state: DeviceState | None = None
@@ -538,8 +558,9 @@ class RedisStore(StateStore):
             if track_raw is not None:
                 state, due = decode_track(track_raw)
             profile = profile_from_json(profile_raw) if profile_raw is not None else None
-            reads[device_id] = _Read(DeviceSnapshot(profile, state), keys, version or b"", due,
-                                     timer)
+            nonce = _token(token_raw).nonce if token_raw is not None else None
+            reads[device_id] = _Read(DeviceSnapshot(profile, state, nonce), keys, version or b"",
+                                     due, timer)
         return reads, lost
 
     async def _commit(self, reads: dict[str, _Read], outcomes: dict[str, DeviceOutcome]
@@ -687,6 +708,11 @@ class _HiredisPacking(AbstractConnection):
                 pass  # bool, None, bytearray...: redis-py's packer converts or names the error
         packed: list[bytes] = super().pack_command(*args)
         return packed
+
+
+def _token(raw: bytes | str) -> StoredToken:
+    value = orjson.loads(raw)
+    return StoredToken(value["nonce"], value["issued_at"])
 
 
 def _raise_first_error(results: Sequence[Any]) -> None:

@@ -87,6 +87,18 @@ if ARGV[6] == '1' then redis.call('DEL', KEYS[4]) end
 return done(tostring(redis.call('INCR', KEYS[5])))
 """
 
+# KEYS: the record, profile, token, ver. ARGV: deadline, record ttl, token JSON ('' = remove the
+# token). A device token is issued to registered devices only: '0' and nothing written when the
+# profile is missing (never registered, or erased). Else the token is replaced and the version
+# moves, so a batch computed with the old nonce fails its compare-and-set and is computed again
+# (its pings are then refused): a revoked token is refused from its revocation's answer on.
+_SET_TOKEN = _ONCE + """
+if redis.call('EXISTS', KEYS[2]) == 0 then return done('0') end
+if ARGV[3] == '' then redis.call('DEL', KEYS[3]) else redis.call('SET', KEYS[3], ARGV[3]) end
+redis.call('INCR', KEYS[4])
+return done('1')
+"""
+
 # KEYS: timers. ARGV: now, limit, now + lease. Claimed members are re-scored, not removed, so
 # a crashed claimer's timers come back when the lease runs out; so do those of a claim whose
 # answer was lost (it is never sent twice).
@@ -149,10 +161,12 @@ class Script:
 
 COMMIT = Script.of(_COMMIT)
 PUT_PROFILE = Script.of(_PUT_PROFILE)
+SET_TOKEN = Script.of(_SET_TOKEN)
 CLAIM_DUE = Script.of(_CLAIM_DUE)
 ERASE = Script.of(_ERASE)
 ERASE_DEVICE = Script.of(_ERASE_DEVICE)
 PUBLISH_CONFIG = Script.of(_PUBLISH_CONFIG)
 RESOLVE = Script.of(_RESOLVE)
-SCRIPTS = (COMMIT, PUT_PROFILE, CLAIM_DUE, ERASE, ERASE_DEVICE, PUBLISH_CONFIG, RESOLVE)
-ONCE = (COMMIT, PUT_PROFILE, ERASE, ERASE_DEVICE, PUBLISH_CONFIG)  # take a record and deadline
+SCRIPTS = (COMMIT, PUT_PROFILE, SET_TOKEN, CLAIM_DUE, ERASE, ERASE_DEVICE, PUBLISH_CONFIG,
+           RESOLVE)
+ONCE = (COMMIT, PUT_PROFILE, SET_TOKEN, ERASE, ERASE_DEVICE, PUBLISH_CONFIG)  # take a record and deadline
