@@ -21,7 +21,7 @@ from contextlib import suppress
 
 from aiohttp import WSCloseCode, web
 
-from geopush.api import admin, devices, health, openapi, pings
+from geopush.api import admin, clients, devices, health, openapi, pings
 from geopush.api.admin import install_geofencing
 from geopush.api.appstate import (
     AUTH,
@@ -88,7 +88,7 @@ def create_app(settings: Settings, *, store: StateStore | None = None,
     app.cleanup_ctx.append(_timers_ctx(timer_interval_s))
     app.cleanup_ctx.append(_reloading_ctx)
     app.on_shutdown.append(_close_websockets)
-    for module in (pings, devices, admin, health, openapi):
+    for module in (pings, clients, devices, admin, health, openapi):
         app.router.add_routes(module.routes)
     return app
 

@@ -70,6 +70,7 @@ class Unauthorized(GeopushError):
 
     code = "unauthorized"
     http_status = 401
+    challenge = 'Bearer realm="geopush"'  # the WWW-Authenticate of the 401
 
 
 class Forbidden(GeopushError):

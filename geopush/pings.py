@@ -52,6 +52,8 @@ def parse_ping(obj: Any, *, now: float | None, naive_is_utc: bool = False,
     """Validate one ping object; `now` (epoch s) rejects pings from the future, None skips that.
 
     `device_id` fills in a missing device_id (replay of a single-device CSV)."""
+    if isinstance(obj, PingError):
+        raise obj  # a client format's location that could not be read (geopush.clients)
     if not isinstance(obj, dict):
         raise PingError(None, obj, "a ping object {device_id, lat, lon, ts, accuracy_m?, "
                         "speed_mps?, heading_deg?, altitude_m?, activity?}")

@@ -116,3 +116,19 @@ def test_keys_are_compared_whole() -> None:
         auth.check(request, "ingest")
     request = make_mocked_request("GET", "/", headers={"Authorization": "Bearer " + "k" * 16})
     assert auth.check(request, "ingest") == "a"
+
+
+async def test_every_route_but_the_probes_refuses_a_request_without_credentials(
+        api: Client) -> None:
+    """A route added later without its auth check fails here, not in production."""
+    open_paths = {"/healthz", "/readyz", "/metrics", "/openapi.json"}
+    checked = 0
+    for route in api.app.router.routes():
+        path = route.resource.canonical if route.resource is not None else ""
+        if path in open_paths or route.method in ("HEAD", "OPTIONS") or not path:
+            continue
+        resp = await api.request(route.method, path.replace("{device_id}", "d1"),
+                                 json={}, headers={})
+        assert resp.status == 401, (route.method, path, resp.status)
+        checked += 1
+    assert checked >= 12

@@ -78,7 +78,7 @@ def from_geopush_error(exc: GeopushError) -> web.Response:
     if isinstance(exc, StateUnavailable):
         headers["Retry-After"] = str(RETRY_AFTER_S)
     elif isinstance(exc, Unauthorized):
-        headers["WWW-Authenticate"] = 'Bearer realm="geopush"'
+        headers["WWW-Authenticate"] = exc.challenge
     response = error_response(exc.code, exc.message, exc.http_status,
                               problem_details(exc.details), headers)
     if isinstance(exc, RequestTimeout):

@@ -289,6 +289,55 @@ def _operations() -> dict[str, Any]:
                 **{k: v for k, v in _responses({}).items() if k not in ("413",)},
             },
         }},
+        "/v1/clients/owntracks": {"post": {
+            "operationId": "postOwnTracks",
+            "summary": "OwnTracks (iOS, Android) in HTTP mode",
+            "description": "A message of the OwnTracks app as it posts it: `_type: location` "
+                           "(`tst` s, `acc` m, `vel` km/h, `cog`, `alt`) is a ping of the "
+                           "device named by Basic auth's user; other types and empty bodies "
+                           "are ignored. Answered `[]` (200) even when the ping is rejected; "
+                           "`_type: encrypted` is 422.",
+            "security": [{"basicDeviceToken": []}],
+            "requestBody": {"required": False, "content": {JSON: {"schema": {
+                "type": "object", "properties": {"_type": {"type": "string"}}}}}},
+            "responses": {**_responses({"200": _json({"type": "array", "maxItems": 0},
+                                                     "Nothing for the app")}, "415"),
+                          "422": {"$ref": "#/components/responses/BadRequest"}},
+        }},
+        "/v1/clients/traccar": {"post": {
+            "operationId": "postTraccar",
+            "summary": "Traccar Client ≥ 9 and the transistorsoft background-geolocation SDK",
+            "description": "`{\"location\": {...} | [...], \"device_id\"?}` with "
+                           "`timestamp` ISO 8601 and `coords.latitude/longitude/accuracy/"
+                           "speed/heading/altitude` (-1: unknown), `activity.type`. 200 with "
+                           "what was done, even when locations are rejected.",
+            "security": [{"deviceToken": []}, {"bearer": ["ingest"]}, {"bearer": ["relay"]}],
+            "requestBody": {"required": True, "content": {JSON: {"schema": {
+                "type": "object", "required": ["location"],
+                "properties": {"location": {"oneOf": [{"type": "object"},
+                                                      {"type": "array",
+                                                       "items": {"type": "object"}}]},
+                               "device_id": {"type": "string"}}}}}},
+            "responses": _responses({"200": _json(_ref("IngestResult"), "What was done")},
+                                    "415"),
+        }},
+        "/v1/clients/osmand": {
+            "parameters": [
+                {"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
+                for name in ("id", "deviceid", "lat", "lon", "timestamp", "speed", "accuracy",
+                             "hdop", "bearing", "altitude", "batt", "valid", "key")],
+            **{method: {
+                "operationId": f"{method}OsmAnd",
+                "summary": "OsmAnd / Traccar's query protocol (one location per request)",
+                "description": "Query parameters (or a form): `timestamp` epoch seconds, "
+                               "milliseconds or ISO 8601, `speed` knots, `accuracy` m (else "
+                               "`hdop` × 5 m). Always needs the device's token: Bearer, or "
+                               "`key` where auth.query_tokens allows it. 200 with what was "
+                               "done, even when the location is rejected.",
+                "security": [{"deviceToken": []}],
+                "responses": _responses({"200": _json(_ref("IngestResult"), "What was done")}),
+            } for method in ("get", "post")},
+        },
         "/v1/devices/{device_id}": {
             "parameters": [device_param],
             "put": {"operationId": "putDevice", "summary": "Register or replace a device",
@@ -411,6 +460,10 @@ def openapi_document() -> dict[str, Any]:
                     "type": "http", "scheme": "bearer",
                     "description": "Authorization: Bearer <key>; keys in config auth.keys with "
                                    "scopes ingest, devices, admin, relay"},
+                "basicDeviceToken": {
+                    "type": "http", "scheme": "basic",
+                    "description": "HTTP Basic: user = the device id, password = its device "
+                                   "token (OwnTracks)"},
                 "deviceToken": {
                     "type": "http", "scheme": "bearer", "bearerFormat": "gpd1.<id>.<nonce>.<mac>",
                     "description": "Authorization: Bearer <device token> (POST "
