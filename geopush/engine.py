@@ -15,7 +15,7 @@ from geopush.devices import DeviceProfile, has_location_consent
 from geopush.geo.model import DeviceState, Event, Ping, Visit
 from geopush.geo.transitions import Tracker, process_batch
 
-RejectCode = Literal["invalid", "no_consent", "out_of_order", "unavailable"]
+RejectCode = Literal["invalid", "no_consent", "out_of_order", "rate_limited", "unavailable"]
 
 
 @dataclass(frozen=True, slots=True)

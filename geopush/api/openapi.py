@@ -206,7 +206,8 @@ def _schemas() -> dict[str, Any]:
             "type": "object", "required": ["index", "code", "message"],
             "properties": {
                 "index": {"type": "integer", "minimum": 0},
-                "code": {"type": "string", "enum": ["invalid", "no_consent", "out_of_order", "unavailable"]},
+                "code": {"type": "string", "enum": ["invalid", "no_consent", "out_of_order",
+                                                    "rate_limited", "unavailable"]},
                 "message": {"type": "string"},
             },
         },
