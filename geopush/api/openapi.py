@@ -166,7 +166,8 @@ def _schemas() -> dict[str, Any]:
                                "start": timestamp, "end": timestamp},
             }},
             "tracking": {"type": "object", "required": [
-                "last_ping", "stays", "recent_pings", "next_due", "timer_due", "record_version"],
+                "last_ping", "stays", "recent_pings", "next_due", "timer_due", "record_version",
+                "rate_bucket_empty_at"],
                 "properties": {
                 "last_ping": nullable_time,
                 "stays": {"type": "array", "items": {
@@ -187,6 +188,7 @@ def _schemas() -> dict[str, Any]:
                 "next_due": nullable_time,
                 "timer_due": nullable_time,
                 "record_version": {"type": ["integer", "null"]},
+                "rate_bucket_empty_at": nullable_time,
             }},
             "decisions": {"type": "array", "items": {"type": "object"}},
             "pushes": {"type": "array", "items": {"type": "object"}},
