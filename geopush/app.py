@@ -26,6 +26,7 @@ from geopush.api.admin import install_geofencing
 from geopush.api.appstate import (
     AUTH,
     INGESTOR,
+    LIMITER,
     LIVE,
     METRICS,
     RELOADER,
@@ -49,6 +50,7 @@ from geopush.logs import configure_logging, fields
 from geopush.metrics import Metrics
 from geopush.service.active import load_geofencing
 from geopush.service.ingest import Ingestor
+from geopush.service.limits import RequestLimiter
 from geopush.service.reloading import Reloader
 from geopush.service.timers import INTERVAL_S, TimerClaimer
 from geopush.state.base import StateStore, StateUnavailable
@@ -74,6 +76,7 @@ def create_app(settings: Settings, *, store: StateStore | None = None,
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[AUTH] = Authenticator(settings.auth.keys)
+    app[LIMITER] = RequestLimiter(settings.limits.key_requests_per_second)
     app[LIVE] = Live()
     app[WEBSOCKETS] = weakref.WeakSet()
     if store is None:

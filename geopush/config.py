@@ -130,7 +130,7 @@ class LimitsSettings(_Section):
     """Contract §13. 0 or null turns a limit off."""
 
     device_pings_per_minute: int | None = Field(
-        120, ge=0, description="accepted pings per device per 60 s of ping timestamps (a token "
+        120, ge=0, le=3600, description="accepted pings per device per 60 s of ping timestamps (a token "
         "bucket kept in the device's state, so it holds across instances); more are rejected "
         "rate_limited. 0 or null: no limit")
     key_requests_per_second: float | None = Field(

@@ -140,3 +140,77 @@ async def test_the_bucket_survives_a_restart_of_the_memory_backend(
     await client.close()  # the journal and snapshot carry the track
     client = await aiohttp_client(create_app(settings))
     assert (await _post(client, flood[8:]))["accepted"] == 2
+
+
+# -- per credential ------------------------------------------------------------------------------
+
+OPS = {"Authorization": "Bearer admin-key-0123456789abc"}  # another credential with ingest
+
+
+def _limited(tmp_path: Path, per_second: float, **kw: Any) -> Any:
+    return create_app(settings_for(tmp_path, limits={"key_requests_per_second": per_second}, **kw))
+
+
+async def test_a_credential_over_its_rate_gets_429_with_retry_after(
+        tmp_path: Path, aiohttp_client: MakeClient) -> None:
+    client = await aiohttp_client(_limited(tmp_path, 0.2))  # one request every 5 s, burst 1
+    await _register(client, "phone")
+    one = _same_instant("phone", 1)
+    first = await client.post("/v1/pings", headers=INGEST, json=one[0])
+    assert first.status == 200
+    resp = await client.post("/v1/pings", headers=INGEST, json=one[0])
+    assert resp.status == 429
+    assert resp.headers["Retry-After"] in {"4", "5"}
+    error = (await resp.json())["error"]
+    assert error["code"] == "rate_limited"
+    assert "limits.key_requests_per_second" in error["message"]
+    assert error["details"][0]["field"] == "retry_after_s"
+    # per credential: another key is not held back by this one
+    other = await client.post("/v1/pings", headers=OPS, json=one[0])
+    assert other.status == 200
+    # the endpoints that do not take pings are not limited
+    assert (await client.get("/v1/devices/phone", headers=DEVICES)).status == 200
+
+
+async def test_without_keys_every_request_is_one_credential(
+        tmp_path: Path, aiohttp_client: MakeClient) -> None:
+    client = await aiohttp_client(_limited(tmp_path, 0.2, keys=[]))
+    await client.put("/v1/devices/phone", json={"consent": {"location": True}})
+    one = _same_instant("phone", 1)[0]
+    assert (await client.post("/v1/pings", json=one)).status == 200
+    assert (await client.post("/v1/pings", json=one)).status == 429
+
+
+async def test_on_the_stream_each_message_counts_and_is_answered_with_the_error(
+        tmp_path: Path, aiohttp_client: MakeClient) -> None:
+    client = await aiohttp_client(_limited(tmp_path, 1))  # burst 1: the upgrade takes it
+    await _register(client, "phone")
+    pings = _same_instant("phone", 3)
+    async with client.ws_connect("/v1/stream", headers=INGEST) as ws:
+        await ws.send_json(pings[0])
+        answer = await ws.receive_json(timeout=10)
+        assert answer["seq"] == 1 and answer["error"]["code"] == "rate_limited"
+        assert answer["accepted"] == 0 and answer["rejected"] == [] and answer["events"] == []
+        await ws.send_str("not json either")  # limited before it is read
+        assert (await ws.receive_json(timeout=10))["error"]["code"] == "rate_limited"
+        await asyncio.sleep(1.1)  # refilled: the stream is still open and takes pings
+        await ws.send_json(pings[1])
+        answer = await ws.receive_json(timeout=10)
+        assert answer["seq"] == 3 and answer["accepted"] == 1 and "error" not in answer
+    # the upgrade is a request too
+    await asyncio.sleep(1.1)
+    async with client.ws_connect("/v1/stream", headers=INGEST) as ws:
+        await ws.send_json(pings[2])
+        assert (await ws.receive_json(timeout=10))["error"]["code"] == "rate_limited"
+    resp = await client.get("/v1/stream", headers=INGEST)  # at once: refused before upgrading
+    assert resp.status == 429 and "Retry-After" in resp.headers
+
+
+async def test_without_a_rate_limit_requests_are_not_counted(
+        tmp_path: Path, aiohttp_client: MakeClient) -> None:
+    client = await aiohttp_client(create_app(settings_for(tmp_path)))
+    await _register(client, "phone")
+    one = _same_instant("phone", 1)[0]
+    statuses = [(await client.post("/v1/pings", headers=INGEST, json=one)).status
+                for _ in range(30)]
+    assert statuses == [200] * 30

@@ -60,6 +60,11 @@ def codes(per_minute: int | None, offsets: Sequence[float],
     pytest.param(3, [0, 0, 0, 60, 60, 60, 60], "......R", id="refills-to-capacity-not-beyond"),
     pytest.param(3, [0, 0, 0, 3600, 3600, 3600, 3600], "......R", id="an-hour-refills-capacity-only"),
     pytest.param(120, [0] * 121, "." * 120 + "R", id="default-120-at-one-instant"),
+    # 60 / C not a binary fraction: the sums drift by rounding, the count must not
+    pytest.param(100, [0] * 101, "." * 100 + "R", id="100-at-one-instant"),
+    pytest.param(9, [0] * 10, "." * 9 + "R", id="9-at-one-instant"),
+    pytest.param(11, [0] * 12, "." * 11 + "R", id="11-at-one-instant"),
+    pytest.param(1000, [0] * 1001, "." * 1000 + "R", id="1000-at-one-instant"),
     pytest.param(120, [i * 0.5 for i in range(400)], "." * 400, id="120-per-minute-steady"),
     pytest.param(120, [i * 0.25 for i in range(300)],
                  "." * 239 + "R" + ".R" * 30, id="twice-the-rate"),
@@ -180,3 +185,11 @@ def test_any_split_into_batches_accepts_the_same_pings(
                   for d, s in states.items()}
         start = end
     assert accepted == _reference(per_minute, pings)
+
+
+@pytest.mark.parametrize("per_minute", [1, 9, 11, 14, 17, 100, 121, 999, 2999, 3600])
+@pytest.mark.parametrize("t0", [946_684_800.5, T0 + 0.123, 4_294_967_000.777])
+def test_a_burst_at_one_instant_is_exactly_the_limit(per_minute: int, t0: float) -> None:
+    # from 2000 to 2106, at every limit the settings allow, float rounding included
+    step = tracker(per_minute).process("d", None, [far("d", t0)] * (per_minute + 1))
+    assert [r.position for r in step.rejected] == [per_minute]

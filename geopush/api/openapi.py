@@ -53,6 +53,9 @@ _RESPONSES = {
     "UnsupportedMediaType": _error("The body is not declared Content-Type: application/json"),
     "Unavailable": _error("The state store is unreachable; retry after Retry-After seconds",
                           _RETRY_AFTER),
+    "TooManyRequests": _error("Over limits.key_requests_per_second for this credential (a "
+                              "stream message counts as a request); retry after Retry-After "
+                              "seconds", _RETRY_AFTER),
     "Unprocessable": _error("The new stores have errors (every one in details, with file:line, "
                             "feature, field and value); the previous stores stay active"),
 }
@@ -63,7 +66,7 @@ def _responses(ok: dict[str, Any], *extra: str) -> dict[str, Any]:
     out: dict[str, Any] = dict(ok)
     names = {"400": "BadRequest", "401": "Unauthorized", "403": "Forbidden",
              "404": "NotFound", "413": "TooLarge", "415": "UnsupportedMediaType",
-             "503": "Unavailable"}
+             "429": "TooManyRequests", "503": "Unavailable"}
     for status in ("400", "401", "403", *extra, "413", "503"):
         out[status] = {"$ref": f"#/components/responses/{names[status]}"}
     return out
@@ -256,21 +259,23 @@ def _operations() -> dict[str, Any]:
             "requestBody": {"required": True, "content": {JSON: {"schema": {
                 "oneOf": [_ref("Ping"), _ref("PingBatch")]}}}},
             "responses": _responses({"200": _json(_ref("IngestResult"), "What was done")},
-                                    "415"),
+                                    "415", "429"),
         }},
         "/v1/stream": {"get": {
             "operationId": "stream",
             "summary": "WebSocket stream of pings",
             "description": "Upgrade to a WebSocket. Each text message is a ping, a list of "
                            "pings or {\"pings\": [...]}; each is answered, in order, with a "
-                           "StreamAnswer. A bad message gets an answer with `error` and the "
-                           "socket stays open. Closed with 1001 when the server shuts down.",
+                           "StreamAnswer. A bad message, or one over "
+                           "limits.key_requests_per_second (error code `rate_limited`), gets an "
+                           "answer with `error` and the socket stays open. Closed with 1001 "
+                           "when the server shuts down.",
             "security": ingest,
             "responses": {
                 "101": {"description": "Switching to the WebSocket protocol; messages are "
                                        "answered with StreamAnswer",
                         "content": {JSON: {"schema": _ref("StreamAnswer")}}},
-                **{k: v for k, v in _responses({}).items() if k not in ("413",)},
+                **{k: v for k, v in _responses({}, "429").items() if k not in ("413",)},
             },
         }},
         "/v1/devices/{device_id}": {

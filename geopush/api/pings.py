@@ -14,11 +14,12 @@ from typing import Any
 import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from geopush.api.appstate import AUTH, INGESTOR, METRICS, SETTINGS, WEBSOCKETS
-from geopush.api.errors import TooLarge, error_body
+from geopush.api.appstate import AUTH, INGESTOR, LIMITER, METRICS, SETTINGS, WEBSOCKETS
+from geopush.api.errors import TooLarge, TooManyRequests, error_body
 from geopush.api.wire import MAX_BODY_BYTES, json_response, parse_json, read_json, type_name
 from geopush.errors import GeopushError, InvalidInput, Problem
 from geopush.logs import fields
+from geopush.service.limits import KEYLESS, retry_after_s
 
 log = logging.getLogger("geopush.api.pings")
 routes = web.RouteTableDef()
@@ -61,7 +62,8 @@ def ping_items(payload: Any, max_batch: int, *, allow_list: bool) -> list[Any]:
 @routes.post("/v1/pings")
 async def post_pings(request: web.Request) -> web.Response:
     app = request.app
-    app[AUTH].check(request, "ingest")
+    who = app[AUTH].check(request, "ingest")
+    _raise_if_limited(app, who)
     length = request.content_length
     if length is not None and length > MAX_BODY_BYTES:
         raise TooLarge(f"request body of {length} bytes is larger than the limit of "
@@ -75,7 +77,8 @@ async def post_pings(request: web.Request) -> web.Response:
 @routes.get("/v1/stream")
 async def stream(request: web.Request) -> web.WebSocketResponse:
     app = request.app
-    app[AUTH].check(request, "ingest")
+    who = app[AUTH].check(request, "ingest")
+    _raise_if_limited(app, who)
     ws = web.WebSocketResponse(heartbeat=WS_HEARTBEAT_S, max_msg_size=MAX_BODY_BYTES)
     if not ws.can_prepare(request).ok:
         raise InvalidInput("GET /v1/stream is a WebSocket: expected an upgrade request "
@@ -90,10 +93,10 @@ async def stream(request: web.Request) -> web.WebSocketResponse:
         async for message in ws:
             if message.type is WSMsgType.TEXT:
                 seq += 1
-                answer = await _answer(app, message.data, seq)
+                answer = _limited_answer(app, who, seq) or await _answer(app, message.data, seq)
             elif message.type is WSMsgType.BINARY:
                 seq += 1
-                answer = _error_answer(seq, InvalidInput(
+                answer = _limited_answer(app, who, seq) or _error_answer(seq, InvalidInput(
                     "binary messages are not accepted: send a ping or a list of pings as a "
                     "JSON text message"))
             else:
@@ -131,6 +134,35 @@ async def _answer(app: web.Application, text: str, seq: int) -> dict[str, Any]:
     except Exception:
         log.exception("stream_message_failed", extra=fields(seq=seq))
         return _error_answer(seq, GeopushError(_INTERNAL), code="internal")
+
+
+def _over_limit(app: web.Application, who: str | None) -> TooManyRequests | None:
+    """limits.key_requests_per_second, per credential: a request, or a stream message."""
+    limiter = app[LIMITER]
+    if not limiter.enabled:
+        return None
+    wait = limiter.admit(KEYLESS if who is None else who, time.monotonic())
+    if not wait:
+        return None
+    retry = retry_after_s(wait)
+    return TooManyRequests(
+        f"more than {limiter.per_second:g} requests a second with this credential "
+        f"(limits.key_requests_per_second; a stream message is a request): retry after "
+        f"{retry} s", retry,
+        [Problem("limits.key_requests_per_second", "too many requests", field="retry_after_s",
+                 value=retry, expected=f"at most {limiter.per_second:g} requests a second")])
+
+
+def _raise_if_limited(app: web.Application, who: str | None) -> None:
+    limited = _over_limit(app, who)
+    if limited is not None:
+        raise limited
+
+
+def _limited_answer(app: web.Application, who: str | None, seq: int) -> dict[str, Any] | None:
+    """The stream's error answer to a message over the limit; the stream stays open."""
+    limited = _over_limit(app, who)
+    return None if limited is None else _error_answer(seq, limited)
 
 
 def _error_answer(seq: int, exc: GeopushError, code: str | None = None) -> dict[str, Any]:
