@@ -70,7 +70,7 @@ async def post_pings(request: web.Request) -> web.Response:
                        f"{MAX_BODY_BYTES} bytes (1 MiB)")
     items = ping_items(await read_json(request), app[SETTINGS].server.max_batch,
                        allow_list=False)
-    result = await app[INGESTOR].ingest(items, time.time())
+    result = await app[INGESTOR].ingest(items, time.time(), who or KEYLESS)
     return json_response(result.as_json())
 
 
@@ -93,7 +93,8 @@ async def stream(request: web.Request) -> web.WebSocketResponse:
         async for message in ws:
             if message.type is WSMsgType.TEXT:
                 seq += 1
-                answer = _limited_answer(app, who, seq) or await _answer(app, message.data, seq)
+                answer = (_limited_answer(app, who, seq)
+                          or await _answer(app, message.data, seq, who or KEYLESS))
             elif message.type is WSMsgType.BINARY:
                 seq += 1
                 answer = _limited_answer(app, who, seq) or _error_answer(seq, InvalidInput(
@@ -121,12 +122,12 @@ async def stream(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-async def _answer(app: web.Application, text: str, seq: int) -> dict[str, Any]:
+async def _answer(app: web.Application, text: str, seq: int, who: str) -> dict[str, Any]:
     """The answer to one message; never raises (an unexpected error is an `internal` one)."""
     try:
         items = ping_items(parse_json(text, "message"), app[SETTINGS].server.max_batch,
                            allow_list=True)
-        result = await app[INGESTOR].ingest(items, time.time())
+        result = await app[INGESTOR].ingest(items, time.time(), who)
         # inside the try: an answer that cannot be written is an error answer too
         return {"seq": seq, **result.as_json()}
     except GeopushError as exc:
