@@ -49,7 +49,7 @@ from geopush.errors import GeopushError
 from geopush.logs import configure_logging, fields
 from geopush.metrics import Metrics
 from geopush.service.active import load_geofencing
-from geopush.service.ingest import Ingestor
+from geopush.service.ingest import REDIS_SHARE_PINGS, Ingestor
 from geopush.service.limits import RequestLimiter
 from geopush.service.reloading import Reloader
 from geopush.service.timers import INTERVAL_S, TimerClaimer
@@ -83,7 +83,9 @@ def create_app(settings: Settings, *, store: StateStore | None = None,
         store = make_store(settings)
     app[STATE] = store
     live = app[LIVE]
-    app[INGESTOR] = Ingestor(store, lambda: live.engine, app[METRICS])
+    app[INGESTOR] = Ingestor(store, lambda: live.engine, app[METRICS],
+                             share_pings=(REDIS_SHARE_PINGS if settings.storage.backend == "redis"
+                                          else None))
     app[RELOADER] = Reloader(settings, store, lambda: live.geofencing,
                              lambda geofencing: install_geofencing(app, geofencing))
     app.cleanup_ctx.append(_geofencing_ctx)

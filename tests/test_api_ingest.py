@@ -216,8 +216,8 @@ async def test_a_single_ping_goes_in_the_next_group_not_behind_a_queued_flood(
     store.release.set()
     assert (await single).accepted == 1 and (await first).accepted == 1
     assert (await flood).accepted == 1000
-    # the flood went in shares of at most CHUNK_PINGS pings, one group each ...
-    assert len(store.calls) == 2 + -(-1000 // ingest.CHUNK_PINGS)
+    # the flood went in shares of at most BULK_SHARE_PINGS pings, one group each ...
+    assert len(store.calls) == 2 + -(-1000 // ingest.BULK_SHARE_PINGS)
     # ... and the phone's ping in a group of small parts ahead of them, not after the last
     assert store.calls[1] == ["phone"]
 
@@ -250,10 +250,10 @@ async def test_a_big_request_is_cut_by_device_and_answered_as_if_whole(tmp_path:
     answer = await cut.ingest(pings, now)
     assert len(store.calls) > 1
     for call in store.calls:
-        assert len(call) * 8 <= ingest.CHUNK_PINGS  # whole devices, each with its 8 or 9 pings
+        assert len(call) * 8 <= ingest.BULK_SHARE_PINGS  # whole devices, each with its 8 or 9 pings
     assert sorted(d for call in store.calls for d in call) == devices  # each device once
     with pytest.MonkeyPatch.context() as mp:  # the same request, not cut
-        mp.setattr(ingest, "CHUNK_PINGS", 10_000)
+        mp.setattr(ingest, "BULK_SHARE_PINGS", 10_000)
         whole, store = await _ingestor(tmp_path, devices)
         expected = await whole.ingest(pings, now)
         assert len(store.calls) == 1

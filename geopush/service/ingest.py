@@ -11,10 +11,12 @@ FAIRNESS. A group's compute runs on the event loop in one go, and groups went in
 so a phone's single ping waited behind every batch queued before it: one client posting
 1000-ping batches on 8 connections took other clients' p99 from a few ms to ~440 ms
 (benchmarks/bench_fairness.py). Now:
-- a request of more than CHUNK_PINGS pings is cut, by device (a device's pings stay together,
-  so its order holds), into parts that go into groups like separate requests;
-- a group takes at most BULK_SHARE_PINGS of one credential's parts larger than SMALL_PART_PINGS,
-  so a flood's share of every group, hence of every compute on the loop, is bounded;
+- a request of more than a share (BULK_SHARE_PINGS) is cut, by device (a device's pings stay
+  together, so its order holds), into parts that go into groups like separate requests;
+- a group takes at most a share of one credential's parts larger than SMALL_PART_PINGS, so a
+  flood's part of every group, hence of every compute on the loop, is bounded. The share is the
+  memory backend's; with Redis a group spends most of its time waiting for Redis, with the loop
+  free, and each group costs round trips, so there it is a whole batch (REDIS_SHARE_PINGS);
 - a part joins the OLDEST queued group with room that follows every group holding one of its
   devices (not the newest), so it never overtakes an earlier ping of its own devices; a small
   part that would land in a group carrying bulk goes instead into a group of small parts at
@@ -50,8 +52,9 @@ log = logging.getLogger("geopush.service.ingest")
 MAX_GROUP_PINGS = 2000  # a group's latency grows with its size; requests beyond wait for the next
 MAX_FLUSHING = 1  # groups in the state store at once; the next one gathers requests meanwhile
 # FAIRNESS (above): ~2 ms of compute a share on the reference VM
-CHUNK_PINGS = 150
+CHUNK_PINGS = 150  # a big request's pings validated between two turns of the loop
 BULK_SHARE_PINGS = 150
+REDIS_SHARE_PINGS = 1000  # bench_http: shares of 150 took Redis batches from 69,000 to 47,000/s
 SMALL_PART_PINGS = 10  # parts up to this size never count against a share
 
 
@@ -103,13 +106,12 @@ class _Group:
         self.size = 0
         self.bulk: dict[str, int] = {}  # credential → pings of its parts beyond SMALL_PART_PINGS
 
-    def takes(self, part: _Part, size: int) -> bool:
+    def takes(self, part: _Part, size: int, share: int) -> bool:
         if not self.parts:
             return True
         if self.size + size > MAX_GROUP_PINGS:
             return False
-        return size <= SMALL_PART_PINGS or (
-            self.bulk.get(part.source, 0) + size <= BULK_SHARE_PINGS)
+        return size <= SMALL_PART_PINGS or self.bulk.get(part.source, 0) + size <= share
 
 
 class _Turns:
@@ -139,8 +141,11 @@ class _Turns:
 
 
 class Ingestor:
-    def __init__(self, store: StateStore, engine: Callable[[], Engine], metrics: Metrics) -> None:
+    def __init__(self, store: StateStore, engine: Callable[[], Engine], metrics: Metrics, *,
+                 share_pings: int | None = None) -> None:
+        """`share_pings`: a credential's pings per group (FAIRNESS; default BULK_SHARE_PINGS)."""
         self._store = store
+        self._share = share_pings if share_pings is not None else BULK_SHARE_PINGS
         self._engine = engine  # the engine of the active stores (a reload swaps it)
         self._metrics = metrics
         self._queued: deque[_Group] = deque()  # groups waiting for their turn, oldest first
@@ -194,7 +199,7 @@ class Ingestor:
                 result.rejected.append(Rejected(i, "invalid", exc.message))
             if i % CHUNK_PINGS == CHUNK_PINGS - 1 and i + 1 < len(items):
                 await asyncio.sleep(0)  # a big request lets the loop serve others meanwhile
-        return _cut(valid, positions, source) if valid else []
+        return _cut(valid, positions, source, self._share) if valid else []
 
     async def _outcomes(self, parts: list[_Part]) -> dict[str, DeviceOutcome]:
         """The parts' outcomes, once their groups are through the store."""
@@ -233,13 +238,13 @@ class Ingestor:
             if not queued.devices.isdisjoint(part.devices):
                 behind = True
                 break  # an earlier ping of one of its devices: go after it
-            if queued.takes(part, size):
+            if queued.takes(part, size, self._share):
                 group = queued  # the oldest with room so far
         if size <= SMALL_PART_PINGS and not behind and (group is None or group.bulk):
             # a small part goes first: into a group of small parts at the head of the
             # queue, the next to start, rather than one that carries a share of bulk
             head = self._queued[0] if self._queued else None
-            if head is not None and not head.bulk and head.takes(part, size):
+            if head is not None and not head.bulk and head.takes(part, size, self._share):
                 group = head
             else:
                 group = _Group()
@@ -337,10 +342,10 @@ def _unavailable(part: _Part, why: str, devices: Collection[str] | None = None
     return outcomes
 
 
-def _cut(pings: list[Ping], positions: list[int], source: str) -> list[_Part]:
-    """A request's valid pings as parts of at most CHUNK_PINGS pings (FAIRNESS), each device's
+def _cut(pings: list[Ping], positions: list[int], source: str, share: int) -> list[_Part]:
+    """A request's valid pings as parts of at most `share` pings (FAIRNESS), each device's
     pings in one part (a device with more makes a bigger part of its own), in input order."""
-    if len(pings) <= CHUNK_PINGS:
+    if len(pings) <= share:
         return [_Part(pings, positions, {p.device_id for p in pings}, source)]
     counts: dict[str, int] = {}
     for p in pings:
@@ -348,7 +353,7 @@ def _cut(pings: list[Ping], positions: list[int], source: str) -> list[_Part]:
     home: dict[str, int] = {}  # device → its part
     sizes: list[int] = [0]
     for device, count in counts.items():
-        if sizes[-1] and sizes[-1] + count > CHUNK_PINGS:
+        if sizes[-1] and sizes[-1] + count > share:
             sizes.append(0)
         home[device] = len(sizes) - 1
         sizes[-1] += count
