@@ -199,7 +199,7 @@ def _stores_file(directory: Path) -> Path:
 
 class _Server:
     def __init__(self, backend: str, directory: Path, redis_url: str,
-                 journal: bool = True) -> None:
+                 journal: bool = True, extra: dict[str, Any] | None = None) -> None:
         import yaml
 
         self.backend = backend
@@ -217,6 +217,7 @@ class _Server:
             # with auth keys, serve refuses the default pseudonym key
             "logging": {"level": "WARNING", "pseudonym_key": f"bench-{os.urandom(16).hex()}"},
         }
+        config.update(extra or {})  # whole sections, replaced (bench_fairness.py)
         self.config = directory / f"geopush-{backend}.yaml"
         self.config.write_text(yaml.safe_dump(config))
         self.log = directory / f"serve-{backend}.log"

@@ -26,6 +26,7 @@ from geopush.api.admin import install_geofencing
 from geopush.api.appstate import (
     AUTH,
     INGESTOR,
+    LIMITER,
     LIVE,
     METRICS,
     RELOADER,
@@ -48,7 +49,8 @@ from geopush.errors import GeopushError
 from geopush.logs import configure_logging, fields
 from geopush.metrics import Metrics
 from geopush.service.active import load_geofencing
-from geopush.service.ingest import Ingestor
+from geopush.service.ingest import REDIS_SHARE_PINGS, Ingestor
+from geopush.service.limits import RequestLimiter
 from geopush.service.reloading import Reloader
 from geopush.service.timers import INTERVAL_S, TimerClaimer
 from geopush.state.base import StateStore, StateUnavailable
@@ -74,13 +76,16 @@ def create_app(settings: Settings, *, store: StateStore | None = None,
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[AUTH] = Authenticator(settings.auth)
+    app[LIMITER] = RequestLimiter(settings.limits.key_requests_per_second)
     app[LIVE] = Live()
     app[WEBSOCKETS] = weakref.WeakSet()
     if store is None:
         store = make_store(settings)
     app[STATE] = store
     live = app[LIVE]
-    app[INGESTOR] = Ingestor(store, lambda: live.engine, app[METRICS])
+    app[INGESTOR] = Ingestor(store, lambda: live.engine, app[METRICS],
+                             share_pings=(REDIS_SHARE_PINGS if settings.storage.backend == "redis"
+                                          else None))
     app[RELOADER] = Reloader(settings, store, lambda: live.geofencing,
                              lambda geofencing: install_geofencing(app, geofencing))
     app.cleanup_ctx.append(_geofencing_ctx)

@@ -129,6 +129,19 @@ class VisitSettings(_Section):
     min_dwell: Duration = 300.0
 
 
+class LimitsSettings(_Section):
+    """Contract §13. 0 or null turns a limit off."""
+
+    device_pings_per_minute: int | None = Field(
+        120, ge=0, le=3600, description="accepted pings per device per 60 s of ping timestamps (a token "
+        "bucket kept in the device's state, so it holds across instances); more are rejected "
+        "rate_limited. 0 or null: no limit")
+    key_requests_per_second: float | None = Field(
+        None, ge=0, description="requests per credential and instance (a WebSocket message is "
+        "one), burst one second's worth; more are answered 429 with Retry-After. 0 or null: "
+        "no limit")
+
+
 _CLOCK_TIME = r"^([01][0-9]|2[0-3]):[0-5][0-9]$"
 PATTERN_MEANINGS[_CLOCK_TIME] = "a time of day HH:MM, 00:00 to 23:59 (quoted: \"21:00\")"
 WeatherCondition = Literal["clear", "partly_cloudy", "cloudy", "fog", "drizzle", "rain", "snow",
@@ -324,6 +337,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = StorageSettings()
     geofence: GeofenceSettings = GeofenceSettings()
     visits: VisitSettings = VisitSettings()
+    limits: LimitsSettings = LimitsSettings()
     policy: PolicySettings = PolicySettings()
     auth: AuthSettings = AuthSettings()
     logging: LoggingSettings = LoggingSettings()

@@ -15,7 +15,8 @@ from geopush.devices import DeviceProfile, has_location_consent
 from geopush.geo.model import DeviceState, Event, Ping, Visit
 from geopush.geo.transitions import Tracker, process_batch
 
-RejectCode = Literal["invalid", "no_consent", "out_of_order", "forbidden", "unavailable"]
+RejectCode = Literal["invalid", "no_consent", "out_of_order", "forbidden", "rate_limited",
+                     "unavailable"]
 
 REVOKED = ("the device token was revoked or replaced by a newer one: ask your backend for a "
            "new token")

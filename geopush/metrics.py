@@ -17,7 +17,8 @@ from geopush.geo.model import Event
 
 __all__ = ["PROMETHEUS_CONTENT_TYPE", "Metrics"]
 
-REJECT_CODES = ("invalid", "no_consent", "out_of_order", "forbidden", "unavailable")
+REJECT_CODES = ("invalid", "no_consent", "out_of_order", "forbidden", "rate_limited",
+                "unavailable")
 EVENT_TYPES = ("enter", "dwell", "exit")
 EVENT_SOURCES = ("ping", "timer")
 # Request latency buckets: the promise is p99 ≤ 20 ms for single pings.

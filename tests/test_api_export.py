@@ -132,7 +132,7 @@ def _check_token(token: StoredToken, exported: dict[str, Any], raw_export: bytes
 def _check_state(state: DeviceState, tracking: dict[str, Any]) -> None:
     stored_fields = {f.name for f in dataclasses.fields(state) if f.compare}
     # a field added to DeviceState fails here until it is exported and checked below
-    assert stored_fields == {"last_ts", "stays", "recent"}
+    assert stored_fields == {"last_ts", "stays", "recent", "bucket_empty_ts"}
     assert _same_time(tracking["last_ping"], state.last_ts)
     exported_stays = {s["geofence_id"]: s for s in tracking["stays"]}
     assert exported_stays.keys() == state.stays.keys() and state.stays
@@ -146,6 +146,8 @@ def _check_state(state: DeviceState, tracking: dict[str, Any]) -> None:
             else:
                 assert out[key] == value, f.name
         assert stay.dwells_fired == [300.0]
+    assert _same_time(tracking["rate_bucket_empty_at"], state.bucket_empty_ts)
+    assert state.bucket_empty_ts is not None  # the default limit is on
     assert len(tracking["recent_pings"]) == len(state.recent) and state.recent
     for (ts, lat, lon), out in zip(state.recent, tracking["recent_pings"], strict=True):
         assert _same_time(out["ts"], ts) and (out["lat"], out["lon"]) == (lat, lon)

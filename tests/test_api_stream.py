@@ -175,10 +175,11 @@ async def test_an_unexpected_error_is_a_json_message_on_the_stream(
     real = ingestor.ingest
     calls = 0
 
-    async def first_answer_unwritable(items: Any, now: float, token: Any = None) -> Any:
+    async def first_answer_unwritable(items: Any, now: float, *source: str,
+                                      token: Any = None) -> Any:
         nonlocal calls
         calls += 1
-        result = await real(items, now)
+        result = await real(items, now, *source)
         return _Unwritable() if calls == 1 else result
 
     monkeypatch.setattr(ingestor, "ingest", first_answer_unwritable)

@@ -87,3 +87,23 @@ def test_tracks_of_the_earlier_object_format_are_still_read() -> None:
 def test_what_is_not_a_track_raises(data: Any) -> None:
     with pytest.raises((ValueError, TypeError, KeyError, IndexError, AttributeError)):
         track_from_json(data)
+
+
+def test_a_track_with_a_rate_bucket_is_format_3_and_reads_back() -> None:
+    state = _state()
+    state.bucket_empty_ts = 1_779_999_970.5
+    raw = encode_track(state, 7.0)
+    assert orjson.loads(raw)[0] == 3 and orjson.loads(raw)[5] == 1_779_999_970.5
+    assert decode_track(raw) == (state, 7.0)
+
+
+def test_a_track_without_a_bucket_is_still_written_as_format_2() -> None:
+    # so an upgrade rolled out with the limit off writes what the release before reads
+    assert orjson.loads(encode_track(_state(), None))[0] == 2
+    assert decode_track(b"[2,5.0,null,[],[]]") == (DeviceState(5.0), None)
+
+
+@pytest.mark.parametrize("data", [[4, None, None, [], [], 1.0], [2, None, None, [], [], 1.0]])
+def test_a_six_element_track_other_than_format_3_is_refused(data: Any) -> None:
+    with pytest.raises(ValueError, match="track format"):
+        track_from_json(data)

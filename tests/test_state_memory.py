@@ -24,6 +24,7 @@ FAR = (48.1500, 11.6000)
 ENGINE = Engine(Tracker(
     GeofenceIndex([SHOP[0]], [SHOP[1]], [100.0], ids=["node/1"], store_ids=["store-1"]),
     stale_after_s=7200.0, min_visit_s=300.0, dwell_plan=lambda _fid: (600.0,),
+    pings_per_minute=120,
 ))
 
 
@@ -128,6 +129,7 @@ async def _stored_state(store: MemoryStore, device_id: str) -> DeviceState:
 def _scribble(state: DeviceState) -> None:
     """Change every field of the state and of its stays in place."""
     state.last_ts = -1.0
+    state.bucket_empty_ts = -1.0
     state.recent.append((1.0, 2.0, 3.0))
     state.recent = []
     for stay in state.stays.values():
@@ -151,6 +153,7 @@ async def test_a_state_compute_changed_in_place_is_put_back_unless_it_is_written
     assert await _ping(store, "d", T0 + 700, SHOP) == ["dwell"]
     before = await _stored_state(store, "d")
     assert before.stays and before.stays["node/1"].dwells_fired == [600.0]
+    assert before.bucket_empty_ts is not None
 
     def scribble(snaps: Mapping[str, DeviceSnapshot]) -> dict[str, DeviceOutcome]:
         state = snaps["d"].state
@@ -174,7 +177,7 @@ async def test_a_state_compute_changed_in_place_is_put_back_unless_it_is_written
 def test_the_saved_fields_are_every_field_of_a_state() -> None:
     # MemoryStore.track saves these before compute may change them: a new field needs saving
     assert [f.name for f in dataclasses.fields(DeviceState) if f.compare] == [
-        "last_ts", "stays", "recent"]
+        "last_ts", "stays", "recent", "bucket_empty_ts"]
     # the rest is the tracker's timer cache, which a restore clears rather than saves
     assert [f.name for f in dataclasses.fields(DeviceState) if not f.compare] == [
         "due", "due_plan"]

@@ -12,6 +12,7 @@ from geopush.engine import Engine
 from geopush.metrics import Metrics
 from geopush.service.active import Geofencing
 from geopush.service.ingest import Ingestor
+from geopush.service.limits import RequestLimiter
 from geopush.service.reloading import Reloader
 from geopush.state.base import StateStore
 
@@ -36,4 +37,5 @@ METRICS = web.AppKey("metrics", Metrics)
 AUTH = web.AppKey("auth", Authenticator)
 INGESTOR = web.AppKey("ingestor", Ingestor)
 RELOADER = web.AppKey("reloader", Reloader)
+LIMITER = web.AppKey("limiter", RequestLimiter)
 WEBSOCKETS = web.AppKey[weakref.WeakSet[web.WebSocketResponse]]("websockets")

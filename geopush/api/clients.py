@@ -25,6 +25,7 @@ from aiohttp import web
 from geopush.api.appstate import AUTH, INGESTOR, SETTINGS
 from geopush.api.auth import Credential
 from geopush.api.errors import TooLarge
+from geopush.api.pings import raise_if_limited
 from geopush.api.wire import MAX_BODY_BYTES, check_json_content_type, json_response, parse_json
 from geopush.clients import Mapped, osmand, owntracks, traccar
 from geopush.errors import Forbidden, GeopushError, InvalidInput, Problem, Unauthorized
@@ -188,7 +189,9 @@ def _at_most(request: web.Request, count: int) -> None:
 
 async def _ingest(request: web.Request, client: str, items: list[Mapped],
                   credential: Credential) -> IngestResult:
-    result = await request.app[INGESTOR].ingest(items, time.time(), token=credential.token)
+    raise_if_limited(request.app, credential)
+    result = await request.app[INGESTOR].ingest(items, time.time(), credential.identity,
+                                                token=credential.token)
     if result.rejected:
         # the app is told 200 (else it retries forever): the log and the metrics say why
         codes = Counter(r.code for r in result.rejected)

@@ -253,6 +253,9 @@ async def _tracking(store: StateStore, device_id: str) -> dict[str, Any]:
         "next_due": _time(stored.next_due),
         "timer_due": _time(stored.timer),
         "record_version": stored.writes,
+        # the ping rate limit's bucket (limits.device_pings_per_minute): empty at this time,
+        # refilled by ping time since
+        "rate_bucket_empty_at": _time(state.bucket_empty_ts if state is not None else None),
     }
 
 

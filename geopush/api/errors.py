@@ -37,6 +37,18 @@ class TooLarge(GeopushError):
     http_status = 413
 
 
+class TooManyRequests(GeopushError):
+    """Over limits.key_requests_per_second (geopush.service.limits)."""
+
+    code = "rate_limited"
+    http_status = 429
+
+    def __init__(self, message: str, retry_after_s: int,
+                 details: list[Problem] | None = None) -> None:
+        super().__init__(message, details)
+        self.retry_after_s = retry_after_s
+
+
 class RequestTimeout(GeopushError, TimeoutError):
     """A client that stopped sending its request body (server.body_timeout).
 
@@ -57,6 +69,7 @@ _HTTP_CODES = {
     408: "timeout",
     413: "too_large",
     415: "unsupported_media_type",
+    429: "rate_limited",
 }
 
 
@@ -77,6 +90,8 @@ def from_geopush_error(exc: GeopushError) -> web.Response:
     headers: dict[str, str] = {}
     if isinstance(exc, StateUnavailable):
         headers["Retry-After"] = str(RETRY_AFTER_S)
+    elif isinstance(exc, TooManyRequests):
+        headers["Retry-After"] = str(exc.retry_after_s)
     elif isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = exc.challenge
     response = error_response(exc.code, exc.message, exc.http_status,

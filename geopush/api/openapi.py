@@ -59,6 +59,9 @@ _RESPONSES = {
     "Unavailable": _error("The state store is unreachable; retry after Retry-After seconds",
                           _RETRY_AFTER),
     "NotConfigured": _error("Device tokens are off: auth.device_token_secret is empty"),
+    "TooManyRequests": _error("Over limits.key_requests_per_second for this credential (a "
+                              "stream message counts as a request); retry after Retry-After "
+                              "seconds", _RETRY_AFTER),
     "Unprocessable": _error("The new stores have errors (every one in details, with file:line, "
                             "feature, field and value); the previous stores stay active"),
 }
@@ -69,7 +72,7 @@ def _responses(ok: dict[str, Any], *extra: str) -> dict[str, Any]:
     out: dict[str, Any] = dict(ok)
     names = {"400": "BadRequest", "401": "Unauthorized", "403": "Forbidden",
              "404": "NotFound", "413": "TooLarge", "415": "UnsupportedMediaType",
-             "503": "Unavailable"}
+             "429": "TooManyRequests", "503": "Unavailable"}
     for status in ("400", "401", "403", *extra, "413", "503"):
         out[status] = {"$ref": f"#/components/responses/{names[status]}"}
     return out
@@ -179,7 +182,8 @@ def _schemas() -> dict[str, Any]:
                 "properties": {"issued_at": timestamp,
                                "fingerprint": {"type": "string", "pattern": "^[0-9a-f]{16}$"}}},
             "tracking": {"type": "object", "required": [
-                "last_ping", "stays", "recent_pings", "next_due", "timer_due", "record_version"],
+                "last_ping", "stays", "recent_pings", "next_due", "timer_due", "record_version",
+                "rate_bucket_empty_at"],
                 "properties": {
                 "last_ping": nullable_time,
                 "stays": {"type": "array", "items": {
@@ -200,6 +204,7 @@ def _schemas() -> dict[str, Any]:
                 "next_due": nullable_time,
                 "timer_due": nullable_time,
                 "record_version": {"type": ["integer", "null"]},
+                "rate_bucket_empty_at": nullable_time,
             }},
             "decisions": {"type": "array", "items": {"type": "object"}},
             "pushes": {"type": "array", "items": {"type": "object"}},
@@ -269,15 +274,17 @@ def _operations() -> dict[str, Any]:
             "requestBody": {"required": True, "content": {JSON: {"schema": {
                 "oneOf": [_ref("Ping"), _ref("PingBatch")]}}}},
             "responses": _responses({"200": _json(_ref("IngestResult"), "What was done")},
-                                    "415"),
+                                    "415", "429"),
         }},
         "/v1/stream": {"get": {
             "operationId": "stream",
             "summary": "WebSocket stream of pings",
             "description": "Upgrade to a WebSocket. Each text message is a ping, a list of "
                            "pings or {\"pings\": [...]}; each is answered, in order, with a "
-                           "StreamAnswer. A bad message gets an answer with `error` and the "
-                           "socket stays open. Closed with 1001 when the server shuts down. A "
+                           "StreamAnswer. A bad message, or one over "
+                           "limits.key_requests_per_second (error code `rate_limited`), gets an "
+                           "answer with `error` and the socket stays open. Closed with 1001 when "
+                           "the server shuts down. A "
                            "device token is checked at the upgrade and binds every message's "
                            "pings to its device; once it turns out revoked, the message's "
                            "answer carries the error and the socket is closed with 1008.",
@@ -286,7 +293,7 @@ def _operations() -> dict[str, Any]:
                 "101": {"description": "Switching to the WebSocket protocol; messages are "
                                        "answered with StreamAnswer",
                         "content": {JSON: {"schema": _ref("StreamAnswer")}}},
-                **{k: v for k, v in _responses({}).items() if k not in ("413",)},
+                **{k: v for k, v in _responses({}, "429").items() if k not in ("413",)},
             },
         }},
         "/v1/clients/owntracks": {"post": {

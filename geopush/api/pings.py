@@ -17,12 +17,13 @@ from typing import Any
 import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from geopush.api.appstate import AUTH, INGESTOR, METRICS, SETTINGS, WEBSOCKETS
+from geopush.api.appstate import AUTH, INGESTOR, LIMITER, METRICS, SETTINGS, WEBSOCKETS
 from geopush.api.auth import Credential
-from geopush.api.errors import TooLarge, error_body
+from geopush.api.errors import TooLarge, TooManyRequests, error_body
 from geopush.api.wire import MAX_BODY_BYTES, json_response, parse_json, read_json, type_name
 from geopush.errors import GeopushError, InvalidInput, Problem, Unauthorized
 from geopush.logs import fields
+from geopush.service.limits import retry_after_s
 
 log = logging.getLogger("geopush.api.pings")
 routes = web.RouteTableDef()
@@ -66,13 +67,15 @@ def ping_items(payload: Any, max_batch: int, *, allow_list: bool) -> list[Any]:
 async def post_pings(request: web.Request) -> web.Response:
     app = request.app
     credential = app[AUTH].ping_credential(request)
+    raise_if_limited(app, credential)
     length = request.content_length
     if length is not None and length > MAX_BODY_BYTES:
         raise TooLarge(f"request body of {length} bytes is larger than the limit of "
                        f"{MAX_BODY_BYTES} bytes (1 MiB)")
     items = ping_items(await read_json(request), app[SETTINGS].server.max_batch,
                        allow_list=False)
-    result = await app[INGESTOR].ingest(items, time.time(), token=credential.token)
+    result = await app[INGESTOR].ingest(items, time.time(), credential.identity,
+                                        token=credential.token)
     return json_response(result.as_json())
 
 
@@ -80,6 +83,7 @@ async def post_pings(request: web.Request) -> web.Response:
 async def stream(request: web.Request) -> web.WebSocketResponse:
     app = request.app
     credential = app[AUTH].ping_credential(request)  # 401 / 403 before the upgrade
+    raise_if_limited(app, credential)
     ws = web.WebSocketResponse(heartbeat=WS_HEARTBEAT_S, max_msg_size=MAX_BODY_BYTES)
     if not ws.can_prepare(request).ok:
         raise InvalidInput("GET /v1/stream is a WebSocket: expected an upgrade request "
@@ -95,10 +99,14 @@ async def stream(request: web.Request) -> web.WebSocketResponse:
             revoked = False
             if message.type is WSMsgType.TEXT:
                 seq += 1
-                answer, revoked = await _answer(app, message.data, seq, credential)
+                limited = _limited_answer(app, credential, seq)
+                if limited is not None:
+                    answer = limited
+                else:
+                    answer, revoked = await _answer(app, message.data, seq, credential)
             elif message.type is WSMsgType.BINARY:
                 seq += 1
-                answer = _error_answer(seq, InvalidInput(
+                answer = _limited_answer(app, credential, seq) or _error_answer(seq, InvalidInput(
                     "binary messages are not accepted: send a ping or a list of pings as a "
                     "JSON text message"))
             else:
@@ -134,7 +142,8 @@ async def _answer(app: web.Application, text: str, seq: int, credential: Credent
     try:
         items = ping_items(parse_json(text, "message"), app[SETTINGS].server.max_batch,
                            allow_list=True)
-        result = await app[INGESTOR].ingest(items, time.time(), token=credential.token)
+        result = await app[INGESTOR].ingest(items, time.time(), credential.identity,
+                                            token=credential.token)
         # inside the try: an answer that cannot be written is an error answer too
         return {"seq": seq, **result.as_json()}, False
     except Unauthorized as exc:
@@ -153,3 +162,33 @@ def _error_answer(seq: int, exc: GeopushError, code: str | None = None) -> dict[
 
 def _dumps(obj: Any) -> str:
     return orjson.dumps(obj).decode()
+
+
+def _over_limit(app: web.Application, credential: Credential) -> TooManyRequests | None:
+    """limits.key_requests_per_second, per credential: a request, or a stream message."""
+    limiter = app[LIMITER]
+    if not limiter.enabled:
+        return None
+    wait = limiter.admit(credential.identity, time.monotonic())
+    if not wait:
+        return None
+    retry = retry_after_s(wait)
+    return TooManyRequests(
+        f"more than {limiter.per_second:g} requests a second with this credential "
+        f"(limits.key_requests_per_second; a stream message is a request): retry after "
+        f"{retry} s", retry,
+        [Problem("limits.key_requests_per_second", "too many requests", field="retry_after_s",
+                 value=retry, expected=f"at most {limiter.per_second:g} requests a second")])
+
+
+def raise_if_limited(app: web.Application, credential: Credential) -> None:
+    limited = _over_limit(app, credential)
+    if limited is not None:
+        raise limited
+
+
+def _limited_answer(app: web.Application, credential: Credential, seq: int
+                    ) -> dict[str, Any] | None:
+    """The stream's error answer to a message over the limit; the stream stays open."""
+    limited = _over_limit(app, credential)
+    return None if limited is None else _error_answer(seq, limited)

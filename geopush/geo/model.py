@@ -179,6 +179,10 @@ class DeviceState:
     stays: dict[str, Stay] = field(default_factory=dict)
     # (ts, lat, lon) of accepted pings of the last SPEED_MAX_AGE_S, oldest first, for speed
     recent: list[tuple[float, float, float]] = field(default_factory=list)
+    # The ping rate limit's token bucket as one time (GCRA): when the bucket was, or would have
+    # been, empty. Its level at ts is min(capacity, (ts - bucket_empty_ts) / interval); None: full
+    # (no ping counted yet, or no limit). Ping time, not wall clock (geopush.geo.transitions).
+    bucket_empty_ts: float | None = None
     # The tracker's cache of when a timer of these stays may next be due: a lower bound, valid
     # only for the dwell plan it was worked out with (`due_plan`), so a tracker with other
     # rules works it out again. Not part of the state: not compared, not stored.
@@ -194,6 +198,7 @@ class DeviceState:
                 for s in self.stays.values()
             ],
             "recent": [list(r) for r in self.recent],
+            "bucket_empty_ts": self.bucket_empty_ts,
         }
 
     @classmethod
@@ -204,4 +209,4 @@ class DeviceState:
                         list(row[8]))
             stays[stay.geofence_id] = stay
         recent = [(r[0], r[1], r[2]) for r in data.get("recent", ())]
-        return cls(data.get("last_ts"), stays, recent)
+        return cls(data.get("last_ts"), stays, recent, data.get("bucket_empty_ts"))

@@ -52,10 +52,30 @@ _RECENT_CAP = 256  # bound on remembered pings for pathological ping rates
 # per-ping trimming reads last_ts rather than the entry (one memory access fewer a ping).
 
 
+# PING RATE LIMIT (contract §13, limits.device_pings_per_minute). A token bucket of C pings per
+# 60 s of ping time, kept as one number per device (GCRA): `bucket_empty_ts`, the time at which
+# the bucket was, or would have been, empty, so that its level at ts is
+# min(C, (ts - bucket_empty_ts) / interval), interval = 60 / C. A ping is accepted when the level
+# is at least one; it then takes one: bucket_empty_ts = max(bucket_empty_ts, ts - 60) + interval.
+# Only pings that pass every other check count (out_of_order ones are turned away first, invalid
+# and no_consent ones never reach the tracker), and a rate_limited ping changes nothing else, as
+# an out_of_order one. Ping time, not wall clock: an offline backlog uploaded at once is spread
+# over the hours it was recorded in and passes; pings stamped close together are cut. Pings are
+# taken in ts order and the bucket travels with the state, so how a device's pings are split
+# into batches (or instances) does not change which are accepted
+# (tests/test_transition_properties.py).
+# The sums of `interval` drift by float rounding (a ts before 2106 has an ulp of at most
+# 4.8e-7 s, so C sums drift by less than C * 2.4e-7 s), which would turn away the C-th ping of a
+# burst for C = 9, 11, 14, …; a slack of the pings' own resolution, 1 ms, keeps every burst
+# exactly C for C up to the configured bound of 3600 (tests/test_rate_limit.py).
+RATE_WINDOW_S = 60.0
+_RATE_SLACK_S = 1e-3
+
+
 @dataclass(slots=True)
 class Rejection:
     position: int  # index of the ping in the caller's input
-    code: Literal["out_of_order"]
+    code: Literal["out_of_order", "rate_limited"]
     message: str
 
 
@@ -185,8 +205,13 @@ class Tracker:
         stale_after_s: float = 7200.0,
         min_visit_s: float = 300.0,
         dwell_plan: DwellPlan = no_dwells,
+        pings_per_minute: int | None = None,
     ) -> None:
+        """`pings_per_minute`: the PING RATE LIMIT's C (None or 0: no limit)."""
         self.index = index
+        self.pings_per_minute = pings_per_minute or None
+        # 0.0: no limit (one falsy local the hot loop tests)
+        self._rate_interval = RATE_WINDOW_S / pings_per_minute if pings_per_minute else 0.0
         self.max_accuracy_m = max_accuracy_m
         self.stale_after_s = stale_after_s
         self.min_visit_s = min_visit_s
@@ -257,6 +282,9 @@ class Tracker:
         min_age, max_age, cap = SPEED_MIN_AGE_S, SPEED_MAX_AGE_S, _RECENT_CAP
         inf = math.inf
         plan = self._dwells  # identifies this tracker's dwell plan (DeviceState.due_plan)
+        interval = self._rate_interval
+        window = RATE_WINDOW_S
+        enough = interval - _RATE_SLACK_S  # ping time that refills one ping
         devices = ([p.device_id for p in pings] if device_id is None
                    else [device_id] * len(pings))
         for i in order:
@@ -277,6 +305,21 @@ class Tracker:
                     f"({format_ts(last_ts)})",
                 ))
                 continue
+            if interval:
+                empty = state.bucket_empty_ts
+                if empty is None or ts - empty >= enough:
+                    floor = ts - window
+                    state.bucket_empty_ts = (empty if empty is not None and empty > floor
+                                             else floor) + interval
+                else:
+                    step = _step(steps, device, state)
+                    step.rejected.append(Rejection(
+                        positions[i] if positions is not None else i, "rate_limited",
+                        f"over this device's limit of {self.pings_per_minute} pings per 60 s "
+                        f"of ping time (limits.device_pings_per_minute); its next ping is "
+                        f"accepted from ts {format_ts(empty + interval)}",
+                    ))
+                    continue
             stays = state.stays
             if stays:
                 due = state.due
@@ -499,7 +542,7 @@ _DWELL, _STALE = 0, 1  # timer kinds, in the order they fire when due at the sam
 
 def forget_stays(state: DeviceState) -> DeviceState:
     """Location consent revoked: end every stay and timer without events (contract §5)."""
-    return DeviceState(state.last_ts, {}, [])
+    return DeviceState(state.last_ts, {}, [], state.bucket_empty_ts)
 
 
 def process_batch(

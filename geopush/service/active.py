@@ -74,6 +74,7 @@ def build_geofencing(stores: StoreSet, settings: Settings, version: str = "") ->
         max_accuracy_m=settings.geofence.max_accuracy_m,
         stale_after_s=settings.geofence.stale_after,
         min_visit_s=settings.visits.min_dwell,
+        pings_per_minute=settings.limits.device_pings_per_minute,
     )
     return Geofencing(stores, index, Engine(tracker), time.time(), version)
 

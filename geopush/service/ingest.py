@@ -15,6 +15,26 @@ snapshot (its nonce is read with the profile and track, in the same round trip):
 never holds two requests with a device in common, one map device → the nonce its request
 carries does for the whole group. A request whose token was revoked and that had nothing
 accepted is refused whole (401).
+
+FAIRNESS. A group's compute runs on the event loop in one go, and groups went in arrival order,
+so a phone's single ping waited behind every batch queued before it: one client posting
+1000-ping batches on 8 connections took other clients' p99 from a few ms to ~440 ms
+(benchmarks/bench_fairness.py). Now:
+- a request of more than a share (BULK_SHARE_PINGS) is cut, by device (a device's pings stay
+  together, so its order holds), into parts that go into groups like separate requests;
+- a group takes at most a share of one credential's parts larger than SMALL_PART_PINGS, so a
+  flood's part of every group, hence of every compute on the loop, is bounded. The share is the
+  memory backend's; with Redis a group spends most of its time waiting for Redis, with the loop
+  free, and each group costs round trips, so there it is a whole batch (REDIS_SHARE_PINGS);
+- a part joins the OLDEST queued group with room that follows every group holding one of its
+  devices (not the newest), so it never overtakes an earlier ping of its own devices; a small
+  part that would land in a group carrying bulk goes instead into a group of small parts at
+  the head of the queue, the next to start;
+- a credential's big requests are validated one at a time, in chunks, the loop taken back
+  between them (eight at once would each parse in the same loop turns).
+A request cut into parts is one commit per part: if some fail (the store unreachable) and others
+commit, the failed parts' pings are rejected `unavailable` (send them again), as on a Redis
+Cluster node failure; a 503 only when none committed.
 """
 
 from __future__ import annotations
@@ -22,7 +42,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any
@@ -41,6 +62,11 @@ log = logging.getLogger("geopush.service.ingest")
 
 MAX_GROUP_PINGS = 2000  # a group's latency grows with its size; requests beyond wait for the next
 MAX_FLUSHING = 1  # groups in the state store at once; the next one gathers requests meanwhile
+# FAIRNESS (above): ~2 ms of compute a share on the reference VM
+CHUNK_PINGS = 150  # a big request's pings validated between two turns of the loop
+BULK_SHARE_PINGS = 150
+REDIS_SHARE_PINGS = 1000  # bench_http: shares of 150 took Redis batches from 69,000 to 47,000/s
+SMALL_PART_PINGS = 10  # parts up to this size never count against a share
 # names no other device and says nothing of it: the same for an id that exists and one that does not
 _NOT_YOURS = "a device token may send pings for its own device only"
 
@@ -70,80 +96,105 @@ _by_ts = attrgetter("ts")
 
 
 class _Part:
-    """One request's valid pings inside a group."""
+    """One request's valid pings inside a group (or a share of them, FAIRNESS)."""
 
-    __slots__ = ("devices", "done", "pings", "positions", "token")
+    __slots__ = ("devices", "done", "pings", "positions", "source", "token")
 
     def __init__(self, pings: list[Ping], positions: list[int], devices: set[str],
-                 token: DeviceToken | None) -> None:
+                 source: str = "") -> None:
         self.pings = pings
         self.positions = positions
         self.devices = devices
-        self.token = token
+        self.source = source  # the credential: a group holds a bounded share of each
+        self.token: DeviceToken | None = None  # the request's device token, if any
         self.done: asyncio.Future[dict[str, DeviceOutcome]] = (
             asyncio.get_running_loop().create_future())
 
 
 class _Group:
-    __slots__ = ("devices", "nonces", "parts", "size")
+    __slots__ = ("bulk", "devices", "nonces", "parts", "size")
 
     def __init__(self) -> None:
         self.parts: list[_Part] = []
         self.devices: set[str] = set()
-        self.nonces: dict[str, str] = {}  # device → the nonce its request's token carries
         self.size = 0
+        self.bulk: dict[str, int] = {}  # credential → pings of its parts beyond SMALL_PART_PINGS
+        self.nonces: dict[str, str] = {}  # device → the nonce its request's token carries
+
+    def takes(self, part: _Part, size: int, share: int) -> bool:
+        if not self.parts:
+            return True
+        if self.size + size > MAX_GROUP_PINGS:
+            return False
+        return size <= SMALL_PART_PINGS or self.bulk.get(part.source, 0) + size <= share
+
+
+class _Turns:
+    """One lock per credential, kept only while someone holds or waits for it (credentials
+    are per device with device tokens: the table must not grow with every device seen)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+
+    @asynccontextmanager
+    async def turn(self, source: str) -> AsyncIterator[None]:
+        entry = self._locks.get(source)
+        if entry is None:
+            entry = self._locks[source] = (asyncio.Lock(), [0])
+        lock, users = entry
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._locks[source]
+
+    def __len__(self) -> int:
+        return len(self._locks)
 
 
 class Ingestor:
-    def __init__(self, store: StateStore, engine: Callable[[], Engine], metrics: Metrics) -> None:
+    def __init__(self, store: StateStore, engine: Callable[[], Engine], metrics: Metrics, *,
+                 share_pings: int | None = None) -> None:
+        """`share_pings`: a credential's pings per group (FAIRNESS; default BULK_SHARE_PINGS)."""
         self._store = store
+        self._share = share_pings if share_pings is not None else BULK_SHARE_PINGS
         self._engine = engine  # the engine of the active stores (a reload swaps it)
         self._metrics = metrics
-        self._pending: _Group | None = None  # the group requests join; queued already
         self._queued: deque[_Group] = deque()  # groups waiting for their turn, oldest first
         self._flushing: set[asyncio.Task[None]] = set()
         self._failing = False  # the last group's commit failed: the store may be down
+        self._turns = _Turns()
 
-    async def ingest(self, items: Sequence[Any], now: float, *,
+    async def ingest(self, items: Sequence[Any], now: float, source: str = "", *,
                      token: DeviceToken | None = None) -> IngestResult:
-        """StateUnavailable propagates (503 for HTTP, an error answer on the stream). With a
-        device `token` (its MAC verified): Forbidden when every ping is for another device,
-        Unauthorized when the token was revoked and nothing was accepted."""
+        """StateUnavailable propagates (503 for HTTP, an error answer on the stream) when
+        nothing was committed. `source` names the credential (FAIRNESS). With a device `token`
+        (its MAC verified): Forbidden when every ping is for another device, Unauthorized when
+        the token was revoked and nothing was accepted."""
         result = IngestResult()
-        valid: list[Ping] = []
-        positions: list[int] = []
-        others = 0
-        for i, obj in enumerate(items):
-            if token is not None and isinstance(obj, dict):
-                claimed = obj.get("device_id")
-                if isinstance(claimed, str) and claimed != token.device_id:
-                    others += 1
-                    result.rejected.append(Rejected(i, "forbidden", _NOT_YOURS))
-                    continue
-            try:
-                valid.append(parse(obj, now))
-                positions.append(i)
-            except PingError as exc:
-                result.rejected.append(Rejected(i, "invalid", exc.message))
-        if token is not None and others and others == len(items):
-            self._metrics.count_pings(0, result.rejected)
-            raise Forbidden(f"a device token speaks for its own device only: all {others} "
-                            "ping(s) of this request are for another device")
+        if len(items) > SMALL_PART_PINGS:
+            # a credential's big requests are read and queued one at a time (FAIRNESS)
+            async with self._turns.turn(source):
+                parts = await self._validate(items, now, source, result, token)
+                for part in parts:
+                    self._join(part)
+        else:
+            parts = await self._validate(items, now, source, result, token)
+            for part in parts:
+                self._join(part)
         revoked = False
-        if valid:
-            devices = {p.device_id for p in valid}
-            try:
-                outcomes = await self._join(_Part(valid, positions, devices, token))
-            except StateUnavailable:
-                self._metrics.state_unavailable.labels("track").inc()
-                raise
+        if parts:
+            outcomes = await self._outcomes(parts)
             for outcome in outcomes.values():
                 result.accepted += outcome.accepted
                 result.rejected.extend(outcome.rejected)
+                result.events.extend(outcome.events)
                 # the store saw this request's own device alone: `forbidden` there is revoked
                 revoked = revoked or (token is not None and any(
                     r.code == "forbidden" for r in outcome.rejected))
-                result.events.extend(outcome.events)
             if len(result.rejected) > 1:
                 result.rejected.sort(key=_by_index)
             if len(result.events) > 1:
@@ -159,20 +210,97 @@ class Ingestor:
             raise Unauthorized(REVOKED)
         return result
 
+    async def _validate(self, items: Sequence[Any], now: float, source: str,
+                        result: IngestResult, token: DeviceToken | None) -> list[_Part]:
+        """The valid pings as parts (invalid ones, and under a device token those of other
+        devices, rejected into `result`)."""
+        valid: list[Ping] = []
+        positions: list[int] = []
+        others = 0
+        for i, obj in enumerate(items):
+            if token is not None and isinstance(obj, dict):
+                claimed = obj.get("device_id")
+                if isinstance(claimed, str) and claimed != token.device_id:
+                    others += 1
+                    result.rejected.append(Rejected(i, "forbidden", _NOT_YOURS))
+                    continue
+            try:
+                valid.append(parse(obj, now))
+                positions.append(i)
+            except PingError as exc:
+                result.rejected.append(Rejected(i, "invalid", exc.message))
+            if i % CHUNK_PINGS == CHUNK_PINGS - 1 and i + 1 < len(items):
+                await asyncio.sleep(0)  # a big request lets the loop serve others meanwhile
+        if token is not None and others and others == len(items):
+            self._metrics.count_pings(0, result.rejected)
+            raise Forbidden(f"a device token speaks for its own device only: all {others} "
+                            "ping(s) of this request are for another device")
+        parts = _cut(valid, positions, source, self._share) if valid else []
+        for part in parts:
+            part.token = token
+        return parts
+
+    async def _outcomes(self, parts: list[_Part]) -> dict[str, DeviceOutcome]:
+        """The parts' outcomes, once their groups are through the store."""
+        if len(parts) == 1:
+            try:
+                return await parts[0].done
+            except StateUnavailable:
+                self._metrics.state_unavailable.labels("track").inc()
+                raise
+        results = await asyncio.gather(*(part.done for part in parts), return_exceptions=True)
+        outcomes: dict[str, DeviceOutcome] = {}
+        failed: list[_Part] = []
+        unavailable: StateUnavailable | None = None
+        for part, got in zip(parts, results, strict=True):
+            if isinstance(got, StateUnavailable):
+                failed.append(part)
+                unavailable = got
+            elif isinstance(got, BaseException):
+                raise got
+            else:
+                outcomes.update(got)
+        if unavailable is not None:
+            self._metrics.state_unavailable.labels("track").inc()
+            if len(failed) == len(parts):
+                raise unavailable
+            for part in failed:
+                outcomes.update(_unavailable(part, "the state of this device could not be "
+                                                   "written (the state store failed)"))
+        return outcomes
+
     def _join(self, part: _Part) -> asyncio.Future[dict[str, DeviceOutcome]]:
-        group = self._pending
-        if (group is None or not group.devices.isdisjoint(part.devices)
-                or group.size + len(part.pings) > MAX_GROUP_PINGS):
+        size = len(part.pings)
+        group: _Group | None = None
+        behind = False  # a queued group holds one of its devices
+        for queued in reversed(self._queued):  # newest first
+            if not queued.devices.isdisjoint(part.devices):
+                behind = True
+                break  # an earlier ping of one of its devices: go after it
+            if queued.takes(part, size, self._share):
+                group = queued  # the oldest with room so far
+        if size <= SMALL_PART_PINGS and not behind and (group is None or group.bulk):
+            # a small part goes first: into a group of small parts at the head of the
+            # queue, the next to start, rather than one that carries a share of bulk
+            head = self._queued[0] if self._queued else None
+            if head is not None and not head.bulk and head.takes(part, size, self._share):
+                group = head
+            else:
+                group = _Group()
+                self._queued.appendleft(group)
+                asyncio.get_running_loop().call_soon(self._launch)
+        elif group is None:
             group = _Group()
-            self._pending = group
             self._queued.append(group)
             # run once every request already received in this loop iteration has joined
             asyncio.get_running_loop().call_soon(self._launch)
         group.parts.append(part)
         group.devices |= part.devices
+        group.size += size
         if part.token is not None:
             group.nonces[part.token.device_id] = part.token.nonce
-        group.size += len(part.pings)
+        if size > SMALL_PART_PINGS:
+            group.bulk[part.source] = group.bulk.get(part.source, 0) + size
         return part.done
 
     def _launch(self) -> None:
@@ -183,8 +311,6 @@ class Ingestor:
         after the other, each would wait out the store's timeout behind the previous one."""
         while self._queued and (self._failing or len(self._flushing) < MAX_FLUSHING):
             group = self._queued.popleft()
-            if self._pending is group:
-                self._pending = None
             task = asyncio.ensure_future(self._flush(group))
             self._flushing.add(task)
             task.add_done_callback(self._flushed)
@@ -241,11 +367,42 @@ def _partly(part: _Part, partly: PartlyUnavailable) -> dict[str, DeviceOutcome]:
     """The outcomes of a request part of which some devices could not commit: theirs hold
     only their pings, rejected `unavailable`."""
     outcomes = {d: partly.committed[d] for d in part.devices if d in partly.committed}
+    outcomes.update(_unavailable(part, "the state of this device could not be written (a "
+                                       "Redis node failed)", partly.unavailable))
+    return outcomes
+
+
+def _unavailable(part: _Part, why: str, devices: Collection[str] | None = None
+                 ) -> dict[str, DeviceOutcome]:
+    """Outcomes rejecting the part's pings (of `devices`, default all) `unavailable`."""
+    outcomes: dict[str, DeviceOutcome] = {}
     for ping, at in zip(part.pings, part.positions, strict=True):
-        if ping.device_id in partly.unavailable:
+        if devices is None or ping.device_id in devices:
             outcome = outcomes.setdefault(ping.device_id, DeviceOutcome(None))
             outcome.rejected.append(Rejected(
-                at, "unavailable",
-                "the state of this device could not be written (a Redis node failed); "
-                "nothing of it was stored: send the ping again"))
+                at, "unavailable", f"{why}; nothing of it was stored: send the ping again"))
     return outcomes
+
+
+def _cut(pings: list[Ping], positions: list[int], source: str, share: int) -> list[_Part]:
+    """A request's valid pings as parts of at most `share` pings (FAIRNESS), each device's
+    pings in one part (a device with more makes a bigger part of its own), in input order."""
+    if len(pings) <= share:
+        return [_Part(pings, positions, {p.device_id for p in pings}, source)]
+    counts: dict[str, int] = {}
+    for p in pings:
+        counts[p.device_id] = counts.get(p.device_id, 0) + 1
+    home: dict[str, int] = {}  # device → its part
+    sizes: list[int] = [0]
+    for device, count in counts.items():
+        if sizes[-1] and sizes[-1] + count > share:
+            sizes.append(0)
+        home[device] = len(sizes) - 1
+        sizes[-1] += count
+    cut: list[tuple[list[Ping], list[int], set[str]]] = [([], [], set()) for _ in sizes]
+    for p, at in zip(pings, positions, strict=True):
+        chunk, where, devices = cut[home[p.device_id]]
+        chunk.append(p)
+        where.append(at)
+        devices.add(p.device_id)
+    return [_Part(chunk, where, devices, source) for chunk, where, devices in cut]

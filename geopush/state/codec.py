@@ -1,16 +1,22 @@
 """How device state is written as JSON, shared by the Redis values and the memory snapshot.
 
-A track is one JSON array, `[2, last_ts, next_due, stays, recent]`: its format number, then
-`stays` rows of the Stay fields in order and `recent` rows of [ts, lat, lon]. Arrays rather
+A track is one JSON array, `[3, last_ts, next_due, stays, recent, bucket_empty_ts]`: its format
+number, then `stays` rows of the Stay fields in order, `recent` rows of [ts, lat, lon] and the
+ping rate limit's bucket (geopush.geo.transitions, PING RATE LIMIT). Arrays rather
 than objects because Redis reads and writes a track for every device of every batch: no key
 names to encode, parse and store, and the rows map onto the dataclasses positionally.
 
 Each release reads what the release before it wrote, so instances of both can share one Redis
 during a rolling upgrade: the format number says which shape a record has, and the reader
-keeps every earlier shape: `[last_ts, next_due, stays, recent]` (format 1, no number: its
+keeps every earlier shape: `[2, last_ts, next_due, stays, recent]` (format 2, before the
+bucket), `[last_ts, next_due, stays, recent]` (format 1, no number: its
 first element is a time or null, never the integer 2, and it has four elements) and
 `{"state": DeviceState.to_dict(), "next_due": …}` (format 0). A change of shape gets the next
 number; the reader of format n+1 ships one release before any instance writes it.
+
+Format 3 came with its own reader, so a track without a bucket (no ping counted: the limit is off,
+or the device has sent nothing since) is still written as format 2, which the release before reads:
+roll an upgrade out with `limits.device_pings_per_minute: 0`, then turn the limit on.
 """
 
 from __future__ import annotations
@@ -21,13 +27,14 @@ import orjson
 
 from geopush.geo.model import DeviceState, Stay, Visit
 
-TRACK_FORMAT = 2
+TRACK_FORMAT = 3
+_UNBUCKETED_FORMAT = 2  # what a track without a bucket is written as (see above)
 
 
 def track_to_json(state: DeviceState, next_due: float | None) -> list[Any]:
     # next_due is kept with the state so a store can tell whether its timers entry is current;
     # orjson writes the (ts, lat, lon) tuples of `recent` as arrays itself
-    return [
+    track = [
         TRACK_FORMAT,
         state.last_ts,
         next_due,
@@ -35,15 +42,26 @@ def track_to_json(state: DeviceState, next_due: float | None) -> list[Any]:
           s.speed_mps, s.dwells_fired] for s in state.stays.values()],
         state.recent,
     ]
+    if state.bucket_empty_ts is None:
+        track[0] = _UNBUCKETED_FORMAT
+    else:
+        track.append(state.bucket_empty_ts)
+    return track
 
 
 def track_from_json(data: Any) -> tuple[DeviceState, float | None]:
     """Raises ValueError, TypeError, KeyError or IndexError on what is not a track."""
     if type(data) is dict:  # format 0, before arrays
         return DeviceState.from_dict(data["state"]), data.get("next_due")
-    if len(data) == 5:
-        version, last_ts, next_due, rows, recent = data
+    bucket_empty_ts = None
+    if len(data) == 6:
+        version, last_ts, next_due, rows, recent, bucket_empty_ts = data
         if version != TRACK_FORMAT or type(version) is not int:
+            raise ValueError(f"track format {version!r}: this release reads formats 0 to "
+                             f"{TRACK_FORMAT} (a newer release wrote it?)")
+    elif len(data) == 5:
+        version, last_ts, next_due, rows, recent = data
+        if version != _UNBUCKETED_FORMAT or type(version) is not int:
             raise ValueError(f"track format {version!r}: this release reads formats 0 to "
                              f"{TRACK_FORMAT} (a newer release wrote it?)")
     else:  # format 1, the array without a number: four elements or a ValueError
@@ -55,7 +73,7 @@ def track_from_json(data: Any) -> tuple[DeviceState, float | None]:
         if type(stay.dwells_fired) is not list:
             raise TypeError(f"stay {row!r}: expected a list of fired dwells last")
         stays[stay.geofence_id] = stay
-    return DeviceState(last_ts, stays, list(map(tuple, recent))), next_due
+    return DeviceState(last_ts, stays, list(map(tuple, recent)), bucket_empty_ts), next_due
 
 
 def encode_track(state: DeviceState, next_due: float | None) -> bytes:

@@ -625,13 +625,14 @@ class _Saved:
     compute may change them in place: much cheaper than copying the state for every device
     of every batch, and restored only in the rare case compute fails or writes nothing."""
 
-    __slots__ = ("device_id", "last_ts", "recent", "state", "stays")
+    __slots__ = ("bucket_empty_ts", "device_id", "last_ts", "recent", "state", "stays")
 
     def __init__(self, device_id: str, state: DeviceState) -> None:
         self.device_id = device_id
         self.state = state
         self.last_ts = state.last_ts
         self.recent = state.recent[:]
+        self.bucket_empty_ts = state.bucket_empty_ts
         self.stays = (
             [(s, s.geofence_id, s.store_id, s.enter_ts, s.confirmed_ts, s.lat, s.lon,
               s.distance_m, s.speed_mps, s.dwells_fired[:]) for s in state.stays.values()]
@@ -641,6 +642,7 @@ class _Saved:
         state = self.state
         state.last_ts = self.last_ts
         state.recent = self.recent
+        state.bucket_empty_ts = self.bucket_empty_ts
         state.due = None  # the tracker's cache, worked out again from the restored stays
         stays: dict[str, Stay] = {}
         for (stay, geofence_id, store_id, enter_ts, confirmed_ts, lat, lon, distance_m,
