@@ -38,6 +38,7 @@ from geopush.api.appstate import (
 from geopush.api.auth import Authenticator
 from geopush.api.connections import (
     HttpServer,
+    accept_backlog,
     connection_cap,
     raise_open_files_limit,
     slow_client_middleware,
@@ -180,8 +181,9 @@ async def serve(settings: Settings) -> None:
     """Run until SIGINT or SIGTERM, then shut down gracefully."""
     host = listen_host(settings)
     app = create_app(settings)
+    max_connections, backlog = _connection_limits(settings)
     server = HttpServer(app, host, settings.server.port,
-                        max_connections=_max_connections(settings))
+                        max_connections=max_connections, backlog=backlog)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -205,18 +207,21 @@ async def serve(settings: Settings) -> None:
     log.info("stopped")
 
 
-def _max_connections(settings: Settings) -> int:
-    """server.max_connections, within the open-files limit (raised to the hard limit first)."""
+def _connection_limits(settings: Settings) -> tuple[int, int]:
+    """server.max_connections and the listen backlog, within the open-files limit (raised to
+    the hard limit first)."""
     soft, hard = raise_open_files_limit()
     configured = settings.server.max_connections
     cap = connection_cap(configured, soft)
-    log.info("open_files_limit", extra=fields(soft=soft, hard=hard, max_connections=cap))
+    backlog = accept_backlog(soft)
+    log.info("open_files_limit", extra=fields(soft=soft, hard=hard, max_connections=cap,
+                                              backlog=backlog))
     if cap < configured:
         log.warning("max_connections_lowered", extra=fields(
             message=f"server.max_connections {configured} is lowered to {cap}: the process may "
                     f"open {soft} files (RLIMIT_NOFILE) and needs some for itself; raise "
                     f"`ulimit -n` to allow more", configured=configured, max_connections=cap))
-    return cap
+    return cap, backlog
 
 
 # Device states are many long-lived objects; each request allocates short-lived ones that

@@ -43,9 +43,15 @@ log = logging.getLogger("geopush.http")
 LOG_EVERY_S = 10.0  # at most one line this often about refused connections or failed accepts
 RESUME_FRACTION = 0.9  # the limit episode ends (one line) when open connections fall below this
 BACKLOG = 128  # aiohttp's default; asyncio accepts up to this many in one loop pass
+MIN_BACKLOG = 8
 # Descriptors kept for all but client connections: listening sockets, Redis, the journal,
-# outbound HTTP, and the connections accepted in one loop pass before they are refused.
+# outbound HTTP, and the connections accepted above the cap before they are closed.
 FD_HEADROOM = 256
+OWN_FDS = 64  # listening sockets, Redis, the journal, outbound HTTP, the loop's own
+# A connection refused above the cap holds its descriptor from the loop pass that accepts it
+# until the third pass after (task → transport → connection_made → close): the passes in
+# between accept a backlog's worth each when clients pile up while the process is busy.
+REFUSED_PASSES_IN_FLIGHT = 3
 _UNLIMITED_NOFILE = 65_536  # the soft limit to ask for when the hard one is unlimited
 _ACCEPT_OUT_OF_RESOURCE = "socket.accept() out of system resource"
 _RETRY_AFTER_S = 1
@@ -64,12 +70,23 @@ def raise_open_files_limit() -> tuple[int, int]:
     return soft, hard
 
 
+def accept_backlog(open_files: int) -> int:
+    """The listen backlog, which is also how many connections asyncio accepts in one loop
+    pass: smaller when descriptors are few, so that those accepted only to be refused fit."""
+    if open_files == resource.RLIM_INFINITY or open_files < 0:
+        return BACKLOG
+    return min(BACKLOG, max(MIN_BACKLOG, open_files // 32))
+
+
 def connection_cap(configured: int, open_files: int) -> int:
     """server.max_connections, lowered so that client connections never use up the process's
-    file descriptors: accept() failing with EMFILE would stall every client, not just one."""
+    file descriptors: accept() failing with EMFILE would stall every client, not just one.
+    The headroom holds the process's own descriptors and the connections accepted above the
+    cap in the passes before they are closed (`accept_backlog` each)."""
     if open_files == resource.RLIM_INFINITY or open_files < 0:
         return configured
-    headroom = min(FD_HEADROOM, open_files // 2)
+    in_flight = REFUSED_PASSES_IN_FLIGHT * accept_backlog(open_files)
+    headroom = min(open_files // 2, max(FD_HEADROOM, OWN_FDS + in_flight))
     return max(1, min(configured, open_files - headroom))
 
 
@@ -114,7 +131,7 @@ class ConnectionGuard:
     def protocol_factory(self, server: web.Server) -> Callable[[], asyncio.Protocol]:
         def connection() -> asyncio.Protocol:
             # Counted here, not in connection_made: one loop pass creates the protocols of
-            # up to BACKLOG accepted sockets before any of them is told it is connected.
+            # up to a backlog of accepted sockets before any of them is told it is connected.
             if self.open >= self.limit:
                 self._refuse()
                 return _Refused(self.busy_answer)
@@ -305,8 +322,8 @@ class _GuardedSite(web.BaseSite):
     __slots__ = ("_guard", "_host", "_port")
 
     def __init__(self, runner: web.BaseRunner, guard: ConnectionGuard, host: str,
-                 port: int) -> None:
-        super().__init__(runner, backlog=BACKLOG)
+                 port: int, backlog: int) -> None:
+        super().__init__(runner, backlog=backlog)
         self._guard = guard
         self._host = host
         self._port = port
@@ -328,7 +345,7 @@ class HttpServer:
     """The app listening on host:port within the bounds of its `server:` settings."""
 
     def __init__(self, app: web.Application, host: str, port: int, *,
-                 max_connections: int | None = None) -> None:
+                 max_connections: int | None = None, backlog: int = BACKLOG) -> None:
         settings = app[SETTINGS].server
         self.guard = ConnectionGuard(
             max_connections=max_connections or settings.max_connections,
@@ -338,6 +355,7 @@ class HttpServer:
                                      keepalive_timeout=settings.keepalive_timeout)
         self._host = host
         self._port = port
+        self._backlog = backlog
 
     @property
     def addresses(self) -> list[Any]:
@@ -346,7 +364,8 @@ class HttpServer:
     async def start(self) -> None:
         """Start the app (its cleanup_ctx), then listen; OSError when it cannot listen."""
         await self._runner.setup()
-        await _GuardedSite(self._runner, self.guard, self._host, self._port).start()
+        await _GuardedSite(self._runner, self.guard, self._host, self._port,
+                          self._backlog).start()
         self.guard.install(asyncio.get_running_loop())
 
     async def stop(self) -> None:
