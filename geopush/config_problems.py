@@ -81,7 +81,7 @@ def _spelled(value: Any) -> str:
 PATTERN_MEANINGS: dict[str, str] = {}
 
 
-def _expected(err: Mapping[str, Any], info: FieldInfo | None) -> str:
+def _expected(err: Mapping[str, Any], info: FieldInfo | None, schema: str) -> str:
     kind: str = err["type"]
     ctx: Mapping[str, Any] = err.get("ctx") or {}
     simple = {
@@ -116,25 +116,26 @@ def _expected(err: Mapping[str, Any], info: FieldInfo | None) -> str:
     if kind == "string_pattern_mismatch":
         pattern = str(ctx.get("pattern"))
         meaning = PATTERN_MEANINGS.get(pattern) or (info.description if info else None)
-        return meaning or "text in the documented format (geopush schema config)"
+        return meaning or f"text in the documented format (geopush schema {schema})"
     message: str = err["msg"]
     message = message.removeprefix("Value error, ").removeprefix("Assertion failed, ")
     return message[:1].lower() + message[1:]
 
 
 def validation_problems(exc: ValidationError, model: type[BaseModel],
-                        origin: Origin) -> list[Problem]:
-    """One Problem per error, in the order pydantic found them."""
+                        origin: Origin, *, schema: str = "config") -> list[Problem]:
+    """One Problem per error, in the order pydantic found them; `schema` names the
+    `geopush schema` that documents the model."""
     problems = []
     for err in exc.errors():
         loc = [p for p in err["loc"] if isinstance(p, str | int)]
         key = ".".join(str(p) for p in loc)
         where = origin.where(loc)
         if err["type"] == "extra_forbidden":
-            problems.append(_unknown_key(model, loc, key, where))
+            problems.append(_unknown_key(model, loc, key, where, schema))
             continue
         value = shown(model, loc, err.get("input"))
-        expected = _expected(err, field_at(model, loc))
+        expected = _expected(err, field_at(model, loc), schema)
         if err["type"] == "missing":
             message = f"{key}: missing"
         elif err["type"] in ("value_error", "assertion_error") \
@@ -151,7 +152,7 @@ def validation_problems(exc: ValidationError, model: type[BaseModel],
 
 
 def _unknown_key(model: type[BaseModel], loc: list[str | int], key: str,
-                 where: str) -> Problem:
+                 where: str, schema: str) -> Problem:
     parent = loc[:-1]
     sub = model_of(annotation_at(model, parent))
     keys = [k for k, _ in model_keys(sub)] if sub is not None else []
@@ -161,5 +162,5 @@ def _unknown_key(model: type[BaseModel], loc: list[str | int], key: str,
         expected = ".".join([*map(str, parent), close[0]])
     else:
         expected = ("one of " + ", ".join(keys) if keys else "a documented key") \
-            + " (geopush schema config)"
+            + f" (geopush schema {schema})"
     return Problem(where, f"{key}: unknown key{hint}", field=key, value=None, expected=expected)

@@ -65,6 +65,13 @@ class StoreLoadError(GeopushError):
     http_status = 422
 
 
+class RuleLoadError(GeopushError):
+    """A rules file has errors; the previous rules (if any) stay active."""
+
+    code = "rule_error"
+    http_status = 422
+
+
 class Unauthorized(GeopushError):
     """No credential, or one that is not (or no longer) valid."""
 

@@ -151,10 +151,11 @@ def log_device_token(credential: str | None, device_id: str, *, issued: bool) ->
 
 
 def log_reload(credential: str | None, *, version: str | None = None,
-               geofences: int | None = None, errors: int | None = None) -> None:
+               geofences: int | None = None, rules: int | None = None,
+               errors: int | None = None) -> None:
     """POST /v1/admin/reload: the set swapped in, or how many errors refused it."""
     if errors is not None:
         audit_log.warning("reload_refused", extra=fields(credential=credential, errors=errors))
     else:
         audit_log.info("reloaded", extra=fields(credential=credential, version=version,
-                                                geofences=geofences))
+                                                geofences=geofences, rules=rules))

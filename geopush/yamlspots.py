@@ -8,6 +8,7 @@ every syntax error as `file:line: ...`. PyYAML's composer keeps a start mark on 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +37,9 @@ class _Refused(yaml.MarkedYAMLError):
 
 
 class _NoAliasLoader(yaml.SafeLoader):
-    """The safe loader, refusing anchors (`&name`) and aliases (`*name`, `<<: *name`)."""
+    """The safe loader, refusing anchors (`&name`) and aliases (`*name`, `<<: *name`), and
+    reading plain scalars as YAML 1.2 does: PyYAML's YAML 1.1 turns the key `on:` of a rule's
+    trigger into True and an unquoted `11:00` into the base-60 number 660."""
 
     def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
         event = self.peek_event()  # type: ignore[no-untyped-call]
@@ -50,6 +53,23 @@ class _NoAliasLoader(yaml.SafeLoader):
                                   "aliases are refused; write the value out)",
                                   problem_mark=event.start_mark)
         return super().compose_node(parent, index)
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_INT = "tag:yaml.org,2002:int"
+_FLOAT = "tag:yaml.org,2002:float"
+_CORE_SCHEMA: dict[str, re.Pattern[str]] = {
+    _BOOL: re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    _INT: re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)"
+                     r"|[-+]?0x[0-9a-fA-F_]+)$"),
+    _FLOAT: re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?"
+                       r"|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)"
+                       r"|\.(?:nan|NaN|NAN)|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+)$"),
+}
+_NoAliasLoader.yaml_implicit_resolvers = {
+    first: [(tag, _CORE_SCHEMA.get(tag, pattern)) for tag, pattern in resolvers]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
 
 
 def load_yaml(text: str, source: str) -> YamlDocument:

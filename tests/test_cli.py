@@ -11,9 +11,11 @@ import types
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 
 from geopush.cli.main import main
+from geopush.yamlspots import load_yaml
 
 REPO = Path(__file__).parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -64,7 +66,7 @@ def _main(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, s
 def test_check_of_the_embedded_default_passes_through_the_console_script() -> None:
     done = _geopush("check")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "ok: 30 geofences (30 stores), 0 warning(s)" in done.stdout
+    assert "ok: 30 geofences (30 stores), 3 rule(s), 0 warning(s)" in done.stdout
 
 
 def test_check_lists_every_config_error_with_file_and_line(
@@ -110,22 +112,50 @@ def test_check_reports_store_warnings_and_passes(capsys: pytest.CaptureFixture[s
     code, out, _ = _main(capsys, "check", "-c", world, "--stores",
                          FIXTURES / "paris_supermarkets_2014.geojson")
     assert code == 0
-    assert out.count("warning:") == 4
+    assert out.count("warning:") == 5  # 4 of the stores, and the empty rules folder
     assert "feature #2 (id 'way/54040540'): opening_hours = 'Lu-Sam 10:00-21:00'" in out
-    assert out.rstrip().endswith("ok: 597 geofences (597 stores), 4 warning(s)")
+    assert out.rstrip().endswith("ok: 597 geofences (597 stores), 0 rule(s), 5 warning(s)")
 
 
-def test_check_says_rules_are_not_validated_yet(capsys: pytest.CaptureFixture[str],
-                                                world: Path) -> None:
-    (world.parent / "rules" / "hot-day.yaml").write_text("id: hot-day\n")
+def test_check_validates_rules_with_file_line_rule_id_field_value_and_expected(
+        capsys: pytest.CaptureFixture[str], world: Path) -> None:
     code, out, _ = _main(capsys, "check", "-c", world)
     assert code == 0
-    assert "rules: not validated yet (rules engine not built)" in out
-    assert "1 warning(s)" in out
+    assert "rules: no rules (*.yaml): geopush will notice enters, dwells and exits and push " \
+           "nothing" in out  # an empty folder is said so, not taken as fine
+    assert "0 rule(s), 1 warning(s)" in out
+    (world.parent / "rules" / "hot-day.yaml").write_text(
+        "id: hot-day\n"
+        "trigger: {on: dwell, geofences: {tags: [shop:supermarket]}}\n"
+        "when:\n"
+        "  weather: {temperature_c: {min: 25}, condition: [sunny]}\n"
+        "message: {title: 'Hi {{ devise.name }}', body: b}\n")
+    code, out, _ = _main(capsys, "check", "-c", world)
+    assert code == 1
+    lines = [line.replace(f"{world.parent}/", "") for line in out.splitlines()
+             if line.startswith("error:")]
+    assert lines == [
+        'error: rules/hot-day.yaml:2: rule hot-day: trigger = {"on": "dwell", "geofences": '
+        '{"tags": ["shop:supermarket"]}}; expected trigger.dwell (how long in the geofence, '
+        "e.g. 5m) with on: dwell",
+        "error: rules/hot-day.yaml:4: rule hot-day: when.weather.condition.0 = 'sunny'; expected "
+        "one of 'clear', 'partly_cloudy', 'cloudy', 'fog', 'drizzle', 'rain', 'snow', "
+        "'showers' or 'thunderstorm'",
+        "error: rules/hot-day.yaml:5: rule hot-day: message.title: unknown name 'devise': "
+        "templates see device, distance_m, event, store, visits, weather; expected a message "
+        "template as docs/rules.md describes",
+    ], out
+    assert "failed: 3 error(s)" in out
     other = world.parent / "more-rules"
     other.mkdir()
+    (other / "fine.yaml").write_text(
+        "rules:\n  - id: fine\n    trigger: {on: enter, geofences: {ids: [nowhere]}}\n"
+        "    message: {title: t, body: b}\n")
     code, out, _ = _main(capsys, "check", "-c", world, "--rules", other)
-    assert code == 0 and "not validated" not in out
+    assert code == 0, out
+    assert "more-rules/fine.yaml:2: rule fine: trigger.geofences {'ids': ['nowhere']} " \
+           "matches no geofence of the stores" in out
+    assert "1 rule(s), 1 warning(s)" in out
 
 
 def test_check_with_a_missing_config_file_is_an_error(capsys: pytest.CaptureFixture[str],
@@ -160,12 +190,21 @@ def test_python_dash_m_geopush_runs_the_same_command() -> None:
     assert json.loads(done.stdout)["additionalProperties"] is False
 
 
-def test_schema_rules_is_not_there_yet(capsys: pytest.CaptureFixture[str],
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "geopush.rules", None)  # as if the package did not exist
+def test_schema_rules_validates_the_bundled_rules_and_refuses_a_misspelt_key(
+        capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = _main(capsys, "schema", "rules")
-    assert code == 2 and out == ""
-    assert "not available yet" in err
+    assert code == 0 and err == ""
+    schema = json.loads(out)
+    validator = jsonschema.Draft202012Validator(schema)
+    bundled = sorted((REPO / "rules").glob("*.yaml"))
+    assert len(bundled) == 3
+    for path in bundled:  # read as YAML 1.2, as editors do (`on:` is a key, not True)
+        document = load_yaml(path.read_text(), str(path)).data
+        assert not list(validator.iter_errors(document)), path
+    rule = load_yaml((REPO / "rules" / "welcome-back.yaml").read_text(), "rule").data
+    assert not list(validator.iter_errors({"rules": [rule, rule]}))
+    rule["message"]["colour"] = "red"
+    assert list(validator.iter_errors(rule))
 
 
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,6 +9,7 @@ from aiohttp import web
 from geopush.api.auth import Authenticator
 from geopush.config import Settings
 from geopush.engine import Engine
+from geopush.errors import Problem
 from geopush.metrics import Metrics
 from geopush.service.active import Geofencing
 from geopush.service.ingest import Ingestor
@@ -22,6 +23,8 @@ class Live:
 
     def __init__(self) -> None:
         self.geofencing: Geofencing | None = None
+        # the errors of the last reload this instance refused (GET /v1/rules shows them)
+        self.refused: tuple[Problem, ...] = ()
 
     @property
     def engine(self) -> Engine:

@@ -398,24 +398,50 @@ def _operations() -> dict[str, Any]:
                     "responses": _responses(
                         {"200": _json(_ref("DeviceExport"), "The device's data")}, "404")},
         },
-        "/v1/admin/reload": {"post": {
-            "operationId": "reload",
-            "summary": "Reload the stores file and swap it in atomically, on every instance",
-            "description": "Loads and validates stores_file whole, publishes it through the "
-                           "state store and swaps it in; every other instance sharing the "
-                           "store swaps to it within 5 s. On errors nothing changes and the "
-                           "answer lists every error.",
+        "/v1/rules": {"get": {
+            "operationId": "listRules",
+            "summary": "The rules in effect, their warnings, and the errors of the last "
+                       "refused reload",
+            "description": "Each rule as loaded (defaults filled in, durations as `5m`), with "
+                           "`where` (file:line). `errors` lists what the last reload this "
+                           "instance refused said; a successful reload clears it.",
             "security": [{"bearer": ["admin"]}],
             "responses": {
                 "200": _json({"type": "object",
-                              "required": ["status", "version", "geofences", "loaded_at",
-                                           "warnings"],
+                              "required": ["version", "loaded_at", "rules", "warnings",
+                                           "errors"],
+                              "properties": {"version": {"type": "string"},
+                                             "loaded_at": {"type": "string"},
+                                             "rules": {"type": "array",
+                                                       "items": {"type": "object"}},
+                                             "warnings": {"type": "array"},
+                                             "errors": {"type": "array"}}},
+                             "The rules in effect"),
+                "401": {"$ref": "#/components/responses/Unauthorized"},
+                "403": {"$ref": "#/components/responses/Forbidden"},
+                "503": _error("The stores and rules are not loaded yet", _RETRY_AFTER),
+            },
+        }},
+        "/v1/admin/reload": {"post": {
+            "operationId": "reload",
+            "summary": "Reload the stores and rules and swap them in atomically, on every "
+                       "instance",
+            "description": "Loads and validates stores_file and the rules of rules_dir "
+                           "whole, publishes them through the state store and swaps them in; "
+                           "every other instance sharing the store swaps to them within 5 s. "
+                           "On errors nothing changes and the answer lists every error.",
+            "security": [{"bearer": ["admin"]}],
+            "responses": {
+                "200": _json({"type": "object",
+                              "required": ["status", "version", "geofences", "rules",
+                                           "loaded_at", "warnings"],
                               "properties": {"status": {"const": "reloaded"},
                                              "version": {"type": "string"},
                                              "geofences": {"type": "integer", "minimum": 0},
+                                             "rules": {"type": "integer", "minimum": 0},
                                              "loaded_at": {"type": "string"},
                                              "warnings": {"type": "array"}}},
-                             "The new stores are active"),
+                             "The new stores and rules are active"),
                 "401": {"$ref": "#/components/responses/Unauthorized"},
                 "403": {"$ref": "#/components/responses/Forbidden"},
                 "422": {"$ref": "#/components/responses/Unprocessable"},

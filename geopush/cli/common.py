@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from geopush.config import Settings, load_settings
-from geopush.errors import ConfigError, InvalidInput, Problem, StoreLoadError
+from geopush.errors import GeopushError, Problem
 
 OK, ERRORS, USAGE = 0, 1, 2
 
@@ -46,17 +46,11 @@ def print_problem(problem: Problem, out: TextIO) -> None:
     print(line, file=out)
 
 
-def print_error(error: ConfigError | InvalidInput | StoreLoadError, out: TextIO) -> None:
+def print_error(error: GeopushError, out: TextIO) -> None:
     if not error.details:
         print(f"error: {error.message}", file=out)
     for problem in error.details:
         print_problem(problem, out)
-
-
-def rule_files(rules_dir: Path | None) -> list[Path]:
-    if rules_dir is None or not rules_dir.is_dir():
-        return []
-    return sorted([*rules_dir.glob("*.yaml"), *rules_dir.glob("*.yml")])
 
 
 def optional_attr(module: str, name: str) -> Any:

@@ -25,15 +25,16 @@ from typing import Any, TextIO, get_args
 
 from pydantic import ValidationError
 
-from geopush.cli.common import ERRORS, OK, USAGE, print_error, rule_files, settings_of, show
+from geopush.cli.common import ERRORS, OK, USAGE, print_error, settings_of, show
 from geopush.config import WeatherCondition
 from geopush.devices import Consent, DeviceProfile, has_location_consent
 from geopush.engine import DeviceSnapshot, Engine
-from geopush.errors import ConfigError, InvalidInput, Problem, StoreLoadError
+from geopush.errors import ConfigError, InvalidInput, Problem, RuleLoadError, StoreLoadError
 from geopush.geo.model import Event, Ping, Visit
 from geopush.geo.stores import load_stores
 from geopush.pings import DEVICE_ID, DEVICE_ID_EXPECTED, PingError, parse_ping
-from geopush.service.active import build_engine
+from geopush.rules import read_rule_files, rules_from_files
+from geopush.service.active import build_engine, rule_policy
 from geopush.timeutil import format_ts, parse_ts
 from geopush.yamlspots import line_of, load_yaml
 
@@ -460,9 +461,17 @@ def run(args: argparse.Namespace) -> int:
     if stores.warnings:
         print(f"stores: {len(stores)} geofences, {len(stores.warnings)} warning(s) "
               "(geopush check lists them)", file=err)
-    if rule_files(settings.rules_dir):
-        print(f"warning: rules: not evaluated yet (rules engine not built); "
-              f"{show(settings.rules_dir)} ignored", file=err)
+    try:
+        rules = rules_from_files(read_rule_files(settings.rules_dir, show(settings.rules_dir)),
+                                 rule_policy(settings), stores)
+    except RuleLoadError as exc:
+        print(f"error: {exc.message}", file=err)
+        print_error(exc, err)
+        return ERRORS
+    if rules:
+        # the dwell events come from the rules' dwell durations; decisions are still to come
+        print(f"rules: {len(rules)} loaded (their dwell durations are replayed; decisions are "
+              "not made yet)", file=err)
     print(f"weather: {weather if weather else 'unknown'}", file=err)
     devices = {}
     if args.devices:
@@ -472,7 +481,7 @@ def run(args: argparse.Namespace) -> int:
             print_error(exc, err)
             return ERRORS
     replay = Replay(
-        build_engine(settings, stores),
+        build_engine(settings, stores, rules),
         devices=devices,
         assume_consent=args.assume_consent,
         keep_events=not args.summary_only,

@@ -5,8 +5,8 @@ Geofencing is immutable: a reload builds a new one and swaps the reference, so a
 flight finishes on the set it started with.
 
 What a reload publishes to the other instances is the `ConfigSet` it was built from: the text
-of the files (the rules will join the stores), so every instance builds the same set whatever
-its own files say, and a version that names that content.
+of the stores file and the rules files, so every instance builds the same set whatever its own
+files say, and a version that names that content.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from geopush.engine import Engine
 from geopush.geo.index import GeofenceIndex
 from geopush.geo.stores import StoreSet, read_stores_text, stores_from_text
 from geopush.geo.transitions import Tracker
+from geopush.rules.load import RuleFile, RulePolicy, RuleSet, read_rule_files, rules_from_files
 
 
 @dataclass(frozen=True)
@@ -30,25 +31,36 @@ class ConfigSet:
 
     stores_source: str  # where the stores came from, for messages ("stores.geojson")
     stores_text: str
+    rule_files: tuple[RuleFile, ...] = ()
 
     @property
     def version(self) -> str:
         """Names the content: equal files give equal versions on every instance."""
-        digest = hashlib.sha256(self.stores_text.encode("utf-8")).hexdigest()
-        return digest[:16]
+        digest = hashlib.sha256(self.stores_text.encode("utf-8"))
+        for rule_file in self.rule_files:
+            digest.update(b"\0" + rule_file.name.encode("utf-8") + b"\0")
+            digest.update(rule_file.text.encode("utf-8"))
+        return digest.hexdigest()[:16]
 
     def to_bytes(self) -> bytes:
         return json.dumps({"version": self.version, "stores_source": self.stores_source,
-                           "stores_text": self.stores_text}).encode("utf-8")
+                           "stores_text": self.stores_text,
+                           "rule_files": [[f.name, f.text] for f in self.rule_files]}
+                          ).encode("utf-8")
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> ConfigSet:
         """Raises ValueError on what a publish did not write."""
         try:
             data = json.loads(raw)
-            return cls(str(data["stores_source"]), str(data["stores_text"]))
-        except (ValueError, TypeError, KeyError) as exc:
+            rule_files = tuple(RuleFile(str(name), str(text))
+                               for name, text in data.get("rule_files", []))
+            return cls(str(data["stores_source"]), str(data["stores_text"]), rule_files)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise ValueError(f"not a published configuration: {exc}") from None
+
+
+NO_RULES = RuleSet()
 
 
 @dataclass(frozen=True)
@@ -60,14 +72,17 @@ class Geofencing:
     engine: Engine
     loaded_at: float
     version: str  # of the ConfigSet it was built from
+    rules: RuleSet = NO_RULES
 
 
-def build_engine(settings: Settings, stores: StoreSet) -> Engine:
-    """The engine as the service wires it, from the settings and a validated store set."""
-    return build_geofencing(stores, settings).engine
+def build_engine(settings: Settings, stores: StoreSet, rules: RuleSet | None = None) -> Engine:
+    """The engine as the service wires it, from the settings and validated stores and rules."""
+    return build_geofencing(stores, settings, rules=rules).engine
 
 
-def build_geofencing(stores: StoreSet, settings: Settings, version: str = "") -> Geofencing:
+def build_geofencing(stores: StoreSet, settings: Settings, version: str = "",
+                     rules: RuleSet | None = None) -> Geofencing:
+    rules = rules if rules is not None else NO_RULES
     index = GeofenceIndex.from_stores(stores, hysteresis_m=settings.geofence.exit_hysteresis_m)
     tracker = Tracker(
         index,
@@ -75,23 +90,32 @@ def build_geofencing(stores: StoreSet, settings: Settings, version: str = "") ->
         stale_after_s=settings.geofence.stale_after,
         min_visit_s=settings.visits.min_dwell,
         pings_per_minute=settings.limits.device_pings_per_minute,
+        dwell_plan=rules.dwell_plan(stores),  # dwell timers for exactly what rules ask
     )
-    return Geofencing(stores, index, Engine(tracker), time.time(), version)
+    return Geofencing(stores, index, Engine(tracker), time.time(), version, rules)
+
+
+def rule_policy(settings: Settings) -> RulePolicy:
+    return RulePolicy(store_cooldown_s=settings.policy.store_cooldown,
+                      history_s=settings.retention.history)
 
 
 def read_config_set(settings: Settings) -> ConfigSet:
-    """The configured files as text; StoreLoadError if one cannot be read."""
+    """The configured files as text; StoreLoadError or RuleLoadError if one cannot be read."""
     path = Path(settings.stores_file)
-    return ConfigSet(str(path), read_stores_text(path))
+    return ConfigSet(str(path), read_stores_text(path), read_rule_files(settings.rules_dir))
 
 
 def geofencing_of(config: ConfigSet, settings: Settings) -> Geofencing:
-    """Validate and build; StoreLoadError lists every error."""
+    """Validate and build; StoreLoadError or RuleLoadError lists every error (stores first:
+    the rules' selectors are checked against them)."""
     stores = stores_from_text(config.stores_text, source=config.stores_source,
                               default_radius_m=settings.geofence.default_radius_m)
-    return build_geofencing(stores, settings, config.version)
+    rules = rules_from_files(config.rule_files, rule_policy(settings), stores)
+    return build_geofencing(stores, settings, config.version, rules)
 
 
 def load_geofencing(settings: Settings) -> Geofencing:
-    """Load settings.stores_file and build on it; StoreLoadError lists every error."""
+    """Load the stores and the rules and build on them; StoreLoadError or RuleLoadError lists
+    every error."""
     return geofencing_of(read_config_set(settings), settings)

@@ -2,7 +2,8 @@
 
 `reload` reads this instance's files, validates and builds them off the event loop, publishes
 the set (the files' text, with the version that names it) in the state store, then swaps it in.
-A set with errors is neither published nor swapped in: StoreLoadError (422) lists every error.
+A set with errors is neither published nor swapped in: StoreLoadError or RuleLoadError (422)
+lists every error.
 If the store cannot take the publish (Redis down), nothing is swapped either: the instances
 never run different sets because of a half-done reload.
 
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from contextlib import suppress
 
 from geopush.config import Settings
-from geopush.errors import StoreLoadError
+from geopush.errors import RuleLoadError, StoreLoadError
 from geopush.logs import fields
 from geopush.service.active import ConfigSet, Geofencing, geofencing_of, read_config_set
 from geopush.state.base import StateStore, StateUnavailable
@@ -50,8 +51,9 @@ class Reloader:
         return self._seen
 
     async def reload(self) -> Geofencing:
-        """This instance's files → every instance. StoreLoadError on errors, StateUnavailable
-        when the publish cannot be made; nothing changes anywhere in either case."""
+        """This instance's files → every instance. StoreLoadError or RuleLoadError on errors,
+        StateUnavailable when the publish cannot be made; nothing changes anywhere in either
+        case."""
         async with self._lock:
             config = await asyncio.to_thread(read_config_set, self._settings)
             geofencing = await asyncio.to_thread(geofencing_of, config, self._settings)
@@ -81,7 +83,7 @@ class Reloader:
                 if current is not None and current.version == config.version:
                     return False
                 geofencing = await asyncio.to_thread(geofencing_of, config, self._settings)
-            except (ValueError, StoreLoadError) as exc:
+            except (ValueError, StoreLoadError, RuleLoadError) as exc:
                 log.error("published_config_rejected",
                           extra=fields(serial=serial, reason=str(exc)))
                 return False
