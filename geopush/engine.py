@@ -14,6 +14,7 @@ from typing import Literal
 from geopush.devices import DeviceProfile, has_location_consent
 from geopush.geo.model import DeviceState, Event, Ping, Visit
 from geopush.geo.transitions import Tracker, process_batch
+from geopush.rules.decide import Decider
 
 RejectCode = Literal["invalid", "no_consent", "out_of_order", "forbidden", "rate_limited",
                      "unavailable"]
@@ -51,8 +52,9 @@ class DeviceOutcome:
 
 
 class Engine:
-    def __init__(self, tracker: Tracker) -> None:
+    def __init__(self, tracker: Tracker, decider: Decider | None = None) -> None:
         self.tracker = tracker
+        self.decider = decider  # the rules under the policy; None: events only
 
     def ingest(
         self,

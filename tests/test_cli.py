@@ -267,7 +267,7 @@ def test_replay_json_document_on_stdout_only(world: Path) -> None:
     done = _geopush("replay", pings, "-c", world, "--assume-consent", "--json")
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout)  # nothing else on stdout
-    assert set(doc) == {"summary", "events", "decisions"}
+    assert set(doc) == {"summary", "events", "visits", "decisions"}
     assert doc["summary"]["pings"] == 4 and doc["summary"]["rejected"] == 0
     assert doc["summary"]["events"] == {"enter": 1, "dwell": 0, "exit": 1}
     assert (doc["summary"]["pushes"], doc["summary"]["suppressed"]) == (0, {})

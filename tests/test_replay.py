@@ -303,7 +303,7 @@ def test_document_shape_and_summary_only() -> None:
     result = _run([_ping("a", 0), _ping("a", 1, inside=False), _ping("z", 0)],
                   devices={"a": _profile("a", location=True)}, assume_consent=False)
     doc = result.document()
-    assert set(doc) == {"summary", "events", "decisions"}
+    assert set(doc) == {"summary", "events", "visits", "decisions"}
     summary = doc["summary"]
     assert {k: summary[k] for k in ("pings", "rejected", "events", "pushes", "suppressed")} == {
         "pings": 3, "rejected": 1, "events": {"enter": 1, "dwell": 0, "exit": 1},

@@ -10,7 +10,7 @@ from typing import TextIO
 
 from geopush.cli.common import ERRORS, OK, print_error, print_problem, settings_of, show
 from geopush.config import GeofenceSettings, PolicySettings, RetentionSettings, Settings
-from geopush.errors import ConfigError, RuleLoadError
+from geopush.errors import ConfigError, Report, RuleLoadError
 from geopush.geo.stores import StoreSet, parse_stores
 from geopush.preflight import deployment_problems
 from geopush.rules import RulePolicy, parse_rules, read_rule_files
@@ -24,6 +24,13 @@ class _Tally:
     geofences: int = 0
     stores: int = 0
     rules: int = 0
+
+    def add(self, report: Report, out: TextIO) -> None:
+        """Print a loader's problems, each on its line, and count them."""
+        for problem in report.problems:
+            print_problem(problem, out)
+        self.errors += len(report.errors)
+        self.warnings += len(report.warnings)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,10 +85,7 @@ def _check_stores(path: Path, default_radius_m: float, tally: _Tally,
         tally.errors += 1
         return None
     store_set, report = parse_stores(text, source=show(path), default_radius_m=default_radius_m)
-    for problem in report.problems:
-        print_problem(problem, out)
-    tally.errors += len(report.errors)
-    tally.warnings += len(report.warnings)
+    tally.add(report, out)
     if store_set is not None:
         tally.geofences = len(store_set)
         tally.stores = len({g.store_id for g in store_set.geofences})
@@ -109,9 +113,6 @@ def _check_rules(rules_dir: Path, policy: RulePolicy, stores: StoreSet | None, t
         tally.warnings += 1
         return
     rule_set, report = parse_rules(files, policy, stores)
-    for problem in report.problems:
-        print_problem(problem, out)
-    tally.errors += len(report.errors)
-    tally.warnings += len(report.warnings)
+    tally.add(report, out)
     if rule_set is not None:
         tally.rules = len(rule_set)

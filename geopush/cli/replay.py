@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO, get_args
@@ -34,10 +35,13 @@ from geopush.geo.model import Event, Ping, Visit
 from geopush.geo.stores import load_stores
 from geopush.pings import DEVICE_ID, DEVICE_ID_EXPECTED, PingError, parse_ping
 from geopush.rules import read_rule_files, rules_from_files
+from geopush.rules.conditions import Weather
+from geopush.rules.decide import Decision, DeviceHistory
 from geopush.service.active import build_engine, rule_policy
 from geopush.timeutil import format_ts, parse_ts
 from geopush.yamlspots import line_of, load_yaml
 
+ASSUMED_TOKEN = "replay-assumed-token"  # --assume-consent: every device can be pushed to
 CHUNK = 10_000  # pings per engine call: one index query per chunk keeps big files fast
 KEPT_REJECTIONS = 1000  # per code other than `invalid`, kept with their line and message
 CSV_COLUMNS = ("device_id", "ts", "lat", "lon", "accuracy_m", "speed_mps")
@@ -210,6 +214,13 @@ def _ping(number: int, obj: Any, device_id: str | None) -> Ping | BadLine:
 def load_devices(path: Path) -> dict[str, DeviceProfile]:
     """A YAML/JSON list of device profiles (as PUT /v1/devices takes, each with its device_id),
     or a mapping with that list under `devices`. Raises InvalidInput listing every error."""
+    return load_devices_and_visits(path)[0]
+
+
+def load_devices_and_visits(path: Path
+                            ) -> tuple[dict[str, DeviceProfile], dict[str, list[Visit]]]:
+    """The profiles, and the earlier visits some of them carry (`visits: [{store_id, start,
+    end}]`, to preview win-back rules)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -224,8 +235,19 @@ def load_devices(path: Path) -> dict[str, DeviceProfile]:
                            f"{type(doc).__name__}")
     problems: list[Problem] = []
     devices: dict[str, DeviceProfile] = {}
+    visits: dict[str, list[Visit]] = {}
     for i, item in enumerate(doc):
         where = f"{path}:{line_of(tree, [*prefix, i]) or 1}: device #{i}"
+        earlier: list[Visit] = []
+        if isinstance(item, dict) and "visits" in item:
+            item = dict(item)
+            at: list[str | int] = [*prefix, i, "visits"]
+
+            def where_of(loc: list[str | int], at: list[str | int] = at, i: int = i) -> str:
+                return f"{path}:{line_of(tree, [*at, *loc]) or 1}: device #{i}"
+
+            earlier = _visits(item.pop("visits"), str(item.get("device_id")), where_of,
+                              problems)
         try:
             profile = DeviceProfile.model_validate(item)
         except ValidationError as exc:
@@ -252,9 +274,34 @@ def load_devices(path: Path) -> dict[str, DeviceProfile]:
                                     expected="each device once"))
             continue
         devices[profile.device_id] = profile
+        if earlier:
+            visits[profile.device_id] = earlier
     if problems:
         raise InvalidInput(f"{path}: {len(problems)} error(s) in devices file", problems)
-    return devices
+    return devices, visits
+
+
+def _visits(raw: Any, device_id: str, where: Callable[[list[str | int]], str],
+            problems: list[Problem]) -> list[Visit]:
+    expected = "a list of {store_id, start, end} with RFC 3339 times, start before end"
+    if not isinstance(raw, list):
+        problems.append(Problem(where([]), f"visits = {raw!r}", field="visits",
+                                value=repr(raw), expected=expected))
+        return []
+    visits = []
+    for j, entry in enumerate(raw):
+        try:
+            if not isinstance(entry, dict) or set(entry) != {"store_id", "start", "end"}:
+                raise ValueError("keys")
+            start, end = parse_ts(str(entry["start"])), parse_ts(str(entry["end"]))
+            if not isinstance(entry["store_id"], str) or start >= end:
+                raise ValueError("order")
+        except ValueError:
+            problems.append(Problem(where([j]), f"visits.{j} = {entry!r}", field=f"visits.{j}",
+                                    value=repr(entry), expected=expected))
+            continue
+        visits.append(Visit(device_id, entry["store_id"], entry["store_id"], start, end))
+    return visits
 
 
 def parse_weather(text: str) -> dict[str, Any]:
@@ -292,6 +339,9 @@ class ReplayResult:
     event_counts: Counter[str] = field(default_factory=Counter)
     visits: list[Visit] = field(default_factory=list)  # kept unless summary_only
     visit_count: int = 0
+    decisions: list[Decision] = field(default_factory=list)  # kept unless summary_only
+    outcomes: Counter[str] = field(default_factory=Counter)  # push / holdout / suppressed
+    suppressed: Counter[str] = field(default_factory=Counter)  # reason → count
     elapsed_s: float = 0.0
 
     @property
@@ -304,9 +354,10 @@ class ReplayResult:
             "rejected": sum(self.rejected.values()),
             "rejected_by_code": dict(sorted(self.rejected.items())),
             "events": {t: self.event_counts[t] for t in EVENT_TYPES},
-            # the rules engine will fill these; the shape is ready for it
-            "pushes": 0,
-            "suppressed": {},
+            "pushes": self.outcomes["push"],
+            "holdouts": self.outcomes["holdout"],
+            "suppressed": dict(sorted(self.suppressed.items())),
+            "visits": self.visit_count,
             "elapsed_s": round(self.elapsed_s, 3),
             "pings_per_s": round(self.pings_per_s, 1),
         }
@@ -316,7 +367,10 @@ class ReplayResult:
         doc: dict[str, Any] = {"summary": self.summary()}
         if not summary_only:
             doc["events"] = [event_json(e) for e in self.events]
-            doc["decisions"] = []
+            doc["visits"] = [{"device_id": v.device_id, "store_id": v.store_id,
+                              "geofence_id": v.geofence_id, "start": format_ts(v.start),
+                              "end": format_ts(v.end)} for v in self.visits]
+            doc["decisions"] = [{"ts": format_ts(d.ts), **d.as_json()} for d in self.decisions]
         return doc
 
 
@@ -336,8 +390,15 @@ class Replay:
         assume_consent: bool = False,
         keep_events: bool = True,
         chunk: int = CHUNK,
+        weather: Weather | None = None,
+        visits: Mapping[str, list[Visit]] | None = None,
     ) -> None:
         self.engine = engine
+        self.weather = weather
+        # per device: pushes decided so far and visits ended, as the policy and rules read them
+        self.histories: dict[str, DeviceHistory] = {
+            d: DeviceHistory(visits=list(v)) for d, v in (visits or {}).items()}
+        self.activity: dict[str, str | None] = {}  # device → its latest ping's activity
         self.assume_consent = assume_consent
         self.keep_events = keep_events
         self.chunk = chunk
@@ -367,6 +428,7 @@ class Replay:
             self._ingest(pending, lines)
         self._run_clocks_out()
         self.result.events.sort(key=lambda e: e.ts)  # stable: same-time events keep their order
+        self.result.decisions.sort(key=lambda d: d.ts)
         self.result.elapsed_s = time.perf_counter() - started
         return self.result
 
@@ -374,9 +436,11 @@ class Replay:
         device = ping.device_id
         snap = self.snapshots.get(device)
         if snap is None and self.assume_consent:
-            # --assume-consent: a device missing from --devices consents to everything
+            # --assume-consent: a device missing from --devices consents to everything, with
+            # a push token
             snap = DeviceSnapshot(
-                DeviceProfile(device_id=device, consent=Consent(location=True, marketing=True)),
+                DeviceProfile(device_id=device, push_token=ASSUMED_TOKEN,
+                              consent=Consent(location=True, marketing=True)),
                 None,
             )
             self.snapshots[device] = snap
@@ -398,12 +462,15 @@ class Replay:
         snapshots = {d: self.snapshots[d] for d in devices}
         # consent was checked in _admit, ping by ping, in file order
         outcomes = self.engine.ingest(pings, snapshots, positions=lines, assume_consent=True)
+        activities = {(p.device_id, p.ts): p.activity for p in pings}
         for device, outcome in outcomes.items():
             for rejected in outcome.rejected:
                 self._reject(rejected.index, rejected.code, rejected.message)
             if outcome.state is not None:
                 snapshots[device].state = outcome.state
-            self._record(outcome.events, outcome.visits)
+            self._record(device, outcome.events, outcome.visits, activities)
+        for ping in pings:
+            self.activity[ping.device_id] = ping.activity
 
     def _run_clocks_out(self) -> None:
         for device, last in self.clock.items():
@@ -411,15 +478,34 @@ class Replay:
             outcome = self.engine.fire(device, snap, last + self.engine.tracker.stale_after_s)
             if outcome.state is not None:
                 snap.state = outcome.state
-            self._record(outcome.events, outcome.visits)
+            self._record(device, outcome.events, outcome.visits, {})
 
-    def _record(self, events: list[Event], visits: list[Visit]) -> None:
+    def _record(self, device: str, events: list[Event], visits: list[Visit],
+                activities: Mapping[tuple[str, float], str | None]) -> None:
         for event in events:
             self.result.event_counts[event.type] += 1
         self.result.visit_count += len(visits)
         if self.keep_events:
             self.result.events.extend(events)
             self.result.visits.extend(visits)
+        decider = self.engine.decider
+        if decider is None or not decider.rules:
+            return
+        history = self.histories.setdefault(device, DeviceHistory())
+        history.visits.extend(visits)  # visit_stats counts those ended before each event
+        profile = self.snapshots[device].profile
+        assert profile is not None  # admitted: it has consented
+        # one moment per ping or timer firing: its events share its time
+        for ts, moment in itertools.groupby(events, key=lambda e: e.ts):
+            activity = activities.get((device, ts), self.activity.get(device))
+            # the virtual clock stands at the moment: nothing is late in replay
+            for decision in decider.decide(device, list(moment), profile, history,
+                                           weather=self.weather, now=ts, activity=activity):
+                self.result.outcomes[decision.outcome] += 1
+                if decision.reason is not None:
+                    self.result.suppressed[decision.reason] += 1
+                if self.keep_events:
+                    self.result.decisions.append(decision)
 
     def _reject(self, line: int, code: str, message: str) -> None:
         self.result.rejected[code] += 1
@@ -468,15 +554,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc.message}", file=err)
         print_error(exc, err)
         return ERRORS
-    if rules:
-        # the dwell events come from the rules' dwell durations; decisions are still to come
-        print(f"rules: {len(rules)} loaded (their dwell durations are replayed; decisions are "
-              "not made yet)", file=err)
+    print(f"rules: {len(rules)} loaded", file=err)
     print(f"weather: {weather if weather else 'unknown'}", file=err)
-    devices = {}
+    devices: dict[str, DeviceProfile] = {}
+    device_visits: dict[str, list[Visit]] = {}
     if args.devices:
         try:
-            devices = load_devices(Path(args.devices))
+            devices, device_visits = load_devices_and_visits(Path(args.devices))
         except InvalidInput as exc:
             print_error(exc, err)
             return ERRORS
@@ -485,6 +569,9 @@ def run(args: argparse.Namespace) -> int:
         devices=devices,
         assume_consent=args.assume_consent,
         keep_events=not args.summary_only,
+        weather=Weather(weather.get("temperature_c"), weather.get("condition"))
+        if weather else None,
+        visits=device_visits,
     )
     path = Path(args.pings)
     try:
@@ -504,6 +591,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         if not args.summary_only:
             _print_timeline(result.events, names, sys.stdout)
+            _print_decisions(result.decisions, sys.stdout)
         _print_summary(result, sys.stdout)
     return OK
 
@@ -530,10 +618,19 @@ def _print_timeline(events: list[Event], names: dict[str, str], out: TextIO) -> 
               f"{names.get(e.geofence_id, '?')}  {e.distance_m:.0f} m  {speed}", file=out)
 
 
+def _print_decisions(decisions: list[Decision], out: TextIO) -> None:
+    for d in decisions:
+        what = f"{d.outcome} {d.reason}" if d.reason else d.outcome
+        text = f"  {d.message.title!r}: {d.message.body!r}" if d.message else ""
+        print(f"{format_ts(d.ts)}  {d.device_id}  {what:<22}  {d.rule_id}  {d.geofence_id}"
+              f"{text}", file=out)
+
+
 def _print_summary(result: ReplayResult, out: TextIO) -> None:
     s = result.summary()
     rejected = ", ".join(f"{k} {v}" for k, v in s["rejected_by_code"].items())
     events = ", ".join(f"{k} {v}" for k, v in s["events"].items())
     print(f"pings {s['pings']}, rejected {s['rejected']}{f' ({rejected})' if rejected else ''}; "
-          f"events: {events}; visits {result.visit_count}; pushes 0 (rules engine not built); "
+          f"events: {events}; visits {result.visit_count}; pushes {s['pushes']}, holdouts "
+          f"{s['holdouts']}, suppressed {sum(s['suppressed'].values())}; "
           f"{s['elapsed_s']} s, {s['pings_per_s']:.0f} pings/s", file=out)

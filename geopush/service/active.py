@@ -22,6 +22,7 @@ from geopush.engine import Engine
 from geopush.geo.index import GeofenceIndex
 from geopush.geo.stores import StoreSet, read_stores_text, stores_from_text
 from geopush.geo.transitions import Tracker
+from geopush.rules.decide import Decider
 from geopush.rules.load import RuleFile, RulePolicy, RuleSet, read_rule_files, rules_from_files
 
 
@@ -92,7 +93,8 @@ def build_geofencing(stores: StoreSet, settings: Settings, version: str = "",
         pings_per_minute=settings.limits.device_pings_per_minute,
         dwell_plan=rules.dwell_plan(stores),  # dwell timers for exactly what rules ask
     )
-    return Geofencing(stores, index, Engine(tracker), time.time(), version, rules)
+    decider = Decider(rules, {g.id: g for g in stores.geofences}, settings.policy)
+    return Geofencing(stores, index, Engine(tracker, decider), time.time(), version, rules)
 
 
 def rule_policy(settings: Settings) -> RulePolicy:
