@@ -63,6 +63,9 @@ class Metrics:
             "geopush_http_slow_clients", "Connections closed because a client was too slow to "
             "send its request headers or body (server.header_timeout, server.body_timeout)",
             ["phase"], registry=r)
+        self.bad_requests = Counter(
+            "geopush_http_bad_requests", "Requests the HTTP parser refused (400) before they "
+            "reached the app: malformed request lines, headers or bodies", registry=r)
         self.geofences = Gauge(
             "geopush_geofences_loaded", "Geofences in the active stores set", registry=r)
         self.stores_loaded_at = Gauge(

@@ -216,6 +216,42 @@ async def test_failed_accepts_are_logged_once_a_while_not_once_each(
     assert vars(lines[0])["geopush_fields"]["error"] == "EMFILE"
 
 
+MALFORMED = [
+    # a header line without a colon, carrying what looks like a device token
+    b"GET /v1/clients/osmand?id=victim-1&key=gpd1.victim-1.n0nce.m4c HTTP/1.1\r\nHost: x\r\n"
+    b"Authorization Bearer gpd1.victim-1.n0nce.m4c\r\n\r\n",
+    b"GET /v1/devices/victim-2 HTTP/1.1\r\nHost: x\r\nContent-Length: victim-2\r\n\r\n",
+    b"POST /v1/pings HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nvictim-3\r\n",
+    b"\x16\x03\x01\x02\x00 not HTTP at all\r\n\r\n",
+]
+
+
+async def test_requests_the_parser_refuses_are_one_quiet_line_each_without_their_bytes(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A client's malformed request is its mistake: a 400, a debug line and a metric, never an
+    error-level traceback per request (anyone could flood the log) nor the refused bytes (a
+    header may hold a token)."""
+    caplog.set_level(logging.DEBUG)
+    async with _serving(tmp_path) as (http, port):
+        for raw in MALFORMED:
+            reader, writer = await asyncio.open_connection(LOOPBACK, port)
+            writer.write(raw)
+            answer = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            assert answer.split(b" ", 2)[1] == b"400", answer[:80]
+        assert await _status(port) == 200
+        metrics = http.guard._metrics
+        assert metrics is not None
+        assert metrics.bad_requests._value.get() == len(MALFORMED)
+    logged = [r for r in caplog.records if r.name.startswith("aiohttp")
+              or "refused" in r.getMessage()]
+    assert [r.getMessage() for r in logged] == ["request_refused"] * len(MALFORMED), [
+        (r.name, r.levelname, r.getMessage()) for r in logged]
+    assert all(r.levelno == logging.DEBUG and not r.exc_info for r in logged)
+    text = caplog.text + "".join(str(vars(r)) for r in caplog.records)
+    assert "victim" not in text and "n0nce" not in text
+
+
 @pytest.mark.parametrize(("configured", "open_files", "cap"), [
     (10_000, 1_048_576, 10_000),  # a container's usual limit: the setting holds
     (10_000, 8_192, 8_192 - 64 - 3 * BACKLOG),  # three passes of refused sockets in flight

@@ -15,7 +15,9 @@ keeps an idle connection for an hour. Here:
   connection (it has its own heartbeat) and its head deadline is cleared like any request's;
 - asyncio logs every accept() that fails for want of file descriptors, up to backlog times a
   loop pass (cpython#151615): those become one line a while, and `raise_open_files_limit`
-  lifts the soft RLIMIT_NOFILE to the hard one at start, below which the cap is kept.
+  lifts the soft RLIMIT_NOFILE to the hard one at start, below which the cap is kept;
+- a request aiohttp's parser refuses (400) is a debug line and a count (`ServerLog`), not an
+  error-level traceback quoting the refused bytes.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from geopush.api.appstate import METRICS, SETTINGS
 from geopush.api.errors import Handler, RequestTimeout, error_body
@@ -316,6 +319,38 @@ def _body_timed_out(request: web.Request, timeout: float) -> None:
         f"the request body did not arrive within {timeout:g} s (server.body_timeout)"))
 
 
+class ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """aiohttp's server logger. A request its parser refuses (a 400 before the app sees it) is
+    the client's mistake: aiohttp logs each at error level with a traceback quoting the refused
+    bytes (which may hold a header's token or a device id), so anyone could flood the log or
+    plant a credential in it. Here each is a debug line naming the kind of mistake, and a
+    count; anything else aiohttp logs goes through as it was."""
+
+    def __init__(self, metrics: Metrics | None) -> None:
+        super().__init__(logging.getLogger("aiohttp.server"), {})
+        self._metrics = metrics
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True,
+                  **kwargs: Any) -> None:
+        if isinstance(exc_info, HttpProcessingError) and exc_info.code < 500:
+            self._refused(exc_info)
+            return
+        super().exception(msg, *args, exc_info=exc_info, **kwargs)
+
+    def debug(self, msg: object, *args: object, exc_info: Any = None, **kwargs: Any) -> None:
+        # non-HTTP bytes as the first request (TLS to a plain port) come here, with a traceback
+        if isinstance(exc_info, HttpProcessingError):
+            self._refused(exc_info)
+            return
+        super().debug(msg, *args, exc_info=exc_info, **kwargs)
+
+    def _refused(self, error: HttpProcessingError) -> None:
+        if self._metrics is not None:
+            self._metrics.bad_requests.inc()
+        log.debug("request_refused", extra=fields(status=error.code,
+                                                  reason=type(error).__name__))
+
+
 class _GuardedSite(web.BaseSite):
     """A TCP site whose connections are made by the guard's protocol factory."""
 
@@ -352,7 +387,8 @@ class HttpServer:
             header_timeout=settings.header_timeout, metrics=app[METRICS])
         self._runner = web.AppRunner(app, access_log=None,
                                      shutdown_timeout=settings.shutdown_timeout,
-                                     keepalive_timeout=settings.keepalive_timeout)
+                                     keepalive_timeout=settings.keepalive_timeout,
+                                     logger=ServerLog(app[METRICS]))
         self._host = host
         self._port = port
         self._backlog = backlog
