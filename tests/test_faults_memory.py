@@ -28,9 +28,10 @@ SECRET = "pistachio-7f3a9c"  # a distinctive attribute value, searched for in th
 
 
 class Serve:
-    """One `geopush serve` on the memory backend, started and killed as the test says."""
+    """One `geopush serve` (the memory backend unless `storage` says otherwise), started and
+    killed as the test says."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, storage: dict[str, Any] | None = None) -> None:
         self.port = free_port()
         self.state_dir = tmp_path / "var"
         self.config = tmp_path / "geopush.yaml"
@@ -38,8 +39,8 @@ class Serve:
             "stores_file": str(write_stores(tmp_path / "stores.geojson", load_trace())),
             "rules_dir": str(tmp_path / "rules"),
             "server": {"host": "127.0.0.1", "port": self.port},
-            "storage": {"backend": "memory",
-                        "snapshot_path": str(self.state_dir / "state.json")},
+            "storage": storage or {"backend": "memory",
+                                   "snapshot_path": str(self.state_dir / "state.json")},
             "auth": {"keys": KEYS},
             "logging": {"pseudonym_key": "test-pseudonym-key"},
         }))

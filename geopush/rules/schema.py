@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from geopush.config import WeatherCondition as ReportedCondition
 from geopush.config_problems import PATTERN_MEANINGS
 from geopush.durations import Duration
 from geopush.geo.model import Activity
@@ -24,8 +25,7 @@ PATTERN_MEANINGS[CLOCK_TIME] = "a time of day HH:MM, 00:00 to 23:59"
 
 Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 DAYS: tuple[Day, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-Condition = Literal["clear", "partly_cloudy", "cloudy", "fog", "drizzle", "rain", "snow",
-                    "showers", "thunderstorm"]
+Condition = ReportedCondition  # from WMO codes, as the weather providers report them
 Category = Literal["marketing", "service"]
 TriggerOn = Literal["enter", "dwell", "exit"]
 
