@@ -2,9 +2,9 @@
 
 Any key can be overridden by `GEOPUSH_<SECTION>__<KEY>`; unknown keys are errors; paths are
 relative to the config file. Every key of contract §11 is here with the contract's default,
-validated from the start, including those of features still to come (the rules engine's
-policy, delivery, weather, attribution, retention): a configuration written against the
-contract loads today and keeps its meaning when they land.
+validated from the start, including those of features still to come (delivery, weather
+providers, attribution; the policy decides in `geopush replay` before the service does): a
+configuration written against the contract loads today and keeps its meaning when they land.
 """
 
 from __future__ import annotations
