@@ -27,14 +27,14 @@ message: {title: "Fresh bread", body: "at {{ store.name }}"}
 
 
 async def _app(aiohttp_client: MakeClient, workdir: Path, rules: dict[str, str],
-               storage: dict[str, Any] | None = None) -> Client:
+               storage: dict[str, Any] | None = None, **app: Any) -> Client:
     workdir.mkdir(exist_ok=True)
     folder = workdir / "rules"
     folder.mkdir(exist_ok=True)
     for name, text in rules.items():
         (folder / name).write_text(text)
     settings = settings_for(workdir, **({"storage": storage} if storage else {}))
-    return await aiohttp_client(create_app(settings))
+    return await aiohttp_client(create_app(settings, **app))
 
 
 def _rules_dir(client: Client) -> Path:
@@ -113,3 +113,37 @@ async def test_a_rules_only_change_reaches_the_other_instance(
     assert not list(_rules_dir(b).iterdir())  # b runs the published rules, not its folder
     geofence = b.app[LIVE].geofencing.stores.geofences[0]
     assert b.app[LIVE].engine.tracker.dwells(geofence.id) == (120.0,)
+
+
+async def test_a_dwell_rule_added_by_a_reload_applies_to_stays_entered_after_it(
+        tmp_path: Path, aiohttp_client: MakeClient) -> None:
+    """Contract §4: new dwell durations apply to stays entered after a reload."""
+    client = await _app(aiohttp_client, tmp_path, {}, timer_interval_s=0.1)
+    geofence = client.app[LIVE].geofencing.stores.geofences[0]
+    for device_id in ("before", "after"):
+        resp = await client.put(f"/v1/devices/{device_id}", headers=DEVICES,
+                                json={"consent": {"location": True}})
+        assert resp.status == 200
+
+    async def inside(device_id: str) -> list[str]:
+        resp = await client.post("/v1/pings", headers=INGEST, json={
+            "device_id": device_id, "lat": geofence.lat, "lon": geofence.lon,
+            "ts": round(time.time() * 1000)})
+        return [e["type"] for e in (await resp.json())["events"]]
+
+    assert await inside("before") == ["enter"]
+    await asyncio.sleep(0.05)
+    (_rules_dir(client) / "bakery.yaml").write_text(DWELL_RULE.replace("2m", "1s"))
+    assert (await client.post("/v1/admin/reload", headers=ADMIN)).status == 200
+    await asyncio.sleep(0.05)
+    assert await inside("after") == ["enter"]
+    assert await inside("before") == []  # still inside: its timers are worked out anew
+    await asyncio.sleep(2.0)  # the 1 s dwell is due, the timer loop runs every 0.1 s
+
+    async def dwells(device_id: str) -> list[float]:
+        resp = await client.get(f"/v1/devices/{device_id}/export", headers=DEVICES)
+        [stay] = (await resp.json())["tracking"]["stays"]
+        return list(stay["dwells_fired_s"])
+
+    assert await dwells("after") == [1.0]
+    assert await dwells("before") == []  # entered under the rules before: no 1 s dwell

@@ -215,6 +215,34 @@ def test_repeated_and_non_positive_dwells_in_the_plan_are_ignored() -> None:
     assert tracker.dwells("A") == (300.0,)
 
 
+def test_new_dwell_durations_apply_to_stays_entered_after_a_reload() -> None:
+    """Contract §4: a reload at ts 1000 replaces dwell 300 with dwell 600. A stay entered at 900
+    keeps 300 (and gets no 600); one entered at 1100 gets 600 only."""
+    before = Tracker(INDEX, dwell_plan=lambda f: (300.0,))
+    entered_before = run([at(900, 50)], before).state
+    after = Tracker(INDEX, dwell_plan=lambda f: (600.0,), plan_since=1000.0, earlier=before)
+    old = run([at(1050, 40), Fire(3000)], after, entered_before)
+    assert [(e.type, e.ts) for e in old.events] == [("dwell", 1200)]
+    new = run([at(1100, 50), Fire(3000)], after)
+    assert [(e.type, e.ts) for e in new.events] == [("enter", 1100), ("dwell", 1700)]
+    # what the next timer is, is worked out with the same plans
+    assert after.next_due(run([at(900, 50)], before).state) == 1200
+    assert after.next_due(run([at(1100, 50)], after).state) == 1700
+
+
+def test_only_the_last_eight_plans_are_kept_behind_a_tracker() -> None:
+    tracker = Tracker(INDEX, dwell_plan=lambda f: (100.0,))
+    for n in range(1, 20):
+        tracker = Tracker(INDEX, dwell_plan=lambda f, n=n: (100.0 + n,), plan_since=1000.0 * n,
+                          earlier=tracker)
+    depth, link = 0, tracker.earlier
+    while link is not None:
+        depth, link = depth + 1, link.earlier
+    assert depth == 8  # older trackers (and their indexes) can be collected
+    # a stay older than every kept plan takes the oldest kept
+    assert tracker.stay_dwells("A", 0.0) == (100.0 + 11,)
+
+
 def test_event_fields() -> None:
     result = run([at(0, 50, 10, speed=1.5), at(100, 20, speed=0.2), Fire(300),
                   at(400, 650, speed=3.0)])

@@ -151,6 +151,22 @@ DwellPlan = Callable[[str], Sequence[float]]
 """Dwell durations (seconds) that matter for a geofence id; from the rules."""
 
 
+MAX_EARLIER_PLANS = 8  # reloads whose dwell plans open stays may still follow
+
+
+def _keep_plans(tracker: Tracker, keep: int) -> Tracker:
+    """`tracker` with at most `keep` plans behind it: a stay older than them all takes the
+    oldest kept. The chain would otherwise grow with every reload and keep every old index
+    alive; cutting the link of a tracker that many reloads old changes nothing in use."""
+    last = tracker
+    for _ in range(keep - 1):
+        if last.earlier is None:
+            return tracker
+        last = last.earlier
+    last.earlier = None
+    return tracker
+
+
 def no_dwells(_geofence_id: str) -> Sequence[float]:
     return ()
 
@@ -195,7 +211,10 @@ class Tracker:
     """Applies contract §5 with one index and one set of thresholds; immutable, shareable.
 
     `dwell_plan` is asked once per geofence and the answer cached: build a new Tracker when the
-    rules change (a reload builds a new index anyway)."""
+    rules change (a reload builds a new index anyway). New dwell durations apply to stays
+    entered after a reload (contract §4): `plan_since` is when this tracker's plan took effect
+    (ping time), and `earlier` the tracker whose plan held before, asked for stays entered
+    earlier (it asks its own `earlier` in turn)."""
 
     def __init__(
         self,
@@ -206,6 +225,8 @@ class Tracker:
         min_visit_s: float = 300.0,
         dwell_plan: DwellPlan = no_dwells,
         pings_per_minute: int | None = None,
+        plan_since: float = -math.inf,
+        earlier: Tracker | None = None,
     ) -> None:
         """`pings_per_minute`: the PING RATE LIMIT's C (None or 0: no limit)."""
         self.index = index
@@ -223,6 +244,16 @@ class Tracker:
         self._lat: list[float] = index.lat.tolist()
         self._lon: list[float] = index.lon.tolist()
         self._dwells: dict[str, tuple[float, ...]] = {}
+        self.plan_since = plan_since if earlier is not None else -math.inf
+        self.earlier = _keep_plans(earlier, MAX_EARLIER_PLANS) if earlier is not None else None
+
+    def stay_dwells(self, geofence_id: str, enter_ts: float) -> tuple[float, ...]:
+        """The dwell durations of a stay: those of the plan in effect when it was entered."""
+        tracker: Tracker = self
+        while enter_ts < tracker.plan_since and tracker.earlier is not None:
+            tracker = tracker.earlier
+        plan = tracker._dwells.get(geofence_id)
+        return plan if plan is not None else tracker.dwells(geofence_id)
 
     def dwells(self, geofence_id: str) -> tuple[float, ...]:
         """The geofence's dwell durations, ascending, without repeats (a repeat would fire the
@@ -408,9 +439,9 @@ class Tracker:
                 step = _step(steps, device_id, state)
                 step.events.append(new_event(device_id, fid, store_id, "enter", ts, ping.lat,
                                          ping.lon, dist, speed))
-                plan = self._dwells.get(fid)
+                plan = self._dwells.get(fid) if ts >= self.plan_since else None
                 if plan is None:
-                    plan = self.dwells(fid)
+                    plan = self.stay_dwells(fid, ts)
                 first = ts + (plan[0] if plan and plan[0] < self.stale_after_s
                               else self.stale_after_s)
                 if first < entered:
@@ -469,13 +500,14 @@ class Tracker:
         stale_after = self.stale_after_s
         best = math.inf
         plans = self._dwells
+        since = self.plan_since
         for fid, stay in stays.items():
             t = stay.confirmed_ts + stale_after
             if t < best:
                 best = t
-            plan = plans.get(fid)
+            plan = plans.get(fid) if stay.enter_ts >= since else None
             # ascending: the first not fired is the earliest
-            for dwell in plan if plan is not None else self.dwells(fid):
+            for dwell in plan if plan is not None else self.stay_dwells(fid, stay.enter_ts):
                 if dwell not in stay.dwells_fired:
                     t = stay.enter_ts + dwell
                     if t < best:
@@ -493,7 +525,7 @@ class Tracker:
             t = pending.confirmed_ts + stale_after
             if t <= now:
                 due.append((t, _STALE, fid, 0.0))
-            for dwell in self.dwells(fid):
+            for dwell in self.stay_dwells(fid, pending.enter_ts):
                 t = pending.enter_ts + dwell
                 if t > now:
                     break

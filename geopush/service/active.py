@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from geopush.config import Settings
@@ -33,6 +33,9 @@ class ConfigSet:
     stores_source: str  # where the stores came from, for messages ("stores.geojson")
     stores_text: str
     rule_files: tuple[RuleFile, ...] = ()
+    # when a reload published it (epoch s): its dwell plan holds for stays entered from then
+    # on, on every instance alike. Not part of the content, so not of the version.
+    published_at: float | None = field(default=None, compare=False)
 
     @property
     def version(self) -> str:
@@ -46,8 +49,8 @@ class ConfigSet:
     def to_bytes(self) -> bytes:
         return json.dumps({"version": self.version, "stores_source": self.stores_source,
                            "stores_text": self.stores_text,
-                           "rule_files": [[f.name, f.text] for f in self.rule_files]}
-                          ).encode("utf-8")
+                           "rule_files": [[f.name, f.text] for f in self.rule_files],
+                           "published_at": self.published_at}).encode("utf-8")
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> ConfigSet:
@@ -56,7 +59,9 @@ class ConfigSet:
             data = json.loads(raw)
             rule_files = tuple(RuleFile(str(name), str(text))
                                for name, text in data.get("rule_files", []))
-            return cls(str(data["stores_source"]), str(data["stores_text"]), rule_files)
+            published_at = data.get("published_at")
+            return cls(str(data["stores_source"]), str(data["stores_text"]), rule_files,
+                       float(published_at) if published_at is not None else None)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise ValueError(f"not a published configuration: {exc}") from None
 
@@ -82,7 +87,9 @@ def build_engine(settings: Settings, stores: StoreSet, rules: RuleSet | None = N
 
 
 def build_geofencing(stores: StoreSet, settings: Settings, version: str = "",
-                     rules: RuleSet | None = None) -> Geofencing:
+                     rules: RuleSet | None = None, *, after: Geofencing | None = None,
+                     since: float | None = None) -> Geofencing:
+    """`after`: the set this one replaces at `since`; stays entered before keep its dwells."""
     rules = rules if rules is not None else NO_RULES
     index = GeofenceIndex.from_stores(stores, hysteresis_m=settings.geofence.exit_hysteresis_m)
     tracker = Tracker(
@@ -92,6 +99,8 @@ def build_geofencing(stores: StoreSet, settings: Settings, version: str = "",
         min_visit_s=settings.visits.min_dwell,
         pings_per_minute=settings.limits.device_pings_per_minute,
         dwell_plan=rules.dwell_plan(stores),  # dwell timers for exactly what rules ask
+        plan_since=since if since is not None else time.time(),
+        earlier=after.engine.tracker if after is not None else None,
     )
     decider = Decider(rules, {g.id: g for g in stores.geofences}, settings.policy)
     return Geofencing(stores, index, Engine(tracker, decider), time.time(), version, rules)
@@ -108,13 +117,16 @@ def read_config_set(settings: Settings) -> ConfigSet:
     return ConfigSet(str(path), read_stores_text(path), read_rule_files(settings.rules_dir))
 
 
-def geofencing_of(config: ConfigSet, settings: Settings) -> Geofencing:
+def geofencing_of(config: ConfigSet, settings: Settings, after: Geofencing | None = None
+                  ) -> Geofencing:
     """Validate and build; StoreLoadError or RuleLoadError lists every error (stores first:
-    the rules' selectors are checked against them)."""
+    the rules' selectors are checked against them). `after`: the set it replaces, from the
+    time the config was published (stays entered before keep that set's dwell durations)."""
     stores = stores_from_text(config.stores_text, source=config.stores_source,
                               default_radius_m=settings.geofence.default_radius_m)
     rules = rules_from_files(config.rule_files, rule_policy(settings), stores)
-    return build_geofencing(stores, settings, config.version, rules)
+    return build_geofencing(stores, settings, config.version, rules, after=after,
+                            since=config.published_at)
 
 
 def load_geofencing(settings: Settings) -> Geofencing:

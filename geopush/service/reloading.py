@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from contextlib import suppress
+from dataclasses import replace
 
 from geopush.config import Settings
 from geopush.errors import RuleLoadError, StoreLoadError
@@ -56,7 +58,9 @@ class Reloader:
         case."""
         async with self._lock:
             config = await asyncio.to_thread(read_config_set, self._settings)
-            geofencing = await asyncio.to_thread(geofencing_of, config, self._settings)
+            config = replace(config, published_at=time.time())
+            geofencing = await asyncio.to_thread(geofencing_of, config, self._settings,
+                                                 self._current())
             self._seen = await self._store.publish_config(config.to_bytes())
             self._install(geofencing)
             log.info("config_published", extra=fields(version=geofencing.version,
@@ -82,7 +86,10 @@ class Reloader:
                 current = self._current()
                 if current is not None and current.version == config.version:
                     return False
-                geofencing = await asyncio.to_thread(geofencing_of, config, self._settings)
+                if config.published_at is None:  # published by a release before
+                    config = replace(config, published_at=time.time())
+                geofencing = await asyncio.to_thread(geofencing_of, config, self._settings,
+                                                     current)
             except (ValueError, StoreLoadError, RuleLoadError) as exc:
                 log.error("published_config_rejected",
                           extra=fields(serial=serial, reason=str(exc)))
