@@ -243,7 +243,10 @@ def run(settings: Settings) -> int:
     try:
         asyncio.run(serve(settings))
     except GeopushError as exc:
-        print(f"error: geopush serve cannot start: {exc}", file=sys.stderr)
+        # the lines `geopush check` prints for the same problems
+        print(f"error: geopush serve cannot start: {exc.message}", file=sys.stderr)
+        for problem in exc.details:
+            print(problem.line(), file=sys.stderr)
         return 1
     return 0
 

@@ -6,6 +6,7 @@ what was expected; the HTTP layer turns these into `{"error": {"code", "message"
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,15 @@ class Problem:
     def __str__(self) -> str:
         return f"{self.where}: {self.message}"
 
+    def line(self) -> str:
+        """As every command prints it: `severity: where: message; expected …` (the expected
+        part left out when the message already says it)."""
+        text = f"{self.severity}: {self.where}: {self.message}"
+        if self.expected and "expected" not in self.message \
+                and self.expected not in self.message:
+            text += f"; expected {self.expected}"
+        return text
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "where": self.where,
@@ -33,6 +43,15 @@ class Problem:
             "message": self.message,
             "severity": self.severity,
         }
+
+
+def shortened(value: Any, limit: int = 60) -> Any:
+    """A value as an error shows it: numbers and null as they are, anything else as text (JSON
+    for structures) cut to `limit` characters."""
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class GeopushError(Exception):

@@ -130,3 +130,17 @@ def line_of(node: yaml.Node | None, path: Sequence[str | int]) -> int | None:
         else:
             return best
     return best
+
+
+def node_at(tree: yaml.Node | None, path: Sequence[str | int]) -> yaml.Node | None:
+    """The node along `path` (a key or list index per step), None when it is not there."""
+    node = tree
+    for step in path:
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if k.value == step), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(step, int) \
+                and step < len(node.value):
+            node = node.value[step]
+        else:
+            return None
+    return node

@@ -280,6 +280,57 @@ def test_replay_json_document_on_stdout_only(world: Path) -> None:
     assert doc["decisions"] == []
 
 
+WIN_BACK = """\
+id: win-back
+trigger: {on: enter, geofences: {ids: [node/1]}}
+when: {visits: {last_visit_days: {min: 21}}}
+message: {title: "Welcome back", body: "{{ visits.last_visit_days }} days since your last visit"}
+"""
+
+
+def test_replay_previews_a_win_back_rule_with_earlier_visits_from_devices(world: Path) -> None:
+    (world.parent / "rules" / "win-back.yaml").write_text(WIN_BACK)
+    pings = _pings_csv(world.parent / "pings.csv", VISIT)
+    devices = world.parent / "devices.yaml"
+    profile = ("- device_id: a\n  push_token: fcm-a\n"
+               "  consent: {location: true, marketing: true}\n")
+    devices.write_text(profile + "  visits: [{store_id: node/1, start: 2026-05-01T10:00:00Z, "
+                       "end: 2026-05-01T10:20:00Z}]\n")
+    done = _geopush("replay", pings, "-c", world, "--devices", devices, "--json")
+    assert done.returncode == 0, done.stderr
+    [decision] = json.loads(done.stdout)["decisions"]
+    assert (decision["rule_id"], decision["outcome"], decision["body"]) == (
+        "win-back", "push", "30 days since your last visit")
+    devices.write_text(profile)  # no earlier visit: last_visit_days unknown, no candidate
+    done = _geopush("replay", pings, "-c", world, "--devices", devices, "--json")
+    assert json.loads(done.stdout)["decisions"] == []
+    devices.write_text(profile + "  visits: [{store_id: node/1, start: 2026-05-02T10:00:00Z, "
+                       "end: 2026-05-01T10:20:00Z}]\n")
+    done = _geopush("replay", pings, "-c", world, "--devices", devices, "--json")
+    assert done.returncode == 1 and done.stdout == ""
+    [error] = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert "devices.yaml:4: device #0: visits.0 = " in error
+    assert "expected a list of {store_id, start, end} with RFC 3339 times, start before end" \
+           in error
+
+
+def test_serve_refuses_bad_rules_with_the_lines_check_prints(world: Path) -> None:
+    (world.parent / "rules" / "bad.yaml").write_text(
+        "id: Bad\ntrigger: {on: enter, geofences: {tags: [x]}}\n"
+        "message: {title: t, body: '{{ x }}'}\n")
+    checked = _geopush("check", "-c", world, cwd=world.parent)
+    served = _geopush("serve", "-c", world, cwd=world.parent)
+    assert checked.returncode == 1 and served.returncode == 1
+
+    def errors(text: str) -> list[str]:
+        return [line[line.index("bad.yaml"):] for line in text.splitlines()
+                if line.startswith("error: ") and "bad.yaml" in line]
+
+    assert len(errors(checked.stdout)) == 2
+    assert errors(served.stderr) == errors(checked.stdout)
+    assert "id = 'Bad'; expected lower-case letters, digits and -" in served.stderr
+
+
 def test_replay_ndjson_with_the_timeline(capsys: pytest.CaptureFixture[str], world: Path) -> None:
     pings = world.parent / "pings.ndjson"
     pings.write_text("\n".join(json.dumps(p) for p in [

@@ -39,11 +39,7 @@ def show(path: Path | None) -> str:
 
 
 def print_problem(problem: Problem, out: TextIO) -> None:
-    line = f"{problem.severity}: {problem.where}: {problem.message}"
-    if problem.expected and "expected" not in problem.message \
-            and problem.expected not in problem.message:
-        line += f"; expected {problem.expected}"
-    print(line, file=out)
+    print(problem.line(), file=out)
 
 
 def print_error(error: GeopushError, out: TextIO) -> None:

@@ -22,6 +22,7 @@ from shapely.geometry import MultiPolygon, Polygon
 from shapely.geometry.base import BaseGeometry
 
 from geopush.errors import Problem, Report, StoreLoadError
+from geopush.errors import shortened as _short
 from geopush.geo.hours import HoursSyntaxError, StoreHours
 
 # OSM keys that become `key:value` tags (contract §2).
@@ -437,13 +438,6 @@ def timezone_at(lat: float, lon: float) -> str:
 
 def _same_geometry(a: Any, b: Any) -> bool:
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
-
-
-def _short(value: Any, limit: int = 60) -> Any:
-    if value is None or isinstance(value, bool | int | float):
-        return value
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _say(value: Any) -> str:

@@ -21,11 +21,11 @@ from pydantic import ValidationError
 from geopush.config_problems import validation_problems
 from geopush.config_sources import Origin
 from geopush.durations import format_duration
-from geopush.errors import Problem, Report, RuleLoadError
+from geopush.errors import Problem, Report, RuleLoadError, shortened
 from geopush.geo.stores import Geofence, StoreSet
 from geopush.rules.schema import Rule, reserved_data_key
 from geopush.rules.templates import CompiledTemplate, TemplateProblem, compile_template
-from geopush.yamlspots import YamlError, line_of, load_yaml
+from geopush.yamlspots import YamlError, line_of, load_yaml, node_at
 
 RULE_SUFFIXES = (".yaml", ".yml")
 MAX_RULE_FILE_BYTES = 1 << 20
@@ -211,7 +211,7 @@ def _one_rule(file: RuleFile, tree: yaml.Node | None, path: list[str | int], ite
         return None
     rule_id = item.get("id") if isinstance(item.get("id"), str) else None
     label = f"rule {rule_id}" if rule_id else f"the rule at {where}"
-    node = _node_at(tree, path)
+    node = node_at(tree, path)
     origin = Origin(Path(file.name), node)
     errors_before = len(report.errors)
 
@@ -263,12 +263,13 @@ def _compile_message(rule: Rule, problem: Callable[..., None]) -> CompiledMessag
     locales = {loc: (_compiled(("message", "locales", loc, "title"), m.title, problem),
                      _compiled(("message", "locales", loc, "body"), m.body, problem))
                for loc, m in msg.locales.items()}
-    if title is None or body is None or None in data.values() \
-            or any(None in pair for pair in locales.values()):
-        return None
-    return CompiledMessage(title, body, {k: v for k, v in data.items() if v is not None},
-                           {k: (t, b) for k, (t, b) in locales.items()
-                            if t is not None and b is not None})
+    compiled_data = {k: t for k, t in data.items() if t is not None}
+    compiled_locales = {k: (t, b) for k, (t, b) in locales.items()
+                        if t is not None and b is not None}
+    if title is None or body is None or len(compiled_data) < len(data) \
+            or len(compiled_locales) < len(locales):
+        return None  # each failed template was reported
+    return CompiledMessage(title, body, compiled_data, compiled_locales)
 
 
 def _compile_raw_templates(message: Any, problem: Callable[..., None]) -> None:
@@ -294,34 +295,15 @@ def _compiled(loc: tuple[str | int, ...], source: str,
     result = compile_template(source)
     if isinstance(result, TemplateProblem):
         line = f" (template line {result.line})" if result.line and "\n" in source else ""
-        problem(loc, f"{'.'.join(map(str, loc))}: {result.message}{line}", _short(source),
+        problem(loc, f"{'.'.join(map(str, loc))}: {result.message}{line}", shortened(source, 80),
                 "a message template as docs/rules.md describes")
         return None
     return result
 
 
-def _node_at(tree: yaml.Node | None, path: Sequence[str | int]) -> yaml.Node | None:
-    node = tree
-    for step in path:
-        if isinstance(node, yaml.MappingNode):
-            node = next((v for k, v in node.value if k.value == step), None)
-        elif isinstance(node, yaml.SequenceNode) and isinstance(step, int) \
-                and step < len(node.value):
-            node = node.value[step]
-        else:
-            return None
-    return node
-
-
 def _where(file: RuleFile, tree: yaml.Node | None, path: Sequence[str | int]) -> str:
     line = line_of(tree, list(path))
     return f"{file.name}:{line}" if line else file.name
-
-
-def _short(value: Any, limit: int = 80) -> Any:
-    if isinstance(value, str) and len(value) > limit:
-        return value[:limit - 1] + "…"
-    return value
 
 
 def _say(value: Any) -> str:
@@ -331,5 +313,5 @@ def _say(value: Any) -> str:
         return "a mapping"
     if value is None:
         return "nothing"
-    return f"{type(value).__name__} {_short(repr(value), 40)}"
+    return f"{type(value).__name__} {shortened(repr(value), 40)}"
 
