@@ -12,10 +12,10 @@ import pytest
 
 from geopush.cli.replay import BadLine, Replay, read_pings
 from geopush.config import load_settings
-from geopush.errors import Problem
+from geopush.errors import Problem, RuleLoadError
 from geopush.geo.model import Ping
 from geopush.geo.stores import StoreSet, parse_stores
-from geopush.rules import RuleFile, RulePolicy, RuleSet, parse_rules
+from geopush.rules import RuleFile, RulePolicy, RuleSet, parse_rules, read_rule_files
 from geopush.rules.templates import TemplateFailure, TemplateProblem, compile_template
 from geopush.service.active import ConfigSet, build_engine
 
@@ -113,6 +113,21 @@ def test_a_selector_matching_no_geofence_is_a_warning_and_an_empty_file_too() ->
     assert [(p.severity, p.where) for p in problems] == [
         ("warning", "rules/r1.yaml:1"), ("warning", "rules/r0.yaml:1")]
     assert "matches no geofence" in problems[1].message
+
+
+def test_unreadable_rules_files_are_one_line_each(tmp_path: Path) -> None:
+    for name, make in [
+        ("huge.yaml", lambda p: p.write_bytes(b"#" * (2 << 20))),
+        ("zero.yaml", lambda p: p.symlink_to("/dev/zero")),  # reports 0 bytes, never ends
+        ("latin.yaml", lambda p: p.write_bytes("id: caf\xe9\n".encode("latin-1"))),
+    ]:
+        folder = tmp_path / name.removesuffix(".yaml")
+        folder.mkdir()
+        make(folder / name)
+        with pytest.raises(RuleLoadError) as raised:
+            read_rule_files(folder, "rules")
+        assert raised.value.message.startswith(f"rules/{name}: ")
+        assert "\n" not in raised.value.message
 
 
 def test_the_published_version_names_the_rules_too() -> None:

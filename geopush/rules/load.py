@@ -113,10 +113,13 @@ def read_rule_files(rules_dir: Path, shown_as: str | None = None) -> tuple[RuleF
     for path in sorted(p for p in rules_dir.iterdir() if p.suffix in RULE_SUFFIXES):
         name = f"{prefix.rstrip('/')}/{path.name}"
         try:
-            if path.stat().st_size > MAX_RULE_FILE_BYTES:
+            # read with a bound, not by its size: a link to /dev/zero says 0 bytes
+            with path.open("rb") as f:
+                raw = f.read(MAX_RULE_FILE_BYTES + 1)
+            if len(raw) > MAX_RULE_FILE_BYTES:
                 raise RuleLoadError(f"{name}: larger than {MAX_RULE_FILE_BYTES >> 20} MiB; "
                                     "expected a rules file")
-            files.append(RuleFile(name, path.read_text(encoding="utf-8")))
+            files.append(RuleFile(name, raw.decode("utf-8")))
         except OSError as exc:
             raise RuleLoadError(f"{name}: cannot read rules file: {exc.strerror}") from None
         except UnicodeDecodeError:
