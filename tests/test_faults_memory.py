@@ -46,14 +46,22 @@ class Serve:
         }))
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[str] | None = None
+        self.starts = 0
+        self.log_path = tmp_path / "serve-0.log"
 
     async def start(self) -> None:
-        self.proc = _popen(self.config)
+        # the log goes to a file: a pipe nobody reads until the end fills up (64 KB of audit
+        # lines) and blocks the server in its next log write, whatever the test is about
+        self.starts += 1
+        self.log_path = self.config.with_name(f"serve-{self.starts}.log")
+        with self.log_path.open("w") as log:  # the child keeps its own descriptor
+            self.proc = _popen(self.config, log=log)
         async with aiohttp.ClientSession() as session:
             deadline = time.monotonic() + 60
             while True:
                 if self.proc.poll() is not None:
-                    raise AssertionError(f"geopush serve exited: {self.proc.communicate()[1]}")
+                    self.proc.communicate()
+                    raise AssertionError(f"geopush serve exited: {self.log()}")
                 try:
                     if (await session.get(f"{self.url}/readyz")).status == 200:
                         return
@@ -69,12 +77,18 @@ class Serve:
         self.proc = None
 
     def stop(self) -> str:
+        """SIGTERM; the log of this run."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
-        _, stderr = self.proc.communicate(timeout=60)
+        self.proc.communicate(timeout=60)
+        stderr = self.log()
         assert self.proc.returncode == 0, stderr
         self.proc = None
         return stderr
+
+    def log(self) -> str:
+        """What the current (or last) run wrote."""
+        return self.log_path.read_text() if self.log_path.exists() else ""
 
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -85,10 +99,12 @@ class Serve:
         return b"".join(p.read_bytes() for p in sorted(self.state_dir.iterdir()) if p.is_file())
 
 
-def _popen(config: Path, **env: str) -> subprocess.Popen[str]:
+def _popen(config: Path, log: Any = subprocess.PIPE, **env: str) -> subprocess.Popen[str]:
+    """`log`: where stdout and stderr go (a pipe: read it, or the server blocks once it is
+    full)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("GEOPUSH_")}
     return subprocess.Popen([GEOPUSH, "serve", "-c", str(config)], env={**clean, **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=log, stderr=log, text=True)
 
 
 async def _put(session: aiohttp.ClientSession, url: str, device_id: str,
