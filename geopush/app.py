@@ -21,7 +21,7 @@ from contextlib import suppress
 
 from aiohttp import WSCloseCode, web
 
-from geopush.api import admin, clients, devices, health, openapi, pings
+from geopush.api import admin, clients, devices, health, openapi, pings, pushes
 from geopush.api.admin import install_geofencing
 from geopush.api.appstate import (
     AUTH,
@@ -32,6 +32,7 @@ from geopush.api.appstate import (
     RELOADER,
     SETTINGS,
     STATE,
+    WEATHER,
     WEBSOCKETS,
     Live,
 )
@@ -56,6 +57,8 @@ from geopush.service.reloading import Reloader
 from geopush.service.timers import INTERVAL_S, TimerClaimer
 from geopush.state.base import StateStore, StateUnavailable
 from geopush.state.factory import make_store
+from geopush.weather.cells import cell_of
+from geopush.weather.source import weather_source
 
 log = logging.getLogger("geopush.app")
 
@@ -84,17 +87,20 @@ def create_app(settings: Settings, *, store: StateStore | None = None,
         store = make_store(settings)
     app[STATE] = store
     live = app[LIVE]
+    app[WEATHER] = weather_source(settings.weather, store, lambda: _store_cells(live))
     app[INGESTOR] = Ingestor(store, lambda: live.engine, app[METRICS],
                              share_pings=(REDIS_SHARE_PINGS if settings.storage.backend == "redis"
-                                          else None))
+                                          else None),
+                             weather=app[WEATHER].at)
     app[RELOADER] = Reloader(settings, store, lambda: live.geofencing,
                              lambda geofencing: install_geofencing(app, geofencing))
     app.cleanup_ctx.append(_geofencing_ctx)
     app.cleanup_ctx.append(_state_ctx)
     app.cleanup_ctx.append(_timers_ctx(timer_interval_s))
     app.cleanup_ctx.append(_reloading_ctx)
+    app.cleanup_ctx.append(_weather_ctx)
     app.on_shutdown.append(_close_websockets)
-    for module in (pings, clients, devices, admin, health, openapi):
+    for module in (pings, clients, devices, pushes, admin, health, openapi):
         app.router.add_routes(module.routes)
     return app
 
@@ -120,7 +126,7 @@ def _timers_ctx(interval_s: float) -> _Ctx:
         live = app[LIVE]
         claimer = TimerClaimer(app[STATE], lambda: live.engine, app[METRICS],
                                stale_after_s=app[SETTINGS].geofence.stale_after,
-                               interval_s=interval_s)
+                               interval_s=interval_s, weather=app[WEATHER].at)
         task = asyncio.create_task(claimer.run(), name="geopush-timers")
         yield
         claimer.stop()
@@ -144,6 +150,24 @@ async def _reloading_ctx(app: web.Application) -> AsyncIterator[None]:
     reloader.stop()
     with suppress(asyncio.CancelledError):
         await task
+
+
+async def _weather_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Keep the weather copy fresh, off the ping path (geopush.weather.source)."""
+    source = app[WEATHER]
+    task = asyncio.create_task(source.run(), name="geopush-weather")
+    yield
+    source.stop()
+    task.cancel()
+    with suppress(asyncio.CancelledError):
+        await task
+
+
+def _store_cells(live: Live) -> set[str]:
+    """The weather cells of the active stores: what the weather is preloaded for."""
+    if live.geofencing is None:
+        return set()
+    return {cell_of(g.lat, g.lon) for g in live.geofencing.stores.geofences}
 
 
 async def _close_websockets(app: web.Application) -> None:

@@ -1,20 +1,34 @@
-"""The pure engine: pings (or a timer) + what the store knows of each device → new state, events.
+"""The pure engine: pings (or a timer) + what the store knows of each device → new state,
+events and decisions.
 
-The service and `geopush replay` both run pings through here; the rules and the anti-pushy
-policy will decide on the events here too. No I/O: the state store loads snapshots before and
-writes outcomes after.
+The service and `geopush replay` both run pings through here. No I/O: the state store loads
+snapshots before and writes outcomes after.
+
+DECISIONS IN TWO STEPS. Most pings cause no event, and most events match no rule's trigger, so
+the device's history (visits, pushes, opens) is not read with the snapshot: that would cost
+every ping a bigger read. When an event of a moment does trigger a rule, the outcome carries
+`decide`, a pure continuation; the store then reads that device's history (a second round trip
+on Redis, for those devices only) and calls it before the commit, in the same attempt. The
+decisions and the caps they reserve are written in the device's compare-and-set with its
+tracker state, so two instances racing for one device cannot both push past a cap: the loser's
+commit fails, and it decides again on the history the winner wrote.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import itertools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from geopush.devices import DeviceProfile, has_location_consent
 from geopush.geo.model import DeviceState, Event, Ping, Visit
 from geopush.geo.transitions import Tracker, process_batch
-from geopush.rules.decide import Decider
+from geopush.rules.conditions import Weather
+from geopush.rules.decide import Decider, Decision, DeviceHistory, PushRecord
+
+WeatherAt = Callable[[float, float], Weather | None]
+"""(lat, lon) → the weather there now, from an in-process copy (never the network)."""
 
 RejectCode = Literal["invalid", "no_consent", "out_of_order", "forbidden", "rate_limited",
                      "unavailable"]
@@ -49,12 +63,22 @@ class DeviceOutcome:
     visits: list[Visit] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
     accepted: int = 0
+    # DECISIONS IN TWO STEPS: set when a rule's trigger matches an event; the store calls it
+    # with the device's history before committing, which fills the three fields below
+    decide: Callable[[DeviceHistory], None] | None = None
+    decisions: list[Decision] = field(default_factory=list)
+    reserved: list[PushRecord] = field(default_factory=list)  # pushes and holdouts decided
+    forgotten: list[str] = field(default_factory=list)  # push ids past retention.history
 
 
 class Engine:
     def __init__(self, tracker: Tracker, decider: Decider | None = None) -> None:
         self.tracker = tracker
         self.decider = decider  # the rules under the policy; None: events only
+
+    @property
+    def decides(self) -> bool:
+        return self.decider is not None and bool(self.decider.rules)
 
     def ingest(
         self,
@@ -64,13 +88,18 @@ class Engine:
         positions: Sequence[int] | None = None,
         assume_consent: bool = False,
         nonces: Mapping[str, str] | None = None,
+        now: float | None = None,
+        weather: WeatherAt | None = None,
     ) -> dict[str, DeviceOutcome]:
         """Apply a batch of valid pings. Devices without location consent (or unknown ones)
         get every ping rejected `no_consent` and nothing stored. `positions` maps each ping to
         its index in the request (default: its index in `pings`). `nonces`: the devices whose
         pings came with a device token, and the token's nonce: unless it is the device's
         current one (the token was revoked, replaced or the device erased), every ping of the
-        device is rejected `forbidden` and nothing is stored."""
+        device is rejected `forbidden` and nothing is stored.
+
+        `now`: the clock at receipt, for `late` (None: each moment is decided at its own time,
+        as replay's virtual clock does); `weather`: where to read the weather from."""
         if positions is not None and len(positions) != len(pings):
             raise ValueError(f"positions: {len(positions)} given for {len(pings)} pings; "
                              "expected one request index per ping")
@@ -100,6 +129,12 @@ class Engine:
         states = {d: s.state for d, s in snapshots.items()}
         steps = process_batch(self.tracker, admitted, states)  # fills in `states`
         next_due = self.tracker.next_due
+        decides = self.decides
+        activities: dict[str, dict[float, str | None]] = {}
+        if decides:
+            for p in admitted:
+                if p.activity is not None:
+                    activities.setdefault(p.device_id, {})[p.ts] = p.activity
         for device_id, count in per_device.items():
             state = states[device_id]
             assert state is not None  # process_batch gave every device of the batch one
@@ -114,12 +149,58 @@ class Engine:
                                         for r in step.rejected]
             outcome.accepted = count - len(outcome.rejected)
             outcomes[device_id] = outcome
+            if outcome.events and decides:
+                snap = snapshots.get(device_id)
+                self._plan(device_id, outcome, snap.profile if snap else None,
+                           activities.get(device_id, {}), now, weather)
         return outcomes
 
-    def fire(self, device_id: str, snapshot: DeviceSnapshot, now: float) -> DeviceOutcome:
+    def fire(self, device_id: str, snapshot: DeviceSnapshot, now: float, *,
+             weather: WeatherAt | None = None) -> DeviceOutcome:
         """Fire the device's due timers (dwell, stale exit) at `now`."""
         if snapshot.state is None:
             return DeviceOutcome(None)
         step = self.tracker.fire_due(device_id, snapshot.state, now)
-        return DeviceOutcome(step.state, self.tracker.next_due(step.state), step.events,
-                             step.visits)
+        outcome = DeviceOutcome(step.state, self.tracker.next_due(step.state), step.events,
+                                step.visits)
+        if outcome.events and self.decides:
+            self._plan(device_id, outcome, snapshot.profile, {}, now, weather)
+        return outcome
+
+    def _plan(self, device_id: str, outcome: DeviceOutcome, profile: DeviceProfile | None,
+              activity: Mapping[float, str | None], now: float | None,
+              weather: WeatherAt | None) -> None:
+        """Give the outcome its `decide` when some moment of it has a candidate."""
+        decider = self.decider
+        assert decider is not None
+        if profile is None:
+            return
+        # one moment per ping or timer firing: its events share its time (the tracker gives
+        # a device's events in time order)
+        moments = [list(events) for _, events in itertools.groupby(outcome.events,
+                                                                    key=lambda e: e.ts)]
+        moments = [m for m in moments if decider.triggers(m)]
+        if not moments:
+            return
+
+        def decide(history: DeviceHistory) -> None:
+            # this outcome's visits are not stored yet; visit_stats counts only those that
+            # ended before each event
+            history.visits.extend(outcome.visits)
+            for events in moments:
+                first = events[0]
+                # the weather at the store (its cell was preloaded), not where the phone is
+                fence = decider.geofences.get(first.geofence_id)
+                where = (fence.lat, fence.lon) if fence is not None else (first.lat, first.lon)
+                before = len(history.pushes)
+                outcome.decisions += decider.decide(
+                    device_id, events, profile, history,
+                    weather=weather(*where) if weather is not None else None,
+                    now=now if now is not None else first.ts,
+                    # a dwell or stale exit has no ping of its own: its activity is unknown
+                    activity=activity.get(first.ts))
+                outcome.reserved += history.pushes[before:]
+            outcome.forgotten = decider.forgotten(
+                history, now if now is not None else moments[-1][0].ts)
+
+        outcome.decide = decide

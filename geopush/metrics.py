@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from geopush.engine import Rejected
 from geopush.geo.model import Event
+from geopush.rules.decide import Decision
 
 __all__ = ["PROMETHEUS_CONTENT_TYPE", "Metrics"]
 
@@ -71,6 +72,13 @@ class Metrics:
         self.stores_loaded_at = Gauge(
             "geopush_stores_loaded_timestamp_seconds", "When the active stores set was loaded "
             "(epoch s): its age is time() - this", registry=r)
+        self.decisions = Counter(
+            "geopush_decisions", "Decisions on candidate rules, by outcome (push, suppressed, "
+            "holdout) and the reason a candidate was suppressed ('' for push and holdout)",
+            ["outcome", "reason"], registry=r)
+        self.opens = Counter(
+            "geopush_pushes_opened", "Opens reported by apps (POST /v1/pushes/{id}/opened)",
+            registry=r)
         self._rejected = {code: self.pings_rejected.labels(code) for code in REJECT_CODES}
         self._events = {(t, s): self.events.labels(t, s)
                         for t in EVENT_TYPES for s in EVENT_SOURCES}
@@ -80,6 +88,10 @@ class Metrics:
         self.slow_bodies = self.slow_clients.labels("body")
         self._latency: dict[tuple[str, str], Any] = {}
         self._responses: dict[tuple[str, int], Any] = {}
+
+    def count_decisions(self, decisions: Iterable[Decision]) -> None:
+        for decision in decisions:
+            self.decisions.labels(decision.outcome, decision.reason or "").inc()
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """Label children cached: `labels()` costs more than the observation itself."""

@@ -25,7 +25,8 @@ from geopush.devices import ConsentChange, DeviceProfile
 from geopush.engine import DeviceOutcome, DeviceSnapshot
 from geopush.geo.model import DeviceState, Stay, Visit
 from geopush.state.base import StoredToken
-from geopush.state.codec import decode_track, decode_visit
+from geopush.rules.decide import PushRecord
+from geopush.state.codec import decode_push, decode_track, decode_visit
 from geopush.state.keys import Keys
 from geopush.state.memory import MemoryStore
 from geopush.timeutil import parse_ts
@@ -45,14 +46,26 @@ async def api_and_redis(request: pytest.FixtureRequest, tmp_path: Path, aiohttp_
               ) -> tuple[Client, str | None]:
     redis_url = request.getfixturevalue("redis_url") if request.param == "redis" else None
     # visits of a second, so that driving through a fence on the trace makes one
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    # two rules on the bakery: a push, and a candidate it outranks (a decision record)
+    (rules / "bakery.yaml").write_text(
+        "rules:\n"
+        "  - id: bakery-welcome\n    priority: 10\n"
+        "    trigger: {on: enter, geofences: {ids: [bakery-300]}}\n"
+        "    message: {title: Welcome, body: 'Fresh bread at {{ store.name }}'}\n"
+        "  - id: bakery-second\n"
+        "    trigger: {on: enter, geofences: {ids: [bakery-300]}}\n"
+        "    message: {title: Hello, body: Again}\n")
     settings = settings_for(tmp_path, backend=request.param, redis_url=redis_url,
-                            visits={"min_dwell": "1s"})
+                            visits={"min_dwell": "1s"},
+                            policy={"quiet_hours": None, "max_event_lag": "1d"})
     return await aiohttp_client(create_app(settings)), redis_url
 
 
 async def _a_device_with_everything(api: Client) -> None:
-    """A profile, consent changes, visits, an open stay with a fired dwell, recent pings and a
-    timer: every kind of record geopush keeps."""
+    """A profile, consent changes, visits, an open stay with a fired dwell, recent pings, a
+    timer, a push decided and opened, and decisions: every kind of record geopush keeps."""
     resp = await api.put(f"/v1/devices/{DEVICE}", headers=DEVICES, json={
         "push_token": "fcm-1", "platform": "android", "locale": "de-DE",
         "timezone": "Europe/Berlin", "attributes": {"tier": "gold", "kids": [1, 2]},
@@ -82,6 +95,11 @@ async def _a_device_with_everything(api: Client) -> None:
     await store.track([DEVICE], fire_a_dwell)
     resp = await api.post(f"/v1/devices/{DEVICE}/token", headers=DEVICES)
     assert resp.status == 200
+    token = (await resp.json())["token"]
+    [push] = (await store.history(DEVICE)).pushes
+    resp = await api.post(f"/v1/pushes/{push.push_id}/opened",
+                          headers={"Authorization": f"Bearer {token}"})
+    assert resp.status == 200, await resp.text()
 
 
 def _same_time(exported: Any, stored: float | None) -> bool:
@@ -120,6 +138,30 @@ def _check_visits(visits: list[Visit], exported: list[dict[str, Any]]) -> None:
                 assert _same_time(out[f.name], value), f.name
             else:
                 assert out[f.name] == value, f.name
+
+
+def _check_pushes(pushes: list[PushRecord], exported: list[dict[str, Any]]) -> None:
+    assert len(exported) == len(pushes) == 1
+    for push, out in zip(sorted(pushes, key=lambda p: p.ts), exported, strict=True):
+        for f in dataclasses.fields(push):
+            value = getattr(push, f.name)
+            if f.name in ("ts", "opened_at"):
+                assert _same_time(out[f.name], value), f.name
+            else:
+                assert out[f.name] == value, f.name
+    assert exported[0]["opened_at"] is not None and exported[0]["outcome"] == "push"
+
+
+def _check_decisions(rows: list[dict[str, Any]], exported: list[dict[str, Any]]) -> None:
+    assert len(exported) == len(rows) == 2
+    for row, out in zip(rows, exported, strict=True):
+        assert set(out) == set(row)
+        for name, value in row.items():
+            assert (_same_time(out[name], value) if name == "ts" else out[name] == value), name
+    assert [(d["rule_id"], d["outcome"], d["reason"]) for d in exported] == [
+        ("bakery-welcome", "push", None), ("bakery-second", "suppressed", "outranked")]
+    assert exported[0]["title"] == "Welcome"
+    assert exported[0]["body"] == "Fresh bread at bakery-300"
 
 
 def _check_token(token: StoredToken, exported: dict[str, Any], raw_export: bytes) -> None:
@@ -179,6 +221,19 @@ async def _check_redis(url: str, export: dict[str, Any], raw_export: bytes) -> N
             elif key == device_keys.token:
                 value = orjson.loads(await client.get(key))
                 _check_token(StoredToken(**value), export["device_token"], raw_export)
+            elif key == device_keys.pushes:
+                stored = {k.decode(): decode_push(v)
+                          for k, v in (await client.hgetall(key)).items()}
+                opens = {k.decode(): float(v)
+                         for k, v in (await client.hgetall(device_keys.opens)).items()}
+                for push_id, push in stored.items():
+                    push.opened_at = opens.get(push_id)
+                _check_pushes(list(stored.values()), export["pushes"])
+            elif key == device_keys.opens:
+                assert await client.hlen(key) == 1  # checked with the pushes
+            elif key == device_keys.decisions:
+                rows = [orjson.loads(r) for r in await client.lrange(key, 0, -1)]
+                _check_decisions(rows, export["decisions"])
             elif key == device_keys.version:
                 assert export["tracking"]["record_version"] == int(await client.get(key))
             else:
@@ -194,7 +249,10 @@ def _check_memory(store: MemoryStore, export: dict[str, Any], raw_export: bytes)
     tables = {name: table for name, table in vars(store).items()
               if isinstance(table, dict) and DEVICE in table}
     # a table added to the memory store fails here until it is exported and checked below
-    assert set(tables) == {"_profiles", "_consent", "_tracks", "_visits", "_tokens"}
+    assert set(tables) == {"_profiles", "_consent", "_tracks", "_visits", "_tokens", "_pushes",
+                           "_decisions"}
+    _check_pushes(list(store._pushes[DEVICE].values()), export["pushes"])
+    _check_decisions(store._decisions[DEVICE], export["decisions"])
     _check_token(store._tokens[DEVICE], export["device_token"], raw_export)
     _check_profile(store._profiles[DEVICE], export["profile"])
     _check_consent(store._consent[DEVICE], export["consent_history"])

@@ -16,6 +16,7 @@ from geopush.service.ingest import Ingestor
 from geopush.service.limits import RequestLimiter
 from geopush.service.reloading import Reloader
 from geopush.state.base import StateStore
+from geopush.weather.source import WeatherSource
 
 
 class Live:
@@ -41,4 +42,5 @@ AUTH = web.AppKey("auth", Authenticator)
 INGESTOR = web.AppKey("ingestor", Ingestor)
 RELOADER = web.AppKey("reloader", Reloader)
 LIMITER = web.AppKey("limiter", RequestLimiter)
+WEATHER = web.AppKey("weather", WeatherSource)
 WEBSOCKETS = web.AppKey[weakref.WeakSet[web.WebSocketResponse]]("websockets")

@@ -104,7 +104,7 @@ class Authenticator:
         otherwise (a device token: 403, it speaks for its device's pings only)."""
         if not self._keys:
             return None
-        presented = _bearer(request)
+        presented = bearer(request)
         if tokens.looks_like_token(presented):
             if self._verify(presented) is None:
                 raise Unauthorized(_INVALID_TOKEN)
@@ -122,7 +122,7 @@ class Authenticator:
         `credential`. Without auth.keys a request without a device token is allowed (KEYLESS),
         unless `server_keys` is False."""
         try:
-            presented = _bearer(request)
+            presented = bearer(request)
         except Unauthorized:
             if not self._keys and server_keys:
                 return KEYLESS
@@ -179,7 +179,7 @@ class Authenticator:
         return found
 
 
-def _bearer(request: web.Request) -> str:
+def bearer(request: web.Request) -> str:
     header = request.headers.get("Authorization")
     if header is None:
         raise Unauthorized(f"missing Authorization header: {_BEARER}")

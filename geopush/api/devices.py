@@ -216,6 +216,8 @@ async def export_device(request: web.Request) -> web.Response:
         raise NotFound(f"device {device_id!r} is not registered")
     history = await store.consent_history(device_id)
     visits = await store.visits(device_id)
+    pushes = sorted((await store.history(device_id)).pushes, key=lambda p: p.ts)
+    decisions = await store.decisions(device_id)
     return json_response({
         "device_id": device_id,
         "profile": profile_json(profile),
@@ -229,8 +231,15 @@ async def export_device(request: web.Request) -> web.Response:
         ],
         "tracking": await _tracking(store, device_id),
         "device_token": _token_json(await store.stored_token(device_id)),
-        "decisions": [],
-        "pushes": [],
+        # what support needs to answer "why did I (not) get it?": every candidate of the
+        # latest moments, with the policy step that stopped it
+        "decisions": [{**d, "ts": format_ts(d["ts"])} for d in decisions],
+        # the pushes and holdouts decided, which caps, gaps and fatigue count
+        "pushes": [
+            {"push_id": p.push_id, "ts": format_ts(p.ts), "rule_id": p.rule_id,
+             "store_id": p.store_id, "category": p.category, "outcome": p.outcome,
+             "opened_at": _time(p.opened_at)} for p in pushes
+        ],
     })
 
 

@@ -19,6 +19,7 @@ from geopush.devices import Consent, DeviceUpdate
 from geopush.geo.model import ACTIVITIES
 from geopush.metrics import REJECT_CODES
 from geopush.pings import DEVICE_ID_SCHEMA
+from geopush.rules.decide import REASONS
 from geopush.timeutil import END_EPOCH_MS, MIN_EPOCH_MS
 
 routes = web.RouteTableDef()
@@ -41,6 +42,8 @@ def _error(description: str, headers: dict[str, Any] | None = None) -> dict[str,
     return response
 
 
+_PUSH_ID = {"type": "string", "pattern": "^[0-7][0-9A-HJKMNP-TV-Z]{25}$",
+            "description": "a ULID (26 characters: fits the 64-byte APNs collapse id)"}
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying",
                                 "schema": {"type": "string", "pattern": "^[0-9]+$"}}}
 
@@ -91,6 +94,7 @@ def _schemas() -> dict[str, Any]:
     nullable_number = {"type": ["number", "null"], "minimum": 0}
     timestamp = {"type": "string", "format": "date-time"}
     nullable_time = {"type": ["string", "null"], "format": "date-time"}
+    push_id = _PUSH_ID
     device_id = {"type": "string", "pattern": DEVICE_ID_SCHEMA}
     problem = {
         "type": "object",
@@ -206,8 +210,32 @@ def _schemas() -> dict[str, Any]:
                 "record_version": {"type": ["integer", "null"]},
                 "rate_bucket_empty_at": nullable_time,
             }},
-            "decisions": {"type": "array", "items": {"type": "object"}},
-            "pushes": {"type": "array", "items": {"type": "object"}},
+            "decisions": {"type": "array", "description": "The latest decisions, oldest "
+                          "first: every candidate rule of a moment, with the policy step that "
+                          "stopped it", "items": {
+                "type": "object",
+                "required": ["ts", "device_id", "geofence_id", "store_id", "event", "rule_id",
+                             "outcome", "reason", "title", "body", "push_id"],
+                "properties": {
+                    "ts": timestamp, "device_id": device_id,
+                    "geofence_id": {"type": "string"}, "store_id": {"type": "string"},
+                    "event": {"type": "string", "enum": ["enter", "dwell", "exit"]},
+                    "rule_id": {"type": "string"},
+                    "outcome": {"type": "string", "enum": ["push", "suppressed", "holdout"]},
+                    "reason": {"type": ["string", "null"], "enum": [*REASONS, None]},
+                    "title": {"type": ["string", "null"]}, "body": {"type": ["string", "null"]},
+                    "push_id": {"type": ["string", "null"]}}}},
+            "pushes": {"type": "array", "description": "Pushes and holdouts decided (what "
+                       "caps, gaps and fatigue count), within retention.history", "items": {
+                "type": "object",
+                "required": ["push_id", "ts", "rule_id", "store_id", "category", "outcome",
+                             "opened_at"],
+                "properties": {
+                    "push_id": push_id, "ts": timestamp, "rule_id": {"type": "string"},
+                    "store_id": {"type": "string"},
+                    "category": {"type": "string", "enum": ["marketing", "service"]},
+                    "outcome": {"type": "string", "enum": ["push", "holdout"]},
+                    "opened_at": nullable_time}}},
         },
     }
     return {
@@ -389,6 +417,28 @@ def _operations() -> dict[str, Any]:
                        "security": devices,
                        "responses": _responses({"204": {"description": "Revoked (or there "
                                                         "was none)"}}, "404")},
+        },
+        "/v1/pushes/{push_id}/opened": {
+            "parameters": [{"name": "push_id", "in": "path", "required": True,
+                            "schema": _PUSH_ID}],
+            "post": {"operationId": "pushOpened",
+                     "summary": "The app reports that its user opened a push",
+                     "description": "Fatigue reads opens: an open ends a pause, and fatigue "
+                                    "applies only to devices that have ever reported one. "
+                                    "With a device token the device is the token's; a server "
+                                    "key with the `ingest` scope names it in the body. The "
+                                    "first open reported is kept. 404 when the device has no "
+                                    "such push.",
+                     "security": [{"deviceToken": []}, {"bearer": ["ingest"]}],
+                     "requestBody": {"required": False, "content": {"application/json": {
+                         "schema": {"type": "object", "properties": {"device_id": {
+                             "type": "string", "description": "with a server key"}}}}}},
+                     "responses": _responses({"200": _json(
+                         {"type": "object", "required": ["push_id", "opened_at"],
+                          "properties": {"push_id": _PUSH_ID,
+                                         "opened_at": {"type": "string",
+                                                       "format": "date-time"}}},
+                         "The open as recorded")}, "404", "415")},
         },
         "/v1/devices/{device_id}/export": {
             "parameters": [device_param],

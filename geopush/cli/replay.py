@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import itertools
 import json
 import math
 import re
@@ -29,7 +28,7 @@ from pydantic import ValidationError
 from geopush.cli.common import ERRORS, OK, USAGE, print_error, settings_of, show
 from geopush.config import WeatherCondition
 from geopush.devices import Consent, DeviceProfile, has_location_consent
-from geopush.engine import DeviceSnapshot, Engine
+from geopush.engine import DeviceOutcome, DeviceSnapshot, Engine
 from geopush.errors import ConfigError, InvalidInput, Problem, RuleLoadError, StoreLoadError
 from geopush.geo.model import Event, Ping, Visit
 from geopush.geo.stores import load_stores
@@ -398,7 +397,6 @@ class Replay:
         # per device: pushes decided so far and visits ended, as the policy and rules read them
         self.histories: dict[str, DeviceHistory] = {
             d: DeviceHistory(visits=list(v)) for d, v in (visits or {}).items()}
-        self.activity: dict[str, str | None] = {}  # device → its latest ping's activity
         self.assume_consent = assume_consent
         self.keep_events = keep_events
         self.chunk = chunk
@@ -461,51 +459,51 @@ class Replay:
         devices = {p.device_id for p in pings}
         snapshots = {d: self.snapshots[d] for d in devices}
         # consent was checked in _admit, ping by ping, in file order
-        outcomes = self.engine.ingest(pings, snapshots, positions=lines, assume_consent=True)
-        activities = {(p.device_id, p.ts): p.activity for p in pings}
+        # the virtual clock stands at each moment (now=None): nothing is late in replay
+        outcomes = self.engine.ingest(pings, snapshots, positions=lines, assume_consent=True,
+                                      weather=self._weather)
         for device, outcome in outcomes.items():
             for rejected in outcome.rejected:
                 self._reject(rejected.index, rejected.code, rejected.message)
             if outcome.state is not None:
                 snapshots[device].state = outcome.state
-            self._record(device, outcome.events, outcome.visits, activities)
-        for ping in pings:
-            self.activity[ping.device_id] = ping.activity
+            self._record(device, outcome)
 
     def _run_clocks_out(self) -> None:
         for device, last in self.clock.items():
             snap = self.snapshots[device]
-            outcome = self.engine.fire(device, snap, last + self.engine.tracker.stale_after_s)
+            outcome = self.engine.fire(device, snap, last + self.engine.tracker.stale_after_s,
+                                       weather=self._weather)
             if outcome.state is not None:
                 snap.state = outcome.state
-            self._record(device, outcome.events, outcome.visits, {})
+            self._record(device, outcome)
 
-    def _record(self, device: str, events: list[Event], visits: list[Visit],
-                activities: Mapping[tuple[str, float], str | None]) -> None:
-        for event in events:
+    def _weather(self, _lat: float, _lon: float) -> Weather | None:
+        return self.weather
+
+    def _record(self, device: str, outcome: DeviceOutcome) -> None:
+        for event in outcome.events:
             self.result.event_counts[event.type] += 1
-        self.result.visit_count += len(visits)
+        self.result.visit_count += len(outcome.visits)
         if self.keep_events:
-            self.result.events.extend(events)
-            self.result.visits.extend(visits)
-        decider = self.engine.decider
-        if decider is None or not decider.rules:
-            return
+            self.result.events.extend(outcome.events)
+            self.result.visits.extend(outcome.visits)
         history = self.histories.setdefault(device, DeviceHistory())
-        history.visits.extend(visits)  # visit_stats counts those ended before each event
-        profile = self.snapshots[device].profile
-        assert profile is not None  # admitted: it has consented
-        # one moment per ping or timer firing: its events share its time
-        for ts, moment in itertools.groupby(events, key=lambda e: e.ts):
-            activity = activities.get((device, ts), self.activity.get(device))
-            # the virtual clock stands at the moment: nothing is late in replay
-            for decision in decider.decide(device, list(moment), profile, history,
-                                           weather=self.weather, now=ts, activity=activity):
-                self.result.outcomes[decision.outcome] += 1
-                if decision.reason is not None:
-                    self.result.suppressed[decision.reason] += 1
-                if self.keep_events:
-                    self.result.decisions.append(decision)
+        if outcome.decide is not None:
+            # as the service does (geopush.engine, DECISIONS IN TWO STEPS), on the history
+            # this replay has built; it adds the outcome's visits and pushes to it
+            outcome.decide(history)
+            if outcome.forgotten:  # past retention.history, as the store forgets them
+                gone = set(outcome.forgotten)
+                history.pushes = [p for p in history.pushes if p.push_id not in gone]
+        else:
+            history.visits.extend(outcome.visits)
+        for decision in outcome.decisions:
+            self.result.outcomes[decision.outcome] += 1
+            if decision.reason is not None:
+                self.result.suppressed[decision.reason] += 1
+            if self.keep_events:
+                self.result.decisions.append(decision)
 
     def _reject(self, line: int, code: str, message: str) -> None:
         self.result.rejected[code] += 1

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import orjson
 
@@ -39,6 +39,7 @@ from geopush.rules.templates import MAX_OUTPUT_CHARS, TemplateFailure
 Outcome = Literal["push", "suppressed", "holdout"]
 Reason = Literal["no_consent", "no_token", "late", "quiet_hours", "global_cap", "min_gap",
                  "fatigue", "rule_cap", "store_cooldown", "template_error", "outranked"]
+REASONS: tuple[Reason, ...] = get_args(Reason)
 DAY_S = 86_400.0
 JUDGED_AFTER_S = DAY_S  # a push not opened within 24 h counts as ignored
 VISIT_WINDOW_S = 90 * DAY_S
@@ -104,6 +105,11 @@ class Decision:
                 "title": self.message.title if self.message else None,
                 "body": self.message.body if self.message else None}
 
+    def as_record(self) -> dict[str, Any]:
+        """What the device's record of decisions keeps (the export: "why did I (not) get
+        it?"): times in epoch seconds, as the other records of the export."""
+        return {"ts": self.ts, **self.as_json(), "push_id": self.push_id}
+
 
 def in_holdout(rule_id: str, device_id: str, share: float) -> bool:
     """First 8 bytes of SHA-256(`rule_id:device_id`) / 2**64 < share: stable everywhere."""
@@ -113,11 +119,24 @@ def in_holdout(rule_id: str, device_id: str, share: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < share
 
 
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+PUSH_ID_CHARS = 26
+
+
 def push_id_of(device_id: str, rule_id: str, event: Event) -> str:
-    """The same moment gives the same id on every retry and instance."""
+    """A ULID (contract §6: 26 characters, fits the 64-byte APNs collapse id): the event's time
+    in ms, then 80 bits of a hash of the moment, so the same moment gives the same id on every
+    retry and instance (a decision computed again after a conflict names the same push)."""
     digest = hashlib.sha256(f"{device_id}|{rule_id}|{event.geofence_id}|{event.type}|"
-                            f"{event.ts!r}".encode()).hexdigest()
-    return digest[:32]
+                            f"{event.ts!r}".encode()).digest()
+    millis = max(0, min(int(event.ts * 1000), 2**48 - 1))
+    value = (millis << 80) | int.from_bytes(digest[:10], "big")
+    return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
+
+
+def is_push_id(text: str) -> bool:
+    return (len(text) == PUSH_ID_CHARS and text[0] in "01234567"
+            and all(c in _CROCKFORD for c in text))
 
 
 @dataclass(frozen=True)
@@ -130,10 +149,25 @@ class Decider:
     """Rules + policy → decisions; built once per active set of stores and rules."""
 
     def __init__(self, rules: RuleSet, geofences: Mapping[str, Geofence],
-                 policy: PolicySettings) -> None:
+                 policy: PolicySettings, *, history_s: float = 180 * DAY_S) -> None:
         self.rules = rules.enabled
         self.geofences = geofences
         self.policy = policy
+        self.history_s = history_s  # retention.history: older pushes are forgotten
+
+    def triggers(self, events: Sequence[Event]) -> bool:
+        """Some rule's trigger matches one of the events: the moment has a candidate, so the
+        device's history is worth reading (contract §4: `when` is judged on it)."""
+        for event in events:
+            geofence = self.geofences.get(event.geofence_id)
+            if geofence is not None and any(triggered(r, event, geofence) for r in self.rules):
+                return True
+        return False
+
+    def forgotten(self, history: DeviceHistory, now: float) -> list[str]:
+        """The pushes (and holdouts) past retention.history: no cap or gap looks back that far
+        (a cap's `per` longer than retention is a load error)."""
+        return [p.push_id for p in history.pushes if p.ts < now - self.history_s]
 
     def decide(self, device_id: str, events: Sequence[Event], profile: DeviceProfile,
                history: DeviceHistory, *, weather: Weather | None, now: float,

@@ -102,7 +102,8 @@ def build_geofencing(stores: StoreSet, settings: Settings, version: str = "",
         plan_since=since if since is not None else time.time(),
         earlier=after.engine.tracker if after is not None else None,
     )
-    decider = Decider(rules, {g.id: g for g in stores.geofences}, settings.policy)
+    decider = Decider(rules, {g.id: g for g in stores.geofences}, settings.policy,
+                      history_s=settings.retention.history)
     return Geofencing(stores, index, Engine(tracker, decider), time.time(), version, rules)
 
 

@@ -48,12 +48,13 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any
 
-from geopush.engine import REVOKED, DeviceOutcome, DeviceSnapshot, Engine, Rejected
+from geopush.engine import REVOKED, DeviceOutcome, DeviceSnapshot, Engine, Rejected, WeatherAt
 from geopush.errors import Forbidden, Unauthorized
 from geopush.geo.model import Event, Ping
 from geopush.logs import fields
 from geopush.metrics import Metrics
 from geopush.pings import PingError, parse
+from geopush.service.decisions import report
 from geopush.state.base import PartlyUnavailable, StateStore, StateUnavailable
 from geopush.timeutil import format_ts
 from geopush.tokens import DeviceToken
@@ -98,10 +99,11 @@ _by_ts = attrgetter("ts")
 class _Part:
     """One request's valid pings inside a group (or a share of them, FAIRNESS)."""
 
-    __slots__ = ("devices", "done", "pings", "positions", "source", "token")
+    __slots__ = ("devices", "done", "pings", "positions", "received", "source", "token")
 
     def __init__(self, pings: list[Ping], positions: list[int], devices: set[str],
                  source: str = "") -> None:
+        self.received = 0.0  # the clock at receipt, for `late` (contract §5)
         self.pings = pings
         self.positions = positions
         self.devices = devices
@@ -157,9 +159,11 @@ class _Turns:
 
 class Ingestor:
     def __init__(self, store: StateStore, engine: Callable[[], Engine], metrics: Metrics, *,
-                 share_pings: int | None = None) -> None:
-        """`share_pings`: a credential's pings per group (FAIRNESS; default BULK_SHARE_PINGS)."""
+                 share_pings: int | None = None, weather: WeatherAt | None = None) -> None:
+        """`share_pings`: a credential's pings per group (FAIRNESS; default BULK_SHARE_PINGS).
+        `weather`: where decisions read the weather (an in-process copy: never the network)."""
         self._store = store
+        self._weather = weather
         self._share = share_pings if share_pings is not None else BULK_SHARE_PINGS
         self._engine = engine  # the engine of the active stores (a reload swaps it)
         self._metrics = metrics
@@ -200,6 +204,7 @@ class Ingestor:
             if len(result.events) > 1:
                 result.events.sort(key=_by_ts)
             self._metrics.count_events(result.events, "ping")
+            report(outcomes.values(), self._metrics, "ping")
             if result.events and log.isEnabledFor(logging.DEBUG):
                 for e in result.events:
                     log.debug("event", extra=fields(
@@ -238,6 +243,7 @@ class Ingestor:
         parts = _cut(valid, positions, source, self._share) if valid else []
         for part in parts:
             part.token = token
+            part.received = now
         return parts
 
     async def _outcomes(self, parts: list[_Part]) -> dict[str, DeviceOutcome]:
@@ -325,14 +331,20 @@ class Ingestor:
         positions = [i for part in group.parts for i in part.positions]
         engine = self._engine()
         nonces = group.nonces or None
+        # `late` is judged from the earliest receipt in the group: no ping is late for having
+        # waited in the queue
+        received = min(part.received for part in group.parts)
+        weather = self._weather
 
         def compute(snapshots: Mapping[str, DeviceSnapshot]) -> Mapping[str, DeviceOutcome]:
             # the store may call again for only the devices that changed meanwhile
             if len(snapshots) >= len(group.devices):
-                return engine.ingest(pings, snapshots, positions=positions, nonces=nonces)
+                return engine.ingest(pings, snapshots, positions=positions, nonces=nonces,
+                                     now=received, weather=weather)
             keep = [k for k, p in enumerate(pings) if p.device_id in snapshots]
             return engine.ingest([pings[k] for k in keep], snapshots,
-                                 positions=[positions[k] for k in keep], nonces=nonces)
+                                 positions=[positions[k] for k in keep], nonces=nonces,
+                                 now=received, weather=weather)
 
         try:
             outcomes = await self._store.track(group.devices, compute)

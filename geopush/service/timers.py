@@ -13,10 +13,11 @@ import time
 from collections.abc import Callable, Mapping
 from contextlib import suppress
 
-from geopush.engine import DeviceOutcome, DeviceSnapshot, Engine
+from geopush.engine import DeviceOutcome, DeviceSnapshot, Engine, WeatherAt
 from geopush.geo.model import Event
 from geopush.logs import fields
 from geopush.metrics import Metrics
+from geopush.service.decisions import report
 from geopush.state.base import StateStore, StateUnavailable
 from geopush.timeutil import format_ts
 
@@ -40,8 +41,10 @@ class TimerClaimer:
         batch: int = BATCH,
         lease_s: float = LEASE_S,
         clock: Callable[[], float] = time.time,
+        weather: WeatherAt | None = None,
     ) -> None:
         self._store = store
+        self._weather = weather
         self._engine = engine
         self._metrics = metrics
         self._stale_after_s = stale_after_s
@@ -63,10 +66,12 @@ class TimerClaimer:
 
             def fire(snapshots: Mapping[str, DeviceSnapshot],
                      engine: Engine = engine) -> Mapping[str, DeviceOutcome]:
-                return {d: engine.fire(d, snap, now) for d, snap in snapshots.items()}
+                return {d: engine.fire(d, snap, now, weather=self._weather)
+                        for d, snap in snapshots.items()}
 
             outcomes = await self._store.track(devices, fire)
             self._metrics.timer_devices.inc(len(devices))
+            report(outcomes.values(), self._metrics, "timer")
             for outcome in outcomes.values():
                 fired.extend(outcome.events)
             if len(devices) < self._batch:

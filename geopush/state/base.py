@@ -17,6 +17,7 @@ from geopush.devices import ConsentChange, DeviceProfile, ErasureRecord
 from geopush.engine import DeviceOutcome, DeviceSnapshot
 from geopush.errors import GeopushError
 from geopush.geo.model import DeviceState, Visit
+from geopush.rules.decide import DeviceHistory
 
 Compute = Callable[[Mapping[str, DeviceSnapshot]], Mapping[str, DeviceOutcome]]
 """Pure: snapshots of some devices → what to write for each. May be called more than once:
@@ -126,6 +127,21 @@ class StateStore(ABC):
     async def erasure_record(self, device_hash: str) -> ErasureRecord | None: ...
 
     @abstractmethod
+    async def history(self, device_id: str) -> DeviceHistory:
+        """The device's visits and the pushes decided for it (with their opens), as the
+        policy reads them."""
+
+    @abstractmethod
+    async def decisions(self, device_id: str) -> list[dict[str, Any]]:
+        """The device's recent decisions, oldest first (the last DECISIONS_KEPT)."""
+
+    @abstractmethod
+    async def record_open(self, device_id: str, push_id: str, at: float) -> float | None:
+        """Record that the device opened the push at `at` (fatigue reads it). Returns the time
+        of the open as stored (the first one reported: an app may report it again), None when
+        the device has no such push."""
+
+    @abstractmethod
     async def set_token(self, device_id: str, token: StoredToken | None) -> bool:
         """Make `token` the device's current device token (None: it has none), durably and
         atomically per device, which revokes the one before. Counts as a write of the device
@@ -141,6 +157,10 @@ class StateStore(ABC):
     @abstractmethod
     async def track(self, device_ids: Collection[str], compute: Compute) -> dict[str, DeviceOutcome]:
         """Atomically per device: snapshot → compute → write state, visits and due time.
+
+        An outcome with `decide` (geopush.engine, DECISIONS IN TWO STEPS) gets the device's
+        history, read after the snapshot and before the commit; its decisions, reservations
+        and forgotten pushes are written in the same compare-and-set as its state.
 
         Returns the committed outcome of every device compute returned one for. StateUnavailable
         when nothing could be committed; PartlyUnavailable when some devices could not (their
@@ -172,17 +192,31 @@ class StateStore(ABC):
     async def published_config(self) -> tuple[int, bytes] | None:
         """The latest publish with its serial, read together (None: none yet)."""
 
+    # -- the weather copies instances share (geopush.weather.source) ----------------------
+
+    @abstractmethod
+    async def weather_cells(self, cells: Collection[str]) -> dict[str, bytes]:
+        """The stored value of each cell that has one."""
+
+    @abstractmethod
+    async def put_weather_cells(self, values: Mapping[str, bytes]) -> None:
+        """Store these cells' values (the latest fetch wins: safe to send again)."""
+
     # -- export ----------------------------------------------------------------------------
 
     async def export(self, device_id: str) -> dict[str, Any] | None:
         """Everything this store holds about the device (JSON-ready), None if it is unknown.
 
-        `profile` as stored, `consent_history` oldest first, `visits` oldest first (epoch
-        seconds). The service adds what other stores hold (pushes, decisions)."""
+        `profile` as stored, `consent_history` oldest first, `visits`, `pushes` (and holdouts:
+        what caps count) and `decisions` (with their reasons) oldest first, times in epoch
+        seconds. The service adds what other stores hold."""
         profile = await self.get_profile(device_id)
         consent = await self.consent_history(device_id)
         visits = await self.visits(device_id)
-        if profile is None and not consent and not visits:
+        history = await self.history(device_id)
+        decisions = await self.decisions(device_id)
+        if profile is None and not consent and not visits and not history.pushes \
+                and not decisions:
             return None
         return {
             "profile": profile.model_dump(mode="json") if profile is not None else None,
@@ -192,4 +226,10 @@ class StateStore(ABC):
                  "end": v.end}
                 for v in visits
             ],
+            "pushes": [
+                {"push_id": p.push_id, "ts": p.ts, "rule_id": p.rule_id, "store_id": p.store_id,
+                 "category": p.category, "outcome": p.outcome, "opened_at": p.opened_at}
+                for p in sorted(history.pushes, key=lambda p: p.ts)
+            ],
+            "decisions": decisions,
         }

@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 
 from geopush.geo.model import DeviceState, Stay, Visit
+from geopush.rules.decide import PushRecord
 
 TRACK_FORMAT = 3
 _UNBUCKETED_FORMAT = 2  # what a track without a bucket is written as (see above)
@@ -99,3 +100,24 @@ def encode_visit(visit: Visit) -> bytes:
 
 def decode_visit(device_id: str, raw: bytes | str) -> Visit:
     return visit_from_json(device_id, orjson.loads(raw))
+
+
+def push_to_json(push: PushRecord) -> list[Any]:
+    """A push (or holdout) the policy counts: [push_id, ts, rule_id, store_id, category,
+    outcome, opened_at]."""
+    return [push.push_id, push.ts, push.rule_id, push.store_id, push.category, push.outcome,
+            push.opened_at]
+
+
+def push_from_json(value: Any) -> PushRecord:
+    push_id, ts, rule_id, store_id, category, outcome, opened_at = value
+    return PushRecord(str(push_id), float(ts), str(rule_id), str(store_id), str(category),
+                      outcome, float(opened_at) if opened_at is not None else None)
+
+
+def encode_push(push: PushRecord) -> bytes:
+    return orjson.dumps(push_to_json(push))
+
+
+def decode_push(raw: bytes | str) -> PushRecord:
+    return push_from_json(orjson.loads(raw))

@@ -22,6 +22,7 @@ from redis.crc import key_slot
 
 DEFAULT_PREFIX = "geopush"
 VISITS_KEPT = 1000  # visits remembered per device (when.visits looks back 90 days at most)
+DECISIONS_KEPT = 100  # a device's latest decisions, for support ("why did I (not) get it?")
 
 
 class DeviceKeys(NamedTuple):  # a tuple: built for every device of every batch, ~4x cheaper
@@ -33,8 +34,12 @@ class DeviceKeys(NamedTuple):  # a tuple: built for every device of every batch,
     # JSON {nonce, issued_at} of the device's current device token; apart from the profile,
     # so that a PUT or PATCH never revokes it, yet read in the batch's one MGET
     token: str
+    # hash push_id → JSON push record (geopush.state.codec): what caps, gaps and fatigue count
+    pushes: str
+    opens: str  # hash push_id → epoch seconds of the first open reported
+    decisions: str  # list of JSON decision records, oldest first (DECISIONS_KEPT)
 
-    def all(self) -> tuple[str, str, str, str, str, str]:
+    def all(self) -> tuple[str, ...]:
         return self
 
 
@@ -43,6 +48,8 @@ class Keys:
         self.prefix = prefix
         self.timers = f"{prefix}:timers"  # sorted set: device_id -> due epoch seconds
         self.erasures = f"{prefix}:erasures"  # hash: device_hash -> JSON ErasureRecord
+        # hash: weather cell ("481:115") -> JSON {temperature_c, condition, at}
+        self.weather = f"{prefix}:weather"
         # the configuration a reload published: its serial (INCR'd) and its payload, under one
         # hash tag so that one script writes both and one MGET reads both on a cluster
         self.config_serial = f"{prefix}:{{config}}:serial"
@@ -55,7 +62,8 @@ class Keys:
     def device(self, device_id: str) -> DeviceKeys:
         base = f"{self.prefix}:{{d:{device_id}}}"
         return DeviceKeys(f"{base}:profile", f"{base}:consent", f"{base}:track",
-                          f"{base}:visits", f"{base}:ver", f"{base}:token")
+                          f"{base}:visits", f"{base}:ver", f"{base}:token", f"{base}:pushes",
+                          f"{base}:opens", f"{base}:decisions")
 
 
 def group_by_slot(keys: Keys, device_ids: Iterable[str]) -> dict[int, list[str]]:

@@ -14,19 +14,25 @@ must not come undone in a crash. Records, one JSON array per journal line:
   ["P", device_id, profile, consent trail]        the profile and the whole trail now
   ["E", device_id, erasure record]                the device is erased
   ["K", device_id, {nonce, issued_at} | null]     the device's token now (null: none)
-  ["T", [[device_id, track, visits | null], …]]   one track batch: tracks (and visits) now
-Timers are not recorded: a device's timer is its track's next due time.
+  ["T", [[device_id, track, visits | null, pushes | null, decisions | null], …]]
+                                                  one track batch: tracks (and visits, pushes
+                                                  and decisions when they changed) now
+  ["O", device_id, pushes]                        an open was recorded: the pushes now
+Timers are not recorded: a device's timer is its track's next due time. A batch that reserved
+a push (or holdout) waits for its fsync before `track` returns: a cap once reserved must not
+come undone in a crash after its push went out (contract §10).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import heapq
 import logging
 import os
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +44,7 @@ from geopush.engine import DeviceOutcome, DeviceSnapshot
 from geopush.errors import InvalidInput
 from geopush.geo.model import DeviceState, Stay, Visit
 from geopush.logs import fields
+from geopush.rules.decide import DeviceHistory, PushRecord
 from geopush.state.base import (
     Compute,
     ProfileEdit,
@@ -46,7 +53,14 @@ from geopush.state.base import (
     StoredToken,
     StoredTrack,
 )
-from geopush.state.codec import track_from_json, track_to_json, visit_from_json, visit_to_json
+from geopush.state.codec import (
+    push_from_json,
+    push_to_json,
+    track_from_json,
+    track_to_json,
+    visit_from_json,
+    visit_to_json,
+)
 from geopush.state.journal import (
     JournalFailed,
     JournalWriter,
@@ -55,7 +69,7 @@ from geopush.state.journal import (
     frame,
     read_frames,
 )
-from geopush.state.keys import VISITS_KEPT
+from geopush.state.keys import DECISIONS_KEPT, VISITS_KEPT
 
 __all__ = ["MemoryStore", "SnapshotError"]
 
@@ -84,7 +98,10 @@ class MemoryStore(StateStore):
         # device tokens' nonces, apart from the profiles: a PUT or PATCH never revokes one
         self._tokens: dict[str, StoredToken] = {}
         self._erasures: dict[str, ErasureRecord] = {}
+        self._pushes: dict[str, dict[str, PushRecord]] = {}  # device → push_id → record
+        self._decisions: dict[str, list[dict[str, Any]]] = {}  # the last DECISIONS_KEPT
         self._timers = _Timers()
+        self._weather: dict[str, bytes] = {}
         self._config: tuple[int, bytes] | None = None  # one process: nobody else to tell
         # the files, once open() found a snapshot path
         self._files: StateFiles | None = None
@@ -219,12 +236,38 @@ class MemoryStore(StateStore):
 
     def _apply_erasure(self, device_id: str) -> bool:
         known = False
-        for table in (self._profiles, self._consent, self._tracks, self._visits, self._tokens):
+        for table in (self._profiles, self._consent, self._tracks, self._visits, self._tokens,
+                      self._pushes, self._decisions):
             known = table.pop(device_id, None) is not None or known
         return self._timers.discard(device_id) or known
 
     async def erasure_record(self, device_hash: str) -> ErasureRecord | None:
         return self._erasures.get(device_hash)
+
+    def _history(self, device_id: str) -> DeviceHistory:
+        """Copies: `decide` appends to the history it is given."""
+        pushes = self._pushes.get(device_id)
+        return DeviceHistory(
+            [dataclasses.replace(p) for p in pushes.values()] if pushes else [],
+            list(self._visits.get(device_id, ())))
+
+    async def history(self, device_id: str) -> DeviceHistory:
+        return self._history(device_id)
+
+    async def decisions(self, device_id: str) -> list[dict[str, Any]]:
+        return list(self._decisions.get(device_id, ()))
+
+    async def record_open(self, device_id: str, push_id: str, at: float) -> float | None:
+        self._check_writable()
+        push = self._pushes.get(device_id, {}).get(push_id)
+        if push is None:
+            return None
+        if push.opened_at is None:
+            push.opened_at = at
+            if self._writer is not None:
+                self._journal(frame(orjson.dumps(
+                    ["O", device_id, [push_to_json(p) for p in self._pushes[device_id].values()]])))
+        return push.opened_at
 
     async def set_token(self, device_id: str, token: StoredToken | None) -> bool:
         self._check_writable()
@@ -272,6 +315,9 @@ class MemoryStore(StateStore):
             snapshots[device_id] = DeviceSnapshot(profiles.get(device_id), state, nonce)
         try:
             outcomes = dict(compute(snapshots))
+            for device_id, computed in outcomes.items():
+                if computed.decide is not None:  # no await: the history is the current one
+                    computed.decide(self._history(device_id))
         except BaseException:
             for undo in saved:
                 undo.restore()
@@ -281,7 +327,8 @@ class MemoryStore(StateStore):
             if outcome is None or outcome.state is not undo.state:
                 undo.restore()
         journaled = self._writer is not None
-        rows: list[tuple[str, list[Any], list[list[Any]] | None]] = []
+        rows: list[_Row] = []
+        reserved = False
         for device_id, outcome in outcomes.items():
             if outcome.state is None:
                 stored = tracks.get(device_id)
@@ -296,29 +343,59 @@ class MemoryStore(StateStore):
                 if journaled:
                     visits = [visit_to_json(v) for v in kept]
             self._timers.set(device_id, outcome.next_due)
+            pushes = decisions = None
+            if outcome.reserved or outcome.forgotten or outcome.decisions:
+                reserved = reserved or bool(outcome.reserved)
+                pushes, decisions = self._apply_decisions(device_id, outcome, journaled)
             if journaled:
-                rows.append((device_id, track_to_json(outcome.state, outcome.next_due), visits))
+                rows.append((device_id, track_to_json(outcome.state, outcome.next_due), visits,
+                             pushes, decisions))
         if rows:
-            self._journal_tracks(rows)
+            done = self._journal_tracks(rows, durable=reserved)
+            if done is not None:
+                await done
         return outcomes
+
+    def _apply_decisions(self, device_id: str, outcome: DeviceOutcome, journaled: bool
+                         ) -> tuple[list[list[Any]] | None, list[dict[str, Any]] | None]:
+        """The outcome's decisions and reservations into the tables; their journal values."""
+        pushes = self._pushes.setdefault(device_id, {})
+        for push_id in outcome.forgotten:
+            pushes.pop(push_id, None)
+        for push in outcome.reserved:
+            pushes.setdefault(push.push_id, push)
+        if not pushes:
+            del self._pushes[device_id]
+        kept = self._decisions.setdefault(device_id, [])
+        kept.extend(d.as_record() for d in outcome.decisions)
+        del kept[:-DECISIONS_KEPT]
+        if not journaled:
+            return None, None
+        return [push_to_json(p) for p in pushes.values()], kept
 
     async def stored_track(self, device_id: str) -> StoredTrack:
         state, next_due = self._tracks.get(device_id, (None, None))
         return StoredTrack(state, next_due, self._timers.due(device_id), None)
 
-    def _journal_tracks(self, rows: list[tuple[str, list[Any], list[list[Any]] | None]]
-                        ) -> None:
-        """One encode and one hand-over per batch; the writer thread does the rest."""
-        assert self._writer is not None
+    def _journal_tracks(self, rows: list[_Row], *, durable: bool = False
+                        ) -> Awaitable[None] | None:
+        """One encode and one hand-over per batch; the writer thread does the rest. `durable`:
+        returns what to await for the batch to be on disk."""
         try:
             payload = orjson.dumps(("T", rows))
         except TypeError:  # orjson.JSONEncodeError: find the rows at fault, keep the others
             payload = orjson.dumps(("T", _encodable(rows)))
-        line = frame(payload)
-        self._writer.append(line)
+        return self._journal(frame(payload), durable=durable)
+
+    def _journal(self, line: bytes, *, durable: bool = False) -> Awaitable[None] | None:
+        assert self._writer is not None
+        done = self._writer.append_durable(line) if durable else None
+        if done is None:
+            self._writer.append(line)
         self._journal_bytes += len(line)
         if self._journal_bytes > self._compact_at:
             self._compact_wanted.set()
+        return done
 
     async def claim_due(self, now: float, limit: int, lease_s: float) -> list[str]:
         # leases are not journaled: after a crash a leased timer is simply due again
@@ -328,6 +405,14 @@ class MemoryStore(StateStore):
         if self._writer is not None and self._writer.error is not None:
             raise JournalFailed(f"the state journal cannot be written ({self._writer.error}); "
                                 "restart geopush once the disk is writable")
+
+    # -- weather -----------------------------------------------------------------------------
+
+    async def weather_cells(self, cells: Collection[str]) -> dict[str, bytes]:
+        return {c: self._weather[c] for c in cells if c in self._weather}
+
+    async def put_weather_cells(self, values: Mapping[str, bytes]) -> None:
+        self._weather.update(values)  # one process: a cache, not kept on disk
 
     # -- the published configuration -------------------------------------------------------
 
@@ -404,6 +489,9 @@ class MemoryStore(StateStore):
             ("tracks", self._tracks, lambda t: orjson.dumps(track_to_json(*t))),
             ("visits", self._visits, lambda vs: orjson.dumps([visit_to_json(v) for v in vs])),
             ("tokens", self._tokens, lambda t: orjson.dumps(_token_to_json(t))),
+            ("pushes", self._pushes,
+             lambda ps: orjson.dumps([push_to_json(p) for p in ps.values()])),
+            ("decisions", self._decisions, orjson.dumps),
             ("erasures", self._erasures, lambda r: orjson.dumps(r.model_dump(mode="json"))),
         ]
         for name, table, encode in sections:
@@ -470,11 +558,20 @@ class MemoryStore(StateStore):
             record = orjson.loads(payload)
             kind = record[0]
             if kind == "T":
-                for device_id, track, visits in record[1]:
+                for device_id, track, visits, *decided in record[1]:
                     self._tracks[device_id] = track_from_json(track)
                     if visits is not None:
                         self._visits[device_id] = [visit_from_json(device_id, v)
                                                    for v in visits]
+                    # rows written before decisions have three elements
+                    if decided and decided[0] is not None:
+                        self._replay_pushes(device_id, decided[0])
+                    if len(decided) > 1 and decided[1] is not None:
+                        self._decisions[device_id] = list(decided[1])
+                return False
+            if kind == "O":
+                _, device_id, pushes = record
+                self._replay_pushes(device_id, pushes)
                 return False
             if kind == "P":
                 _, device_id, profile, trail = record
@@ -498,6 +595,12 @@ class MemoryStore(StateStore):
                 "move the journal files away to start from the snapshot alone"
             ) from None
 
+    def _replay_pushes(self, device_id: str, pushes: list[Any]) -> None:
+        if pushes:
+            self._pushes[device_id] = {p.push_id: p for p in map(push_from_json, pushes)}
+        else:
+            self._pushes.pop(device_id, None)
+
     def _load(self, path: Path) -> int:
         """Reads a snapshot into the dicts; returns the first journal generation it does not
         cover."""
@@ -512,8 +615,11 @@ class MemoryStore(StateStore):
             tracks = {d: track_from_json(t) for d, t in data["tracks"].items()}
             visits = {d: [visit_from_json(d, v) for v in vs] for d, vs in data["visits"].items()}
             erasures = {h: ErasureRecord.model_validate(r) for h, r in data["erasures"].items()}
-            # snapshots written before device tokens have no such section
+            # snapshots written before device tokens (or decisions) have no such section
             device_tokens = {d: _token_from_json(t) for d, t in data.get("tokens", {}).items()}
+            pushes = {d: {p.push_id: p for p in map(push_from_json, ps)}
+                      for d, ps in data.get("pushes", {}).items()}
+            decisions = {d: list(ds) for d, ds in data.get("decisions", {}).items()}
         except _READ_ERRORS as exc:
             raise SnapshotError(
                 f"{path}: cannot read the state snapshot ({type(exc).__name__}: {exc}); "
@@ -522,6 +628,7 @@ class MemoryStore(StateStore):
         self._profiles, self._consent, self._tracks = profiles, consent, tracks
         self._visits, self._erasures = visits, erasures
         self._tokens = {d: t for d, t in device_tokens.items() if t is not None}
+        self._pushes, self._decisions = pushes, decisions
         return gen
 
 
@@ -550,8 +657,11 @@ def _token_from_json(value: Any) -> StoredToken | None:
     return StoredToken(str(value["nonce"]), float(value["issued_at"]))
 
 
-def _encodable(rows: list[tuple[str, list[Any], list[list[Any]] | None]]
-               ) -> list[tuple[str, list[Any], list[list[Any]] | None]]:
+_Row = tuple[str, list[Any], list[list[Any]] | None, list[list[Any]] | None,
+             list[dict[str, Any]] | None]
+
+
+def _encodable(rows: list[_Row]) -> list[_Row]:
     kept = []
     for row in rows:
         try:

@@ -51,7 +51,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -71,6 +71,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from geopush.devices import ConsentChange, DeviceProfile, ErasureRecord
 from geopush.engine import DeviceOutcome, DeviceSnapshot
 from geopush.geo.model import DeviceState, Visit
+from geopush.rules.decide import DeviceHistory
 from geopush.state.base import (
     Compute,
     PartlyUnavailable,
@@ -81,9 +82,17 @@ from geopush.state.base import (
     StoredToken,
     StoredTrack,
 )
-from geopush.state.codec import decode_track, decode_visit, encode_track, encode_visit
+from geopush.state.codec import (
+    decode_push,
+    decode_track,
+    decode_visit,
+    encode_push,
+    encode_track,
+    encode_visit,
+)
 from geopush.state.keys import (
     CONFIG_TAG,
+    DECISIONS_KEPT,
     SINGLE_TAG,
     VISITS_KEPT,
     DeviceKeys,
@@ -94,8 +103,10 @@ from geopush.state.keys import (
 from geopush.state.redis_scripts import (
     CLAIM_DUE,
     COMMIT,
+    COMMIT_DECIDED,
     ERASE,
     ERASE_DEVICE,
+    OPENED,
     PUBLISH_CONFIG,
     PUT_PROFILE,
     RESOLVE,
@@ -456,6 +467,64 @@ class RedisStore(StateStore):
         raw = await self._reading(lambda: self._redis.hget(self.keys.erasures, device_hash))
         return ErasureRecord.model_validate_json(raw) if raw is not None else None
 
+    async def history(self, device_id: str) -> DeviceHistory:
+        histories, lost = await self._histories([device_id])
+        if lost:
+            raise self._last_error or StateUnavailable("the device's history cannot be read")
+        return histories[device_id]
+
+    async def _histories(self, device_ids: Sequence[str]
+                         ) -> tuple[dict[str, DeviceHistory], set[str]]:
+        """The history of each device (DECISIONS IN TWO STEPS): one pipelined round trip,
+        three reads a device; and the devices that could not be read (a cluster node)."""
+        device_keys = [self.keys.device(d) for d in device_ids]
+
+        async def read() -> list[Any]:
+            pipe = self._redis.pipeline(transaction=False)
+            for keys in device_keys:
+                pipe.lrange(keys.visits, 0, -1)
+                pipe.hgetall(keys.pushes)
+                pipe.hgetall(keys.opens)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+            if not self.cluster:
+                _raise_first_error(results)
+            return results
+
+        results = await self._reading(read)
+        histories: dict[str, DeviceHistory] = {}
+        lost: set[str] = set()
+        for n, device_id in enumerate(device_ids):
+            visits, pushes, opens = results[3 * n:3 * n + 3]
+            if any(isinstance(r, Exception) for r in (visits, pushes, opens)):
+                lost.add(device_id)
+                self._last_error = self._unavailable(
+                    next(r for r in (visits, pushes, opens) if isinstance(r, Exception)))
+                continue
+            records = [decode_push(raw) for raw in pushes.values()]
+            for record in records:
+                opened = opens.get(record.push_id.encode())
+                if opened is not None:
+                    record.opened_at = float(opened)
+            histories[device_id] = DeviceHistory(records,
+                                                 [decode_visit(device_id, v) for v in visits])
+        return histories, lost
+
+    async def decisions(self, device_id: str) -> list[dict[str, Any]]:
+        rows = await self._reading(
+            lambda: self._redis.lrange(self.keys.device(device_id).decisions, 0, -1))
+        return [orjson.loads(r) for r in rows]
+
+    async def record_open(self, device_id: str, push_id: str, at: float) -> float | None:
+        keys = self.keys.device(device_id)
+        for _ in range(MAX_ATTEMPTS):
+            answer = await self._once(OPENED, self._tag_of(device_id),
+                                      (keys.pushes, keys.opens, keys.version),
+                                      [push_id, repr(float(at))])
+            if answer is not None:
+                return float(answer) if answer else None
+        raise StateUnavailable(
+            f"the open did not run in {MAX_ATTEMPTS} attempts; retry later")
+
     # -- tracking --------------------------------------------------------------------------
 
     async def track(self, device_ids: Collection[str], compute: Compute) -> dict[str, DeviceOutcome]:
@@ -472,6 +541,18 @@ class RedisStore(StateStore):
                 unavailable |= lost
                 snapshots = {d: r.snapshot for d, r in reads.items()}
                 outcomes = {d: o for d, o in compute(snapshots).items() if d in reads}
+                deciding = [d for d, o in outcomes.items() if o.decide is not None]
+                if deciding:
+                    # read after the snapshot: a write meanwhile moved the version, so the
+                    # commit's compare-and-set fails and the device is computed again
+                    histories, lost = await self._histories(deciding)
+                    unavailable |= lost
+                    for device_id in lost:
+                        del outcomes[device_id]
+                    for device_id, history in histories.items():
+                        decide = outcomes[device_id].decide
+                        assert decide is not None
+                        decide(history)
                 conflicts, lost, applied = await self._commit(reads, outcomes)
             except StateUnavailable as exc:  # nothing of this attempt was written
                 unavailable.update(pending)
@@ -571,6 +652,7 @@ class RedisStore(StateStore):
         schedule: dict[str, float] = {}
         unschedule: list[str] = []
         writes: dict[str, tuple[Any, ...]] = {}  # device → its ARGV of the commit script
+        decided: dict[str, tuple[Any, ...]] = {}  # … of the COMMIT_DECIDED script
         for device_id, outcome in outcomes.items():
             read = reads[device_id]
             visits: list[bytes] = []
@@ -593,10 +675,20 @@ class RedisStore(StateStore):
                     schedule[device_id] = due
             version = read.version
             bumped = str(int(version) + 1) if version else ("1" if track else "")
+            if outcome.state is not None and (
+                    outcome.decisions or outcome.reserved or outcome.forgotten):
+                pushes = [x for p in outcome.reserved for x in (p.push_id, encode_push(p))]
+                records = [orjson.dumps(d.as_record()) for d in outcome.decisions]
+                decided[device_id] = (
+                    version, bumped, track, len(visits), *visits, len(outcome.reserved),
+                    *pushes, len(outcome.forgotten), *outcome.forgotten, len(records),
+                    *records)
+                continue
             writes[device_id] = (version, bumped, track, len(visits), *visits)
-        if not writes:
+        if not writes and not decided:
             return [], set(), 0
-        groups = self._per_slot(list(writes))
+        groups = self._per_slot(list(writes)) if writes else []
+        decided_groups = self._per_slot(list(decided)) if decided else []
         # timers first: each device's timer write precedes its compare-and-set
         before: list[tuple[Any, ...]] = []
         if schedule:
@@ -613,11 +705,19 @@ class RedisStore(StateStore):
                 keys += (device_keys.track, device_keys.version, device_keys.visits)
                 args += writes[device_id]
             calls.append((COMMIT, self._tag_of(group[0]), keys, args))
+        for group in decided_groups:
+            keys = []
+            args = [VISITS_KEPT, DECISIONS_KEPT]
+            for device_id in group:
+                k = reads[device_id].keys
+                keys += (k.track, k.version, k.visits, k.pushes, k.opens, k.decisions)
+                args += decided[device_id]
+            calls.append((COMMIT_DECIDED, self._tag_of(group[0]), keys, args))
         answers = await self._run_once(calls, before)
         conflicts: list[str] = []
         lost: set[str] = set()
         applied = 0
-        for group, answer in zip(groups, answers, strict=True):
+        for group, answer in zip(groups + decided_groups, answers, strict=True):
             if answer is None:
                 conflicts += group  # nothing of the group was written
             elif isinstance(answer, Exception):
@@ -651,6 +751,22 @@ class RedisStore(StateStore):
             CLAIM_DUE, [self.keys.timers],
             [repr(float(now)), int(limit), repr(float(now + lease_s))])
         return [m.decode() if isinstance(m, bytes) else str(m) for m in members]
+
+    # -- weather -----------------------------------------------------------------------------
+
+    async def weather_cells(self, cells: Collection[str]) -> dict[str, bytes]:
+        names = list(cells)
+        if not names:
+            return {}
+        values: list[Any] = await self._reading(
+            lambda: self._redis.hmget(self.keys.weather, names))
+        return {c: bytes(v) for c, v in zip(names, values, strict=True) if v is not None}
+
+    async def put_weather_cells(self, values: Mapping[str, bytes]) -> None:
+        if values:
+            async with self._guard():  # the same fields and values: safe to send again
+                mapping: dict[Any, Any] = dict(values)
+                await self._redis.hset(self.keys.weather, mapping=mapping)
 
     # -- the published configuration -------------------------------------------------------
 

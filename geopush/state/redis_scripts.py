@@ -73,6 +73,64 @@ if s > 0 then redis.call('MSET', unpack(sets, 1, s)) end
 return done(table.concat(conflicts, ','))
 """
 
+# The commit of devices whose outcome holds decisions (geopush.engine, DECISIONS IN TWO STEPS):
+# COMMIT's compare-and-set, and with it what the policy reads next time. KEYS: the record,
+# then track, ver, visits, pushes, opens, decisions of each device in turn. ARGV: deadline,
+# record ttl, visits kept, decisions kept, then for each device: expected version, the version
+# to set, track JSON, n visits and their JSONs, n pushes reserved and (push_id, JSON) pairs,
+# n pushes forgotten (past retention) and their ids, n decisions and their JSONs. Returns the
+# 1-based positions of the devices whose version moved, comma-separated ('' = none). Few
+# devices per call (a decision is rare), so no chunking. The outbox entry of a push is to be
+# written here too, so that a push is queued if and only if its reservation stands.
+_COMMIT_DECIDED = _ONCE + """
+local visits_kept = -tonumber(ARGV[3])
+local decisions_kept = -tonumber(ARGV[4])
+local count = (#KEYS - 1) / 6
+local conflicts, c, a = {}, 0, 5
+for i = 1, count do
+  local k = 6 * (i - 1) + 1
+  local nv = tonumber(ARGV[a + 3])
+  local p = a + 4 + nv
+  local np = tonumber(ARGV[p])
+  local f = p + 1 + 2 * np
+  local nf = tonumber(ARGV[f])
+  local d = f + 1 + nf
+  local nd = tonumber(ARGV[d])
+  if (redis.call('GET', KEYS[k + 2]) or '') ~= ARGV[a] then
+    c = c + 1
+    conflicts[c] = i
+  else
+    redis.call('SET', KEYS[k + 1], ARGV[a + 2])
+    redis.call('SET', KEYS[k + 2], ARGV[a + 1])
+    if nv > 0 then
+      redis.call('RPUSH', KEYS[k + 3], unpack(ARGV, a + 4, a + 3 + nv))
+      redis.call('LTRIM', KEYS[k + 3], visits_kept, -1)
+    end
+    if nf > 0 then
+      redis.call('HDEL', KEYS[k + 4], unpack(ARGV, f + 1, f + nf))
+      redis.call('HDEL', KEYS[k + 5], unpack(ARGV, f + 1, f + nf))
+    end
+    if np > 0 then redis.call('HSET', KEYS[k + 4], unpack(ARGV, p + 1, p + 2 * np)) end
+    if nd > 0 then
+      redis.call('RPUSH', KEYS[k + 6], unpack(ARGV, d + 1, d + nd))
+      redis.call('LTRIM', KEYS[k + 6], decisions_kept, -1)
+    end
+  end
+  a = d + 1 + nd
+end
+return done(table.concat(conflicts, ','))
+"""
+
+# KEYS: the record, pushes, opens, ver. ARGV: deadline, record ttl, push_id, time of the open.
+# The first open reported is kept (an app may report it again); a new one moves the version, so
+# a decision computed on the history before it is computed again. Returns the open's time as
+# stored, '' when the device has no such push.
+_OPENED = _ONCE + """
+if redis.call('HEXISTS', KEYS[2], ARGV[3]) == 0 then return done('') end
+if redis.call('HSETNX', KEYS[3], ARGV[3], ARGV[4]) == 1 then redis.call('INCR', KEYS[4]) end
+return done(redis.call('HGET', KEYS[3], ARGV[3]))
+"""
+
 # KEYS: the record, profile, consent, track, ver. ARGV: deadline, record ttl, the version the
 # profile was read at ('' = none), profile JSON, consent change JSON or '', '1' to drop the
 # track (location consent revoked: stays end without events). A compare-and-set like the
@@ -160,6 +218,8 @@ class Script:
 
 
 COMMIT = Script.of(_COMMIT)
+COMMIT_DECIDED = Script.of(_COMMIT_DECIDED)
+OPENED = Script.of(_OPENED)
 PUT_PROFILE = Script.of(_PUT_PROFILE)
 SET_TOKEN = Script.of(_SET_TOKEN)
 CLAIM_DUE = Script.of(_CLAIM_DUE)
@@ -167,6 +227,8 @@ ERASE = Script.of(_ERASE)
 ERASE_DEVICE = Script.of(_ERASE_DEVICE)
 PUBLISH_CONFIG = Script.of(_PUBLISH_CONFIG)
 RESOLVE = Script.of(_RESOLVE)
-SCRIPTS = (COMMIT, PUT_PROFILE, SET_TOKEN, CLAIM_DUE, ERASE, ERASE_DEVICE, PUBLISH_CONFIG,
-           RESOLVE)
-ONCE = (COMMIT, PUT_PROFILE, SET_TOKEN, ERASE, ERASE_DEVICE, PUBLISH_CONFIG)  # take a record and deadline
+SCRIPTS = (COMMIT, COMMIT_DECIDED, OPENED, PUT_PROFILE, SET_TOKEN, CLAIM_DUE, ERASE,
+           ERASE_DEVICE, PUBLISH_CONFIG, RESOLVE)
+# take a record and deadline
+ONCE = (COMMIT, COMMIT_DECIDED, OPENED, PUT_PROFILE, SET_TOKEN, ERASE, ERASE_DEVICE,
+        PUBLISH_CONFIG)
