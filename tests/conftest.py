@@ -12,7 +12,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -262,3 +262,38 @@ def shared_redis(request: pytest.FixtureRequest) -> dict[str, Any]:
         return {"backend": "redis", "redis_url": request.getfixturevalue("redis_url")}
     return {"backend": "redis", "redis_url": request.getfixturevalue("redis_cluster_url"),
             "redis_cluster": True}
+
+
+# -- every state backend ------------------------------------------------------------------
+
+
+def _store_settings(backend: str, tmp_path: Path, redis_url: str | None, *,
+                    cluster: bool = False) -> Any:
+    from geopush.config import Settings, StorageSettings
+
+    storage = StorageSettings(backend=backend, snapshot_path=tmp_path / "state.json",
+                              redis_cluster=cluster,
+                              **({"redis_url": redis_url} if redis_url else {}))
+    return Settings(storage=storage)
+
+
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
+    """Every backend the state store contract holds for: memory, one Redis, a three-node Redis
+    Cluster (opened; closed after the test)."""
+    from geopush.state.factory import make_store
+
+    if request.param == "memory":
+        state = make_store(_store_settings("memory", tmp_path, None))
+    elif request.param == "redis":
+        state = make_store(_store_settings("redis", tmp_path,
+                                           request.getfixturevalue("redis_url")))
+    else:
+        state = make_store(_store_settings("redis", tmp_path,
+                                           request.getfixturevalue("redis_cluster_url"),
+                                           cluster=True))
+    await state.open()
+    try:
+        yield state
+    finally:
+        await state.close()

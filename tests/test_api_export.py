@@ -24,8 +24,8 @@ from geopush.app import create_app
 from geopush.devices import ConsentChange, DeviceProfile
 from geopush.engine import DeviceOutcome, DeviceSnapshot
 from geopush.geo.model import DeviceState, Stay, Visit
-from geopush.state.base import StoredToken
 from geopush.rules.decide import PushRecord
+from geopush.state.base import StoredToken
 from geopush.state.codec import decode_push, decode_track, decode_visit
 from geopush.state.keys import Keys
 from geopush.state.memory import MemoryStore

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 
 import pytest
 
-from geopush.config import Settings, StorageSettings
 from geopush.devices import Consent, ConsentChange, DeviceProfile, ErasureRecord, device_hash
 from geopush.engine import DeviceOutcome, DeviceSnapshot, Engine
 from geopush.geo.index import GeofenceIndex
 from geopush.geo.model import Ping
 from geopush.geo.transitions import Tracker
 from geopush.state.base import StateStore, StoredToken
-from geopush.state.factory import make_store
 
 T0 = 1_780_000_000.0  # 2026-05-28
 SHOP = (48.1374, 11.5755)  # Munich, Marienplatz
@@ -31,31 +28,6 @@ def _engine() -> Engine:
 
 
 ENGINE = _engine()
-
-
-def _settings(backend: str, tmp_path: Path, redis_url: str | None, *, cluster: bool = False
-              ) -> Settings:
-    storage = StorageSettings(backend=backend, snapshot_path=tmp_path / "state.json",
-                              redis_cluster=cluster,
-                              **({"redis_url": redis_url} if redis_url else {}))
-    return Settings(storage=storage)
-
-
-@pytest.fixture(params=["memory", "redis", "redis-cluster"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StateStore]:
-    """Every backend the contract holds for: memory, one Redis, a three-node Redis Cluster."""
-    if request.param == "memory":
-        state = make_store(_settings("memory", tmp_path, None))
-    elif request.param == "redis":
-        state = make_store(_settings("redis", tmp_path, request.getfixturevalue("redis_url")))
-    else:
-        state = make_store(_settings("redis", tmp_path,
-                                     request.getfixturevalue("redis_cluster_url"), cluster=True))
-    await state.open()
-    try:
-        yield state
-    finally:
-        await state.close()
 
 
 def _profile(device_id: str = "dev-1", *, location: bool = True, marketing: bool = True,

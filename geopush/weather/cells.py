@@ -25,8 +25,12 @@ def cell_of(lat: float, lon: float) -> str:
 
 
 def cell_centre(cell: str) -> tuple[float, float]:
+    """Where the cell's weather is asked for: inside [-90, 90] × [-180, 180] even for the cells
+    of latitude 90 or longitude 180 (Open-Meteo refuses a whole request for one bad coordinate)."""
     row, col = cell.split(":")
-    return (round((int(row) + 0.5) * CELL_DEG, 4), round((int(col) + 0.5) * CELL_DEG, 4))
+    lat = min(90.0, max(-90.0, (int(row) + 0.5) * CELL_DEG))
+    lon = min(180.0, max(-180.0, (int(col) + 0.5) * CELL_DEG))
+    return (round(lat, 4), round(lon, 4))
 
 
 def condition_of(code: int | None) -> str | None:

@@ -96,11 +96,14 @@ class OpenMeteoWeather(WeatherSource):
         except StateUnavailable:
             shared = {}
         for cell, raw in shared.items():
-            weather, fetched_at = _decode(raw)
-            if now - fetched_at < self._refresh_s:
-                self._copy[cell] = (weather, fetched_at)
+            decoded = _decode(raw)
+            if decoded is not None and now - decoded[1] < self._refresh_s:
+                self._copy[cell] = decoded
                 due.discard(cell)
-        if not due or now < self._paused_until:
+        if not due:
+            return 0
+        if now < self._paused_until:
+            self._wanted |= due  # asked again once the pause is over
             return 0
         fetched = 0
         cells = sorted(due)
@@ -146,9 +149,17 @@ def _encode(weather: Weather, at: float) -> bytes:
                          "condition": weather.condition, "at": at})
 
 
-def _decode(raw: bytes) -> tuple[Weather, float]:
-    value = orjson.loads(raw)
-    return Weather(value.get("temperature_c"), value.get("condition")), float(value["at"])
+def _decode(raw: bytes) -> tuple[Weather, float] | None:
+    """A shared value; None if it is not one (e.g. another version's): that cell is fetched."""
+    try:
+        value = orjson.loads(raw)
+        temperature, condition, at = value["temperature_c"], value["condition"], float(value["at"])
+    except (ValueError, TypeError, KeyError):
+        return None
+    if (not isinstance(temperature, int | float | None) or isinstance(temperature, bool)
+            or not isinstance(condition, str | None)):
+        return None
+    return Weather(None if temperature is None else float(temperature), condition), at
 
 
 def weather_source(settings: WeatherSettings, store: StateStore,
