@@ -25,7 +25,7 @@ from geopush.devices import DeviceProfile, has_location_consent
 from geopush.geo.model import DeviceState, Event, Ping, Visit
 from geopush.geo.transitions import Tracker, process_batch
 from geopush.rules.conditions import Weather
-from geopush.rules.decide import Decider, Decision, DeviceHistory, PushRecord
+from geopush.rules.decide import Decider, Decision, DeviceHistory, Explanation, PushRecord
 
 WeatherAt = Callable[[float, float], Weather | None]
 """(lat, lon) → the weather there now, from an in-process copy (never the network)."""
@@ -69,12 +69,17 @@ class DeviceOutcome:
     decisions: list[Decision] = field(default_factory=list)
     reserved: list[PushRecord] = field(default_factory=list)  # pushes and holdouts decided
     forgotten: list[str] = field(default_factory=list)  # push ids past retention.history
+    explanations: list[Explanation] = field(default_factory=list)  # Engine.explain only
 
 
 class Engine:
-    def __init__(self, tracker: Tracker, decider: Decider | None = None) -> None:
+    def __init__(self, tracker: Tracker, decider: Decider | None = None, *,
+                 explain: bool = False) -> None:
         self.tracker = tracker
         self.decider = decider  # the rules under the policy; None: events only
+        # `geopush replay --explain`: every moment is decided, and the rules that are not
+        # candidates say why (the service never asks: it would read histories for nothing)
+        self.explain = explain
 
     @property
     def decides(self) -> bool:
@@ -179,9 +184,11 @@ class Engine:
         # a device's events in time order)
         moments = [list(events) for _, events in itertools.groupby(outcome.events,
                                                                     key=lambda e: e.ts)]
-        moments = [m for m in moments if decider.triggers(m)]
-        if not moments:
-            return
+        if not self.explain:
+            moments = [m for m in moments if decider.triggers(m)]
+            if not moments:
+                return
+        explain = self.explain
 
         def decide(history: DeviceHistory) -> None:
             # this outcome's visits are not stored yet; visit_stats counts only those that
@@ -193,12 +200,15 @@ class Engine:
                 fence = decider.geofences.get(first.geofence_id)
                 where = (fence.lat, fence.lon) if fence is not None else (first.lat, first.lon)
                 before = len(history.pushes)
+                here = weather(*where) if weather is not None else None
+                # a dwell or stale exit has no ping of its own: its activity is unknown
+                doing = activity.get(first.ts)
+                if explain:
+                    outcome.explanations += decider.not_candidates(
+                        device_id, events, profile, history, weather=here, activity=doing)
                 outcome.decisions += decider.decide(
-                    device_id, events, profile, history,
-                    weather=weather(*where) if weather is not None else None,
-                    now=now if now is not None else first.ts,
-                    # a dwell or stale exit has no ping of its own: its activity is unknown
-                    activity=activity.get(first.ts))
+                    device_id, events, profile, history, weather=here,
+                    now=now if now is not None else first.ts, activity=doing)
                 outcome.reserved += history.pushes[before:]
             outcome.forgotten = decider.forgotten(
                 history, now if now is not None else moments[-1][0].ts)

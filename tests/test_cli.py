@@ -314,6 +314,34 @@ def test_replay_previews_a_win_back_rule_with_earlier_visits_from_devices(world:
            in error
 
 
+def test_replay_explain_says_why_each_rule_did_or_did_not_fire(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """README's preview, with --explain: the drive past a real Lidl at 06:54 on a hot day."""
+    monkeypatch.setenv("GEOPUSH_GEOFENCE__DEFAULT_RADIUS_M", "400")
+    args = ["replay", REPO / "tests/fixtures/traces/barefoot_munich_x0001-001.csv", "--device",
+            "car", "--assume-consent", "--stores",
+            REPO / "tests/fixtures/germany_lidl_centers_slice.geojson", "--rules",
+            REPO / "docs/examples/preview-rules", "--weather", "temperature_c=31,condition=clear",
+            "--explain"]
+    code, out, _ = _main(capsys, *args)
+    assert code == 0
+    lines = out.splitlines()
+    at = next(i for i, line in enumerate(lines) if "  enter  " in line)
+    assert lines[at + 1:at + 3] == [
+        "    lidl-drive-by: suppressed (quiet_hours)",
+        "    lidl-hot-day: not a candidate: when.speed_mps: 13.51 m/s is not at most 3"]
+    exit_at = next(i for i, line in enumerate(lines) if "  exit  " in line)
+    assert lines[exit_at + 1] == \
+        "    lidl-drive-by: not a candidate: trigger.on is enter, the event is exit"
+    code, out, _ = _main(capsys, *args, "--json")
+    explained = json.loads(out)["explain"]
+    assert [(x["event"], x["rule_id"], x["outcome"], x["reason"]) for x in explained] == [
+        ("enter", "lidl-drive-by", "suppressed", "quiet_hours"),
+        ("enter", "lidl-hot-day", "not_candidate", None),
+        ("exit", "lidl-drive-by", "not_candidate", None),
+        ("exit", "lidl-hot-day", "not_candidate", None)]
+
+
 def test_serve_refuses_bad_rules_with_the_lines_check_prints(world: Path) -> None:
     (world.parent / "rules" / "bad.yaml").write_text(
         "id: Bad\ntrigger: {on: enter, geofences: {tags: [x]}}\n"

@@ -20,7 +20,14 @@ from geopush.geo.model import Event, EventType, Ping, Visit
 from geopush.geo.stores import StoreSet, parse_stores
 from geopush.rules import RuleFile, RulePolicy, RuleSet, parse_rules
 from geopush.rules.conditions import Weather
-from geopush.rules.decide import Decider, Decision, DeviceHistory, PushRecord, in_holdout
+from geopush.rules.decide import (
+    Decider,
+    Decision,
+    DeviceHistory,
+    Explanation,
+    PushRecord,
+    in_holdout,
+)
 from geopush.service.active import build_engine
 
 REPO = Path(__file__).parent.parent
@@ -279,7 +286,7 @@ rules:
 """
 
 
-@pytest.mark.parametrize(("when", "kwargs", "matches"), [
+CONDITIONS = [
     ("{local_time: {from: '21:00', to: '13:00'}}", {}, True),  # wraps midnight
     ("{local_time: {from: '13:00', to: '21:00'}}", {}, False),
     ("{local_time: {days: [sat, sun]}}", {}, False),
@@ -300,8 +307,11 @@ rules:
     ("{visits: {last_visit_days: {min: 21}}}", {}, False),  # no earlier visit
     ("{visits: {last_visit_days: {min: 21}}}", {"visit_days_ago": 30}, True),
     ("{visits: {count_90d: {min: 1}}}", {"visit_days_ago": 100}, False),
-])
-def test_conditions(when: str, kwargs: dict[str, Any], matches: bool) -> None:
+]
+
+
+def _judge(when: str, kwargs: dict[str, Any]
+           ) -> tuple[list[Decision], list[Explanation]]:
     decider = _decider(WHEN % when)
     history = DeviceHistory()
     if "visit_days_ago" in kwargs:
@@ -309,9 +319,45 @@ def test_conditions(when: str, kwargs: dict[str, Any], matches: bool) -> None:
         history.visits.append(Visit("phone", "node/1", "node/1", end - 600, end))
     profile = _profile(attributes=kwargs.get("attributes", {}))
     event = _event(NOON, "dwell", dwell_s=300.0, speed_mps=kwargs.get("speed", 1.0))
+    explained = decider.not_candidates("phone", [event], profile, history,
+                                       weather=kwargs.get("weather"),
+                                       activity=kwargs.get("activity"))
     decisions = _decide(decider, [event], profile=profile, history=history,
                         weather=kwargs.get("weather"), activity=kwargs.get("activity"))
+    return decisions, explained
+
+
+@pytest.mark.parametrize(("when", "kwargs", "matches"), CONDITIONS)
+def test_conditions(when: str, kwargs: dict[str, Any], matches: bool) -> None:
+    decisions, _ = _judge(when, kwargs)
     assert bool(decisions) == matches
+
+
+@pytest.mark.parametrize(("when", "kwargs", "matches"), CONDITIONS)
+def test_replay_explain_names_the_condition_that_is_false(
+        when: str, kwargs: dict[str, Any], matches: bool) -> None:
+    """`--explain`: a rule that is not a candidate says which condition of `when` failed, and
+    one that is a candidate is not explained away."""
+    _, explained = _judge(when, kwargs)
+    if matches:
+        assert explained == []
+        return
+    [line] = explained
+    condition = when.strip("{}").split(":")[0]
+    assert line.why.startswith(f"when.{condition}"), line.why
+    assert line.rule_id == "w" and line.event == "dwell"
+
+
+@pytest.mark.parametrize(("event", "why"), [
+    (("enter", None), "trigger.on is dwell, the event is enter"),
+    (("dwell", 600.0), "trigger.dwell is 300s, this dwell is 600s"),
+])
+def test_replay_explain_names_the_trigger_that_does_not_match(
+        event: tuple[EventType, float | None], why: str) -> None:
+    decider = _decider(WHEN % "{}")
+    explained = decider.not_candidates("phone", [_event(NOON, event[0], dwell_s=event[1])],
+                                       _profile(), DeviceHistory(), weather=None)
+    assert [x.why for x in explained] == [why]
 
 
 def test_a_dwell_rule_matches_its_own_duration_only() -> None:

@@ -9,10 +9,11 @@ Open-Meteo is a local aiohttp server answering with a real Open-Meteo body
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from pathlib import Path
@@ -88,6 +89,12 @@ class FakeOpenMeteo:
                                 content_type="application/json")
         lats = request.query["latitude"].split(",")
         lons = request.query["longitude"].split(",")
+        for name, values, limit in (("Latitude", lats, 90), ("Longitude", lons, 180)):
+            for value in values:
+                if not -limit <= float(value) <= limit:  # Open-Meteo refuses the whole request
+                    return web.json_response(
+                        {"error": True, "reason": f"{name} must be in range of -{limit} to "
+                                                  f"{limit}°. Given: {value}."}, status=400)
         bodies = []
         for lat, lon in zip(lats, lons, strict=True):
             body = copy.deepcopy(REAL_BODY)
@@ -271,4 +278,359 @@ async def test_fetch_gives_up_after_timeout_s(fake: FakeOpenMeteo, session: aioh
     assert time.monotonic() - started < 2.0
 
 
-@asynccontextmanager_type := None  # placeholder removed below
+
+@contextlib.asynccontextmanager
+async def raw_http(reply: bytes) -> AsyncIterator[str]:
+    """A server that reads one request, writes `reply` (nothing, or a broken answer), hangs up."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(reply)
+            await writer.drain()
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}/v1/forecast"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+TRUNCATED = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 4000\r\n\r\n"
+             + json.dumps(REAL_BODY).encode()[:300])
+
+
+@pytest.mark.parametrize("reply", [b"", TRUNCATED, b"SSH-2.0-OpenSSH_9.6\r\n\r\n"],
+                         ids=["closed-without-answer", "closed-mid-body", "not-http"])
+async def test_fetch_turns_a_broken_connection_into_an_open_meteo_error(
+        session: aiohttp.ClientSession, reply: bytes) -> None:
+    async with raw_http(reply) as url:
+        with pytest.raises(OpenMeteoError) as raised:
+            await fetch(session, url, [cell_of(*ENSCHEDE)])
+    assert raised.value.retry_after_s is None
+
+
+async def test_fetch_turns_a_refused_connection_into_an_open_meteo_error(
+        session: aiohttp.ClientSession) -> None:
+    with pytest.raises(OpenMeteoError, match="unreachable"):
+        await fetch(session, f"http://127.0.0.1:{_free_port()}/v1/forecast", [cell_of(*ENSCHEDE)])
+
+
+# -- OpenMeteoWeather: the copy decisions read ----------------------------------------------
+
+class Clock:
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def open_meteo_settings(fake: FakeOpenMeteo) -> WeatherSettings:
+    return WeatherSettings.model_validate({"provider": "open-meteo", "base_url": fake.url,
+                                           "refresh": REFRESH_S})
+
+
+def cells_of(*points: tuple[float, float]) -> Callable[[], set[str]]:
+    return lambda: {cell_of(*p) for p in points}
+
+
+def centres(*points: tuple[float, float]) -> list[tuple[float, float]]:
+    return sorted(cell_centre(cell_of(*p)) for p in points)
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def stores(request: pytest.FixtureRequest) -> AsyncIterator[tuple[StateStore, StateStore]]:
+    """Two instances' state stores over the same state: one MemoryStore (one process), or two
+    RedisStores on this run's Redis database."""
+    if request.param == "memory":
+        memory = MemoryStore()
+        await memory.open()
+        try:
+            yield memory, memory
+        finally:
+            await memory.close()
+        return
+    url = request.getfixturevalue("redis_url")
+    a, b = RedisStore(url), RedisStore(url)
+    await a.open()
+    await b.open()
+    try:
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_refresh_once_preloads_every_store_cell_in_one_request_and_at_reads_no_network(
+        fake: FakeOpenMeteo, session: aiohttp.ClientSession,
+        stores: tuple[StateStore, StateStore]) -> None:
+    fake.set_weather(*PARIS, 12.3, 63)
+    fake.set_weather(*SYDNEY, 24.0, 0)
+    source = OpenMeteoWeather(open_meteo_settings(fake), stores[0],
+                              cells_of(ENSCHEDE, PARIS, SYDNEY), clock=Clock())
+
+    assert await source.refresh_once(session) == 3
+
+    assert len(fake.queries) == 1
+    assert sorted(fake.cells_asked()) == centres(ENSCHEDE, PARIS, SYDNEY)
+    assert source.at(*ENSCHEDE) == Weather(17.7, "partly_cloudy")
+    assert source.at(52.22, 6.89) == Weather(17.7, "partly_cloudy")  # the same cell
+    assert source.at(*PARIS) == Weather(12.3, "rain")
+    assert source.at(*SYDNEY) == Weather(24.0, "clear")
+    assert len(fake.queries) == 1  # at() never asks the network
+    assert await source.refresh_once(session) == 0  # all fresh: nothing to ask
+    assert len(fake.queries) == 1
+
+    assert source.at(40.4168, -3.7038) is None  # Madrid: no store there, not known yet...
+    assert len(fake.queries) == 1
+    assert await source.refresh_once(session) == 1  # ...until the next refresh, off the ping path
+    assert fake.cells_asked() == [(40.45, -3.75)]
+    assert source.at(40.4168, -3.7038) == Weather(17.7, "partly_cloudy")
+
+
+async def test_a_store_on_the_antimeridian_does_not_spoil_the_request_of_its_neighbours(
+        fake: FakeOpenMeteo, session: aiohttp.ClientSession) -> None:
+    taveuni = (-16.8, 180.0)  # Fiji: a valid store position on longitude 180
+    fake.set_weather(*taveuni, 27.5, 80)
+    store = MemoryStore()
+    await store.open()
+    try:
+        source = OpenMeteoWeather(open_meteo_settings(fake), store, cells_of(ENSCHEDE, taveuni),
+                                  clock=Clock())
+        assert await source.refresh_once(session) == 2
+    finally:
+        await store.close()
+    assert source.at(*taveuni) == Weather(27.5, "showers")
+    assert source.at(*ENSCHEDE) == Weather(17.7, "partly_cloudy")
+
+
+@pytest.mark.parametrize(("n", "sizes"), [(1, [1]), (100, [100]), (101, [100, 1]),
+                                          (250, [100, 100, 50])])
+async def test_up_to_a_hundred_cells_go_in_one_request(
+        fake: FakeOpenMeteo, session: aiohttp.ClientSession, n: int, sizes: list[int]) -> None:
+    cells = {f"{500 + i // 40}:{40 + i % 40}" for i in range(n)}  # Western Europe
+    store = MemoryStore()
+    await store.open()
+    try:
+        source = OpenMeteoWeather(open_meteo_settings(fake), store, lambda: cells, clock=Clock())
+        assert await source.refresh_once(session) == n
+    finally:
+        await store.close()
+    assert [len(q["latitude"].split(",")) for q in fake.queries] == sizes
+    assert sorted(c for i in range(len(sizes)) for c in fake.cells_asked(i)) == sorted(
+        cell_centre(c) for c in cells)
+    assert all(source.at(*cell_centre(c)) == Weather(17.7, "partly_cloudy") for c in cells)
+
+
+async def test_a_second_instance_takes_the_shared_value_and_asks_only_for_the_rest(
+        fake: FakeOpenMeteo, session: aiohttp.ClientSession,
+        stores: tuple[StateStore, StateStore]) -> None:
+    clock = Clock()
+    fake.set_weather(*PARIS, 12.3, 63)
+    first = OpenMeteoWeather(open_meteo_settings(fake), stores[0], cells_of(ENSCHEDE, PARIS),
+                             clock=clock)
+    assert await first.refresh_once(session) == 2
+    assert len(fake.queries) == 1
+
+    clock.now += REFRESH_S - 1  # still fresh
+    second = OpenMeteoWeather(open_meteo_settings(fake), stores[1], cells_of(ENSCHEDE, PARIS),
+                              clock=clock)
+    assert await second.refresh_once(session) == 0
+    assert len(fake.queries) == 1  # nothing asked: both came from the shared store
+    assert second.at(*ENSCHEDE) == Weather(17.7, "partly_cloudy")
+    assert second.at(*PARIS) == Weather(12.3, "rain")
+
+    third = OpenMeteoWeather(open_meteo_settings(fake), stores[1],
+                             cells_of(ENSCHEDE, PARIS, SYDNEY), clock=clock)
+    assert await third.refresh_once(session) == 1
+    assert len(fake.queries) == 2
+    assert fake.cells_asked() == centres(SYDNEY)  # only the cell nobody had
+    assert third.at(*PARIS) == Weather(12.3, "rain")
+
+
+async def test_a_shared_value_older_than_refresh_is_fetched_anew(
+        fake: FakeOpenMeteo, session: aiohttp.ClientSession,
+        stores: tuple[StateStore, StateStore]) -> None:
+    clock = Clock()
+    first = OpenMeteoWeather(open_meteo_settings(fake), stores[0], cells_of(ENSCHEDE), clock=clock)
+    assert await first.refresh_once(session) == 1
+    clock.now += REFRESH_S
+    fake.set_weather(*ENSCHEDE, 9.0, 61)
+    second = OpenMeteoWeather(open_meteo_settings(fake), stores[1], cells_of(ENSCHEDE), clock=clock)
+    assert await second.refresh_once(session) == 1
+    assert len(fake.queries) == 2
+    assert second.at(*ENSCHEDE) == Weather(9.0, "rain")
+
+
+async def test_after_refresh_only_cells_looked_up_are_fetched_again(
+        fake: FakeOpenMeteo, session: aiohttp.ClientSession,
+        stores: tuple[StateStore, StateStore]) -> None:
+    clock = Clock()
+    fake.set_weather(*PARIS, 12.3, 63)
+    source = OpenMeteoWeather(open_meteo_settings(fake), stores[0],
+                              cells_of(ENSCHEDE, PARIS, SYDNEY), clock=clock)
+    assert await source.refresh_once(session) == 3
+    fake.set_weather(*PARIS, 30.5, 95)
+    fake.set_weather(*ENSCHEDE, 31.0, 0)
+
+    clock.now = T0 + REFRESH_S - 1
+    assert source.at(*PARIS) == Weather(12.3, "rain")
+    assert await source.refresh_once(session) == 0  # looked up, but not yet due
+    assert len(fake.queries) == 1
+
+    clock.now = T0 + REFRESH_S
+    assert await source.refresh_once(session) == 0  # due, but no event looked them up lately
+    assert len(fake.queries) == 1
+
+    assert source.at(*PARIS) == Weather(12.3, "rain")
+    assert await source.refresh_once(session) == 1
+    assert len(fake.queries) == 2
+    assert fake.cells_asked() == centres(PARIS)
+    assert source.at(*PARIS) == Weather(30.5, "thunderstorm")
+    assert source.at(*ENSCHEDE) == Weather(17.7, "partly_cloudy")  # not looked up: not asked
+
+
+async def test_a_429_pauses_fetching_until_retry_after_and_at_keeps_the_old_value(
+        fake: FakeOpenMeteo, session: aiohttp.ClientSession,
+        stores: tuple[StateStore, StateStore]) -> None:
+    clock = Clock()
+    fake.set_weather(*PARIS, 12.3, 63)
+    source = OpenMeteoWeather(open_meteo_settings(fake), stores[0], cells_of(ENSCHEDE, PARIS),
+                              clock=clock)
+    assert await source.refresh_once(session) == 2
+    fake.set_weather(*PARIS, 30.5, 95)
+    fake.replies.append((429, {"Retry-After": "120"}, json.dumps(ERROR_429)))
+
+    paused_at = clock.now = T0 + REFRESH_S
+    assert source.at(*PARIS) == Weather(12.3, "rain")
+    assert await source.refresh_once(session) == 0  # answered 429
+    assert len(fake.queries) == 2
+    assert source.at(*PARIS) == Weather(12.3, "rain")  # the old value, while paused
+
+    clock.now = paused_at + 119
+    assert await source.refresh_once(session) == 0
+    assert len(fake.queries) == 2  # nothing asked during the pause
+
+    # the cell looked up before the pause is asked once it is over, with no new lookup since
+    clock.now = paused_at + 120
+    assert await source.refresh_once(session) == 1
+    assert len(fake.queries) == 3
+    assert fake.cells_asked() == centres(PARIS)
+    assert source.at(*PARIS) == Weather(30.5, "thunderstorm")
+
+
+async def test_failures_in_a_row_double_the_pause_and_a_success_ends_it(
+        fake: FakeOpenMeteo, session: aiohttp.ClientSession) -> None:
+    clock = Clock()
+    store = MemoryStore()
+    await store.open()
+    try:
+        source = OpenMeteoWeather(open_meteo_settings(fake), store, cells_of(ENSCHEDE),
+                                  clock=clock)
+        fake.replies += [(429, {}, json.dumps(ERROR_429))] * 2
+        asked_at: list[float] = []
+        for t in range(0, 300):
+            clock.now = T0 + t
+            before = len(fake.queries)
+            await source.refresh_once(session)
+            if len(fake.queries) > before:
+                asked_at.append(t)
+            if source.at(*ENSCHEDE) is not None:
+                break
+    finally:
+        await store.close()
+    assert asked_at == [0, 60, 180]  # 429 (60 s), 429 (120 s), answered
+    assert source.at(*ENSCHEDE) == Weather(17.7, "partly_cloudy")
+
+
+async def test_values_older_than_stale_after_read_as_unknown(
+        fake: FakeOpenMeteo, session: aiohttp.ClientSession,
+        stores: tuple[StateStore, StateStore]) -> None:
+    clock = Clock()
+    source = OpenMeteoWeather(open_meteo_settings(fake), stores[0], cells_of(ENSCHEDE),
+                              clock=clock)
+    assert await source.refresh_once(session) == 1
+    clock.now = T0 + STALE_AFTER_S - 1
+    assert source.at(*ENSCHEDE) == Weather(17.7, "partly_cloudy")
+    clock.now = T0 + STALE_AFTER_S + 1
+    assert source.at(*ENSCHEDE) is None
+
+
+@pytest.mark.parametrize("raw", [
+    b"not json",
+    b'["a", "list"]',
+    b'{"temperature_c": 20.0, "condition": "clear"}',  # no "at"
+    b'{"temperature_c": "hot", "condition": "clear", "at": 1780000000.0}',
+    b'{"temperature_c": 20.0, "condition": 3, "at": 1780000000.0}',
+])
+async def test_a_shared_value_that_is_not_one_is_fetched_and_replaced(
+        fake: FakeOpenMeteo, session: aiohttp.ClientSession,
+        stores: tuple[StateStore, StateStore], raw: bytes) -> None:
+    cell = cell_of(*ENSCHEDE)
+    await stores[0].put_weather_cells({cell: raw})
+    source = OpenMeteoWeather(open_meteo_settings(fake), stores[1], cells_of(ENSCHEDE),
+                              clock=Clock())
+    assert await source.refresh_once(session) == 1
+    assert source.at(*ENSCHEDE) == Weather(17.7, "partly_cloudy")
+    stored = json.loads((await stores[0].weather_cells([cell]))[cell])
+    assert stored == {"temperature_c": 17.7, "condition": "partly_cloudy", "at": T0}
+
+
+async def test_an_unreachable_shared_cache_does_not_stop_the_weather(
+        fake: FakeOpenMeteo, session: aiohttp.ClientSession) -> None:
+    store = RedisStore(f"redis://127.0.0.1:{_free_port()}/0", connect_timeout_s=0.2,
+                       socket_timeout_s=0.2)
+    await store.open()
+    try:
+        source = OpenMeteoWeather(open_meteo_settings(fake), store, cells_of(ENSCHEDE),
+                                  clock=Clock())
+        assert await source.refresh_once(session) == 1
+    finally:
+        await store.close()
+    assert source.at(*ENSCHEDE) == Weather(17.7, "partly_cloudy")
+
+
+async def test_run_keeps_the_copy_fresh_until_stopped(fake: FakeOpenMeteo) -> None:
+    store = MemoryStore()
+    await store.open()
+    try:
+        source = OpenMeteoWeather(open_meteo_settings(fake), store, cells_of(ENSCHEDE),
+                                  tick_s=0.02)
+        task = asyncio.create_task(source.run())
+        for _ in range(200):
+            if source.at(*ENSCHEDE) is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert source.at(*ENSCHEDE) == Weather(17.7, "partly_cloudy")
+        source.stop()
+        await asyncio.wait_for(task, 2.0)
+    finally:
+        await store.close()
+    assert len(fake.queries) == 1  # ticks since found nothing due
+
+
+# -- which source -------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("weather", "kind", "expected"), [
+    ({"provider": "none"}, WeatherSource, None),
+    ({}, WeatherSource, None),  # the default is none
+    ({"provider": "static", "static": {"temperature_c": 31, "condition": "clear"}},
+     StaticWeather, Weather(31.0, "clear")),
+    ({"provider": "static", "static": {"condition": "snow"}}, StaticWeather, Weather(None, "snow")),
+    ({"provider": "open-meteo"}, OpenMeteoWeather, None),  # nothing fetched yet
+])
+async def test_weather_source_picks_the_provider(weather: dict[str, Any], kind: type[WeatherSource],
+                                                 expected: Weather | None) -> None:
+    source = weather_source(WeatherSettings.model_validate(weather), MemoryStore(), set)
+    assert type(source) is kind
+    assert source.at(*ENSCHEDE) == expected
+    assert source.at(*SYDNEY) == expected  # the same everywhere
+    if kind is not OpenMeteoWeather:
+        await asyncio.wait_for(source.run(), 1.0)  # no loop to run

@@ -85,6 +85,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="one line per event (with --json: on stderr)")
     replay_cmd.add_argument("--summary-only", action="store_true",
                         help="leave out the lists of events and decisions")
+    replay_cmd.add_argument("--explain", action="store_true",
+                        help="for each event, why each rule did or did not fire: the trigger "
+                             "that does not match, the condition that is false, or the policy "
+                             "step that stopped it (with --json: an `explain` list)")
     replay_cmd.set_defaults(handler=replay.run)
 
     erasure_cmd = commands.add_parser(

@@ -35,7 +35,7 @@ from geopush.geo.stores import load_stores
 from geopush.pings import DEVICE_ID, DEVICE_ID_EXPECTED, PingError, parse_ping
 from geopush.rules import read_rule_files, rules_from_files
 from geopush.rules.conditions import Weather
-from geopush.rules.decide import Decision, DeviceHistory
+from geopush.rules.decide import Decision, DeviceHistory, Explanation
 from geopush.service.active import build_engine, rule_policy
 from geopush.timeutil import format_ts, parse_ts
 from geopush.yamlspots import line_of, load_yaml
@@ -339,6 +339,8 @@ class ReplayResult:
     visits: list[Visit] = field(default_factory=list)  # kept unless summary_only
     visit_count: int = 0
     decisions: list[Decision] = field(default_factory=list)  # kept unless summary_only
+    explanations: list[Explanation] = field(default_factory=list)  # with --explain
+    explained: bool = False  # --explain was asked
     outcomes: Counter[str] = field(default_factory=Counter)  # push / holdout / suppressed
     suppressed: Counter[str] = field(default_factory=Counter)  # reason → count
     elapsed_s: float = 0.0
@@ -370,7 +372,17 @@ class ReplayResult:
                               "geofence_id": v.geofence_id, "start": format_ts(v.start),
                               "end": format_ts(v.end)} for v in self.visits]
             doc["decisions"] = [{"ts": format_ts(d.ts), **d.as_json()} for d in self.decisions]
+            if self.explained:
+                doc["explain"] = [{"ts": format_ts(line.ts), **line.as_json()}
+                                  for line in self.explain()]
         return doc
+
+    def explain(self) -> list[Explanation | Decision]:
+        """Every rule for every event (--explain): the decisions of the candidates and why the
+        other rules were not candidates, in time order, each event's rules by id."""
+        lines: list[Explanation | Decision] = [*self.explanations, *self.decisions]
+        lines.sort(key=lambda x: (x.ts, x.device_id, x.geofence_id, x.event, x.rule_id))
+        return lines
 
 
 def event_json(event: Event) -> dict[str, Any]:
@@ -391,8 +403,10 @@ class Replay:
         chunk: int = CHUNK,
         weather: Weather | None = None,
         visits: Mapping[str, list[Visit]] | None = None,
+        explain: bool = False,
     ) -> None:
         self.engine = engine
+        engine.explain = explain
         self.weather = weather
         # per device: pushes decided so far and visits ended, as the policy and rules read them
         self.histories: dict[str, DeviceHistory] = {
@@ -404,7 +418,7 @@ class Replay:
             d: DeviceSnapshot(p, None) for d, p in (devices or {}).items()
         }
         self.clock: dict[str, float] = {}  # device → its latest accepted ping's ts
-        self.result = ReplayResult()
+        self.result = ReplayResult(explained=explain)
 
     def run(self, records: Iterable[tuple[int, Ping | BadLine]]) -> ReplayResult:
         started = time.perf_counter()
@@ -504,6 +518,8 @@ class Replay:
                 self.result.suppressed[decision.reason] += 1
             if self.keep_events:
                 self.result.decisions.append(decision)
+        if self.keep_events:
+            self.result.explanations += outcome.explanations
 
     def _reject(self, line: int, code: str, message: str) -> None:
         self.result.rejected[code] += 1
@@ -570,6 +586,7 @@ def run(args: argparse.Namespace) -> int:
         weather=Weather(weather.get("temperature_c"), weather.get("condition"))
         if weather else None,
         visits=device_visits,
+        explain=args.explain,
     )
     path = Path(args.pings)
     try:
@@ -587,7 +604,9 @@ def run(args: argparse.Namespace) -> int:
             _print_timeline(result.events, names, err)
         print(json.dumps(result.document(summary_only=args.summary_only), ensure_ascii=False))
     else:
-        if not args.summary_only:
+        if not args.summary_only and args.explain:
+            _print_explained(result, names, sys.stdout)
+        elif not args.summary_only:
             _print_timeline(result.events, names, sys.stdout)
             _print_decisions(result.decisions, sys.stdout)
         _print_summary(result, sys.stdout)
@@ -622,6 +641,24 @@ def _print_decisions(decisions: list[Decision], out: TextIO) -> None:
         text = f"  {d.message.title!r}: {d.message.body!r}" if d.message else ""
         print(f"{format_ts(d.ts)}  {d.device_id}  {what:<22}  {d.rule_id}  {d.geofence_id}"
               f"{text}", file=out)
+
+
+def _print_explained(result: ReplayResult, names: dict[str, str], out: TextIO) -> None:
+    """Each event, then one line per rule: what it decided, or why it was not a candidate."""
+    by_event: dict[tuple[float, str, str, str], list[Explanation | Decision]] = {}
+    for line in result.explain():
+        by_event.setdefault((line.ts, line.device_id, line.geofence_id, line.event),
+                            []).append(line)
+    for e in result.events:
+        _print_timeline([e], names, out)
+        for line in by_event.pop((e.ts, e.device_id, e.geofence_id, e.type), []):
+            if isinstance(line, Explanation):
+                print(f"    {line.rule_id}: not a candidate: {line.why}", file=out)
+            else:
+                what = f"{line.outcome} ({line.reason})" if line.reason else line.outcome
+                text = (f": {line.message.title!r} / {line.message.body!r}"
+                        if line.message else "")
+                print(f"    {line.rule_id}: {what}{text}", file=out)
 
 
 def _print_summary(result: ReplayResult, out: TextIO) -> None:

@@ -28,9 +28,11 @@ from geopush.rules.conditions import (
     Moment,
     VisitStats,
     Weather,
+    false_condition,
     holds,
     in_window,
     local_time,
+    not_triggered,
     triggered,
 )
 from geopush.rules.load import LoadedRule, RuleSet
@@ -111,6 +113,25 @@ class Decision:
         return {"ts": self.ts, **self.as_json(), "push_id": self.push_id}
 
 
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """Why a rule is not a candidate for an event (`geopush replay --explain`); candidates are
+    explained by their decisions."""
+
+    ts: float
+    device_id: str
+    geofence_id: str
+    store_id: str
+    event: str
+    rule_id: str
+    why: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"device_id": self.device_id, "geofence_id": self.geofence_id,
+                "store_id": self.store_id, "event": self.event, "rule_id": self.rule_id,
+                "outcome": "not_candidate", "reason": None, "why": self.why}
+
+
 def in_holdout(rule_id: str, device_id: str, share: float) -> bool:
     """First 8 bytes of SHA-256(`rule_id:device_id`) / 2**64 < share: stable everywhere."""
     if share <= 0:
@@ -151,6 +172,7 @@ class Decider:
     def __init__(self, rules: RuleSet, geofences: Mapping[str, Geofence],
                  policy: PolicySettings, *, history_s: float = 180 * DAY_S) -> None:
         self.rules = rules.enabled
+        self.disabled = tuple(r for r in rules.rules if not r.rule.enabled)
         self.geofences = geofences
         self.policy = policy
         self.history_s = history_s  # retention.history: older pushes are forgotten
@@ -163,6 +185,34 @@ class Decider:
             if geofence is not None and any(triggered(r, event, geofence) for r in self.rules):
                 return True
         return False
+
+    def not_candidates(self, device_id: str, events: Sequence[Event], profile: DeviceProfile,
+                       history: DeviceHistory, *, weather: Weather | None,
+                       activity: str | None = None) -> list[Explanation]:
+        """For each event, every rule that is not a candidate, and why: the trigger that does
+        not match, or the first condition of `when` that is false. Judged on the history as
+        `decide` would judge it, so call it first."""
+        explained = []
+        for event in events:
+            geofence = self.geofences.get(event.geofence_id)
+            if geofence is None:
+                continue
+            moment: Moment | None = None
+            for rule in self.disabled:
+                explained.append(Explanation(event.ts, device_id, event.geofence_id,
+                                             event.store_id, event.type, rule.id,
+                                             "enabled: false"))
+            for rule in self.rules:
+                why = not_triggered(rule, event, geofence)
+                if why is None:
+                    if moment is None:
+                        moment = Moment(event, geofence, profile, weather,
+                                        history.visit_stats(event.store_id, event.ts), activity)
+                    why = false_condition(rule.rule.when, moment)
+                if why is not None:
+                    explained.append(Explanation(event.ts, device_id, event.geofence_id,
+                                                 event.store_id, event.type, rule.id, why))
+        return explained
 
     def forgotten(self, history: DeviceHistory, now: float) -> list[str]:
         """The pushes (and holdouts) past retention.history: no cap or gap looks back that far
