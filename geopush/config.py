@@ -316,7 +316,7 @@ class WeatherSettings(_Section):
 
 
 class AttributionSettings(_Section):
-    window: Duration = Field(7 * DAY, gt=0, description="a visit this soon after a push counts")
+    window: Duration = Field(DAY, gt=0, description="a visit this soon after a push counts")
 
 
 class RetentionSettings(_Section):

@@ -69,6 +69,9 @@ class DeviceOutcome:
     decisions: list[Decision] = field(default_factory=list)
     reserved: list[PushRecord] = field(default_factory=list)  # pushes and holdouts decided
     forgotten: list[str] = field(default_factory=list)  # push ids past retention.history
+    # how many of the oldest stored visits are past retention.history (visits are stored in
+    # the order they ended)
+    visits_forgotten: int = 0
     explanations: list[Explanation] = field(default_factory=list)  # Engine.explain only
 
 
@@ -191,6 +194,11 @@ class Engine:
         explain = self.explain
 
         def decide(history: DeviceHistory) -> None:
+            cutoff = (now if now is not None else moments[-1][0].ts) - decider.history_s
+            old = 0
+            while old < len(history.visits) and history.visits[old].end < cutoff:
+                old += 1
+            outcome.visits_forgotten = old
             # this outcome's visits are not stored yet; visit_stats counts only those that
             # ended before each event
             history.visits.extend(outcome.visits)

@@ -136,17 +136,21 @@ async def test_a_ping_without_a_candidate_reads_no_history(store: StateStore,
     assert reads == [[DEVICE]]
 
 
-async def test_pushes_past_retention_are_forgotten_at_the_next_decision(
+async def test_pushes_and_visits_past_retention_are_forgotten_at_the_next_decision(
         store: StateStore) -> None:
     engine = _engine(history_days=7)
     await _join(store)
     await _ping(store, T0, A, engine=engine)
-    await _ping(store, T0 + 600, FAR, engine=engine)
+    await _ping(store, T0 + 600, FAR, engine=engine)  # a visit of 10 minutes
     assert _pushes(await store.history(DEVICE)) == [("node/a", T0)]
+    assert [(v.store_id, v.end) for v in await store.visits(DEVICE)] == [("node/a", T0 + 600)]
+    await _ping(store, T0 + 4 * DAY, A, engine=engine)
+    await _ping(store, T0 + 4 * DAY + 600, FAR, engine=engine)  # a visit within retention
     later = T0 + 8 * DAY
     outcome = await _ping(store, later, B, engine=engine)
     assert outcome is not None and [d.outcome for d in outcome.decisions] == ["push"]
-    assert _pushes(await store.history(DEVICE)) == [("node/b", later)]
+    assert _pushes(await store.history(DEVICE)) == [("node/a", T0 + 4 * DAY), ("node/b", later)]
+    assert [v.end for v in await store.visits(DEVICE)] == [T0 + 4 * DAY + 600]
 
 
 async def test_opens_are_recorded_once_for_the_devices_own_pushes(store: StateStore) -> None:

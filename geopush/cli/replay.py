@@ -507,6 +507,7 @@ class Replay:
             # as the service does (geopush.engine, DECISIONS IN TWO STEPS), on the history
             # this replay has built; it adds the outcome's visits and pushes to it
             outcome.decide(history)
+            del history.visits[:outcome.visits_forgotten]
             if outcome.forgotten:  # past retention.history, as the store forgets them
                 gone = set(outcome.forgotten)
                 history.pushes = [p for p in history.pushes if p.push_id not in gone]

@@ -336,10 +336,13 @@ class MemoryStore(StateStore):
                 continue
             tracks[device_id] = (outcome.state, outcome.next_due)
             visits = None
-            if outcome.visits:
+            if outcome.visits or outcome.visits_forgotten:
                 kept = self._visits.setdefault(device_id, [])
+                del kept[:outcome.visits_forgotten]  # past retention.history
                 kept.extend(outcome.visits)
                 del kept[:-VISITS_KEPT]
+                if not kept:
+                    del self._visits[device_id]
                 if journaled:
                     visits = [visit_to_json(v) for v in kept]
             self._timers.set(device_id, outcome.next_due)

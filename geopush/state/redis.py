@@ -675,12 +675,13 @@ class RedisStore(StateStore):
                     schedule[device_id] = due
             version = read.version
             bumped = str(int(version) + 1) if version else ("1" if track else "")
-            if outcome.state is not None and (
-                    outcome.decisions or outcome.reserved or outcome.forgotten):
+            if outcome.state is not None and (outcome.decisions or outcome.reserved
+                                              or outcome.forgotten or outcome.visits_forgotten):
                 pushes = [x for p in outcome.reserved for x in (p.push_id, encode_push(p))]
                 records = [orjson.dumps(d.as_record()) for d in outcome.decisions]
                 decided[device_id] = (
-                    version, bumped, track, len(visits), *visits, len(outcome.reserved),
+                    version, bumped, track, outcome.visits_forgotten, len(visits), *visits,
+                    len(outcome.reserved),
                     *pushes, len(outcome.forgotten), *outcome.forgotten, len(records),
                     *records)
                 continue

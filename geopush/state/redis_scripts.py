@@ -77,7 +77,8 @@ return done(table.concat(conflicts, ','))
 # COMMIT's compare-and-set, and with it what the policy reads next time. KEYS: the record,
 # then track, ver, visits, pushes, opens, decisions of each device in turn. ARGV: deadline,
 # record ttl, visits kept, decisions kept, then for each device: expected version, the version
-# to set, track JSON, n visits and their JSONs, n pushes reserved and (push_id, JSON) pairs,
+# to set, track JSON, how many of the oldest stored visits to drop (past retention.history),
+# n visits and their JSONs, n pushes reserved and (push_id, JSON) pairs,
 # n pushes forgotten (past retention) and their ids, n decisions and their JSONs. Returns the
 # 1-based positions of the devices whose version moved, comma-separated ('' = none). Few
 # devices per call (a decision is rare), so no chunking. The outbox entry of a push is to be
@@ -89,8 +90,9 @@ local count = (#KEYS - 1) / 6
 local conflicts, c, a = {}, 0, 5
 for i = 1, count do
   local k = 6 * (i - 1) + 1
-  local nv = tonumber(ARGV[a + 3])
-  local p = a + 4 + nv
+  local drop = tonumber(ARGV[a + 3])
+  local nv = tonumber(ARGV[a + 4])
+  local p = a + 5 + nv
   local np = tonumber(ARGV[p])
   local f = p + 1 + 2 * np
   local nf = tonumber(ARGV[f])
@@ -102,8 +104,9 @@ for i = 1, count do
   else
     redis.call('SET', KEYS[k + 1], ARGV[a + 2])
     redis.call('SET', KEYS[k + 2], ARGV[a + 1])
+    if drop > 0 then redis.call('LTRIM', KEYS[k + 3], drop, -1) end
     if nv > 0 then
-      redis.call('RPUSH', KEYS[k + 3], unpack(ARGV, a + 4, a + 3 + nv))
+      redis.call('RPUSH', KEYS[k + 3], unpack(ARGV, a + 5, a + 4 + nv))
       redis.call('LTRIM', KEYS[k + 3], visits_kept, -1)
     end
     if nf > 0 then
