@@ -66,7 +66,7 @@ def _main(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, s
 def test_check_of_the_embedded_default_passes_through_the_console_script() -> None:
     done = _geopush("check")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "ok: 30 geofences (30 stores), 3 rule(s), 0 warning(s)" in done.stdout
+    assert "ok: 30 geofences (30 stores), 5 rule(s), 0 warning(s)" in done.stdout
 
 
 def test_check_lists_every_config_error_with_file_and_line(
@@ -197,7 +197,7 @@ def test_schema_rules_validates_the_bundled_rules_and_refuses_a_misspelt_key(
     schema = json.loads(out)
     validator = jsonschema.Draft202012Validator(schema)
     bundled = sorted((REPO / "rules").glob("*.yaml"))
-    assert len(bundled) == 3
+    assert len(bundled) == 5
     for path in bundled:  # read as YAML 1.2, as editors do (`on:` is a key, not True)
         document = load_yaml(path.read_text(), str(path)).data
         assert not list(validator.iter_errors(document)), path

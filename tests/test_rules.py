@@ -53,8 +53,8 @@ def test_the_bundled_rules_load_with_the_bundled_stores_and_config() -> None:
     from geopush.service.active import load_geofencing
 
     geofencing = load_geofencing(settings)
-    assert [r.id for r in geofencing.rules.rules] == ["hot-day-drinks", "order-ready",
-                                                       "welcome-back"]
+    assert [r.id for r in geofencing.rules.rules] == [
+        "hot-day-drinks", "order-ready", "rainy-day", "weekend-special", "welcome-back"]
     assert geofencing.rules.warnings == ()
 
 
