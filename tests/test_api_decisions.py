@@ -253,3 +253,65 @@ async def test_a_backend_reports_an_open_naming_the_device(
     # the devices key has no `ingest` scope
     resp = await api.post(f"/v1/pushes/{push_id}/opened", headers=DEVICES, json=body)
     assert resp.status == 403
+
+
+# -- the caps hold under a storm ("done when" of the rules issue) ----------------------------
+
+EITHER = """
+id: either-store
+trigger: {on: enter, geofences: {ids: [bakery-300, pharmacy-700]}}
+message: {title: "Hi", body: "at {{ store.name }}"}
+"""
+STORM_CAP = 5
+
+
+@pytest.mark.parametrize("storage", ["memory", "redis", "redis-cluster"])
+async def test_200_simultaneous_events_of_one_device_on_two_instances_never_pass_the_caps(
+        aiohttp_client: MakeClient, tmp_path: Path, request: pytest.FixtureRequest,
+        storage: str) -> None:
+    """One phone hops between two stores 200 times; its pings go in bursts of ten at once,
+    alternately to two instances sharing Redis (one instance on memory). Caps raised to 5 a
+    day, no gap or cooldown: exactly 5 pushes, however the commits interleave."""
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "either.yaml").write_text(EITHER)
+    stored: dict[str, Any] = {"backend": "memory"}
+    if storage == "redis":
+        stored = {"backend": "redis", "redis_url": request.getfixturevalue("redis_url")}
+    elif storage == "redis-cluster":
+        stored = {"backend": "redis", "redis_cluster": True,
+                  "redis_url": request.getfixturevalue("redis_cluster_url")}
+    settings = settings_for(
+        tmp_path, storage=stored,
+        policy={"quiet_hours": None, "max_event_lag": "1d", "min_gap": 0, "store_cooldown": 0,
+                "max_per_device": [{"max": STORM_CAP, "per": "1d"}]})
+    first = await aiohttp_client(create_app(settings))
+    second = first if storage == "memory" else await aiohttp_client(create_app(settings))
+    await _register(first)
+    trace = load_trace()
+    bakery, pharmacy = trace[300], trace[700]
+    base = time.time() - 500
+
+    async def hop(i: int) -> dict[str, Any]:
+        where = bakery if i % 2 else pharmacy
+        instance = first if i // 2 % 2 else second  # each sees the phone hop, and so do both
+        resp = await instance.post("/v1/pings", headers=INGEST, json={
+            "device_id": DEVICE, "lat": where.lat, "lon": where.lon,
+            "ts": round((base + 2 * i) * 1000)})
+        assert resp.status == 200, await resp.text()
+        body: dict[str, Any] = await resp.json()
+        return body
+
+    answers: list[dict[str, Any]] = []
+    for burst in range(20):
+        answers += await asyncio.gather(*(hop(10 * burst + k) for k in range(10)))
+    enters = sum(e["type"] == "enter" for a in answers for e in a["events"])
+    export = await _export(first)
+    assert len(export["pushes"]) == STORM_CAP
+    counted: dict[str, float] = {}
+    for instance in {id(first): first, id(second): second}.values():
+        for labels, value in (await _metric(instance, "geopush_decisions_total")).items():
+            counted[labels] = counted.get(labels, 0.0) + value
+    # the cap was what stopped every other enter (the export keeps the latest 100 decisions)
+    assert enters > STORM_CAP
+    assert counted == {'{outcome="push",reason=""}': STORM_CAP,
+                       '{outcome="suppressed",reason="global_cap"}': enters - STORM_CAP}
