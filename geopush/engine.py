@@ -17,6 +17,7 @@ commit fails, and it decides again on the history the winner wrote.
 from __future__ import annotations
 
 import itertools
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -64,15 +65,19 @@ class DeviceOutcome:
     rejected: list[Rejected] = field(default_factory=list)
     accepted: int = 0
     # DECISIONS IN TWO STEPS: set when a rule's trigger matches an event; the store calls it
-    # with the device's history before committing, which fills the three fields below
+    # with the device's history before committing, which fills the fields below. Tuples, not
+    # lists: an outcome is built for every device of every batch, and few ever decide.
     decide: Callable[[DeviceHistory], None] | None = None
-    decisions: list[Decision] = field(default_factory=list)
-    reserved: list[PushRecord] = field(default_factory=list)  # pushes and holdouts decided
-    forgotten: list[str] = field(default_factory=list)  # push ids past retention.history
+    decisions: Sequence[Decision] = ()
+    reserved: Sequence[PushRecord] = ()  # pushes and holdouts decided
+    forgotten: Sequence[str] = ()  # push ids past retention.history
     # how many of the oldest stored visits are past retention.history (visits are stored in
     # the order they ended)
     visits_forgotten: int = 0
-    explanations: list[Explanation] = field(default_factory=list)  # Engine.explain only
+    explanations: Sequence[Explanation] = ()  # Engine.explain only
+
+
+_ts = operator.attrgetter("ts")
 
 
 class Engine:
@@ -83,6 +88,9 @@ class Engine:
         # `geopush replay --explain`: every moment is decided, and the rules that are not
         # candidates say why (the service never asks: it would read histories for nothing)
         self.explain = explain
+        # `geopush replay`: the clock is virtual and stands at each moment when it is decided,
+        # also for timers fired when the input ends (contract §9: nothing is late in replay)
+        self.virtual_clock = False
 
     @property
     def decides(self) -> bool:
@@ -183,10 +191,15 @@ class Engine:
         assert decider is not None
         if profile is None:
             return
+        if self.virtual_clock:
+            now = None
         # one moment per ping or timer firing: its events share its time (the tracker gives
         # a device's events in time order)
-        moments = [list(events) for _, events in itertools.groupby(outcome.events,
-                                                                    key=lambda e: e.ts)]
+        events = outcome.events
+        if len(events) == 1 or events[0].ts == events[-1].ts:
+            moments = [events]  # the common case: one ping's events
+        else:
+            moments = [list(group) for _, group in itertools.groupby(events, key=_ts)]
         if not self.explain:
             moments = [m for m in moments if decider.triggers(m)]
             if not moments:
@@ -202,22 +215,26 @@ class Engine:
             # this outcome's visits are not stored yet; visit_stats counts only those that
             # ended before each event
             history.visits.extend(outcome.visits)
+            decisions: list[Decision] = []
+            explanations: list[Explanation] = []
+            before = len(history.pushes)
             for events in moments:
                 first = events[0]
                 # the weather at the store (its cell was preloaded), not where the phone is
                 fence = decider.geofences.get(first.geofence_id)
                 where = (fence.lat, fence.lon) if fence is not None else (first.lat, first.lon)
-                before = len(history.pushes)
                 here = weather(*where) if weather is not None else None
                 # a dwell or stale exit has no ping of its own: its activity is unknown
                 doing = activity.get(first.ts)
                 if explain:
-                    outcome.explanations += decider.not_candidates(
+                    explanations += decider.not_candidates(
                         device_id, events, profile, history, weather=here, activity=doing)
-                outcome.decisions += decider.decide(
+                decisions += decider.decide(
                     device_id, events, profile, history, weather=here,
                     now=now if now is not None else first.ts, activity=doing)
-                outcome.reserved += history.pushes[before:]
+            outcome.decisions = decisions
+            outcome.explanations = explanations
+            outcome.reserved = history.pushes[before:]  # decide appends what it reserves
             outcome.forgotten = decider.forgotten(
                 history, now if now is not None else moments[-1][0].ts)
 

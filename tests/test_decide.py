@@ -401,3 +401,22 @@ message: {title: "Fresh bread", body: "at {{ store.name }}"}
     doc = result.document()
     assert doc["decisions"][0]["title"] == "Fresh bread"
     assert doc["decisions"][0]["body"] == f"at {enters[0].geofence_id}"
+
+
+def test_nothing_is_late_in_replay_not_even_a_dwell_fired_when_the_input_ends() -> None:
+    """Contract §9: at the end of the input the clock runs on to the last ping + stale_after;
+    a dwell that falls due then is decided at its own time, as it would be live."""
+    rules = _rules("""\
+id: stay
+trigger: {on: dwell, dwell: 5m, geofences: {ids: [node/1]}}
+message: {title: t, body: b}
+""")
+    settings = load_settings(REPO / "config" / "geopush.yaml")
+    settings = settings.model_copy(update={"policy": PolicySettings(quiet_hours=None)})
+    one_ping = Ping("phone", NOON, 46.3683, 14.1146, accuracy_m=10.0)  # and then silence
+    result = Replay(build_engine(settings, STORES, rules), assume_consent=True).run(
+        [(2, one_ping)])
+    assert ("node/1", "dwell", NOON + 300) in [(e.geofence_id, e.type, e.ts)
+                                               for e in result.events]
+    assert [(d.rule_id, d.outcome, d.reason) for d in result.decisions] == [
+        ("stay", "push", None)]

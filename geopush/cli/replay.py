@@ -407,6 +407,7 @@ class Replay:
     ) -> None:
         self.engine = engine
         engine.explain = explain
+        engine.virtual_clock = True
         self.weather = weather
         # per device: pushes decided so far and visits ended, as the policy and rules read them
         self.histories: dict[str, DeviceHistory] = {
@@ -502,7 +503,11 @@ class Replay:
         if self.keep_events:
             self.result.events.extend(outcome.events)
             self.result.visits.extend(outcome.visits)
-        history = self.histories.setdefault(device, DeviceHistory())
+        if not self.engine.decides or (outcome.decide is None and not outcome.visits):
+            return  # most outcomes: nothing to decide, nothing for a later decision to read
+        history = self.histories.get(device)
+        if history is None:
+            history = self.histories[device] = DeviceHistory()
         if outcome.decide is not None:
             # as the service does (geopush.engine, DECISIONS IN TWO STEPS), on the history
             # this replay has built; it adds the outcome's visits and pushes to it

@@ -33,7 +33,6 @@ from geopush.rules.conditions import (
     in_window,
     local_time,
     not_triggered,
-    triggered,
 )
 from geopush.rules.load import LoadedRule, RuleSet
 from geopush.rules.templates import MAX_OUTPUT_CHARS, TemplateFailure
@@ -176,15 +175,24 @@ class Decider:
         self.geofences = geofences
         self.policy = policy
         self.history_s = history_s  # retention.history: older pushes are forgotten
+        self._selecting: dict[str, tuple[LoadedRule, ...]] = {}  # geofence id → its rules
+
+    def _triggered(self, event: Event) -> list[LoadedRule]:
+        """The rules whose trigger matches the event, in id order. Which rules select a
+        geofence is worked out once per geofence (selectors compare tags), when it first has
+        an event: every ping's event asks, and most fences never have one."""
+        selecting = self._selecting.get(event.geofence_id)
+        if selecting is None:
+            geofence = self.geofences.get(event.geofence_id)
+            selecting = tuple(r for r in self.rules if geofence is not None and r.selects(geofence))
+            self._selecting[event.geofence_id] = selecting
+        return [r for r in selecting if r.rule.trigger.on == event.type
+                and (event.type != "dwell" or r.rule.trigger.dwell == event.dwell_s)]
 
     def triggers(self, events: Sequence[Event]) -> bool:
         """Some rule's trigger matches one of the events: the moment has a candidate, so the
         device's history is worth reading (contract §4: `when` is judged on it)."""
-        for event in events:
-            geofence = self.geofences.get(event.geofence_id)
-            if geofence is not None and any(triggered(r, event, geofence) for r in self.rules):
-                return True
-        return False
+        return any(self._triggered(event) for event in events)
 
     def not_candidates(self, device_id: str, events: Sequence[Event], profile: DeviceProfile,
                        history: DeviceHistory, *, weather: Weather | None,
@@ -278,9 +286,7 @@ class Decider:
             if geofence is None:
                 continue
             moment: Moment | None = None
-            for rule in self.rules:
-                if not triggered(rule, event, geofence):
-                    continue
+            for rule in self._triggered(event):
                 if moment is None:
                     moment = Moment(event, geofence, profile, weather,
                                     history.visit_stats(event.store_id, event.ts), activity)
