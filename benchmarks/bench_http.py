@@ -1,7 +1,7 @@
 """HTTP throughput and latency of `geopush serve`, memory and Redis backends.
 
     python benchmarks/bench_http.py [--backend memory|redis|both] [--duration S]
-                                    [--clients N] [--redis-url URL]
+                                    [--clients N] [--redis-url URL] [--rules DIR]
 
 Each backend runs in its own `geopush serve` process (a temp config on a free port, API keys
 on, 305 real Lidl stores plus geofences placed on a real Munich drive so pings make real enter
@@ -190,11 +190,18 @@ def _stores_file(directory: Path) -> Path:
     for i in range(0, len(trace), 60):  # a geofence every minute of the drive
         lat, lon = trace[i]
         collection["features"].append({
-            "type": "Feature", "id": f"route-{i}", "properties": {"radius_m": 60},
+            "type": "Feature", "id": f"route-{i}",
+            "properties": {"radius_m": 60, "shop": "supermarket"},  # what the rules select
             "geometry": {"type": "Point", "coordinates": [lon, lat]}})
     path = directory / "stores.geojson"
     path.write_text(json.dumps(collection))
     return path
+
+
+def _empty(directory: Path) -> Path:
+    folder = directory / "no-rules"
+    folder.mkdir(exist_ok=True)
+    return folder
 
 
 class _Server:
@@ -363,7 +370,13 @@ def _calibrate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _measure(backend: str, args: argparse.Namespace, directory: Path) -> dict[str, Any]:
-    with _Server(backend, directory, args.redis_url, not args.no_journal) as server:
+    extra: dict[str, Any] = {"rules_dir": str(args.rules) if args.rules else
+                             str(_empty(directory))}
+    if args.rules:
+        # the pings are an hour old: decide on them as if they were fresh (not `late`), at
+        # any time of day (no quiet hours), so every candidate goes through the whole policy
+        extra["policy"] = {"quiet_hours": None, "max_event_lag": "2h"}
+    with _Server(backend, directory, args.redis_url, not args.no_journal, extra) as server:
         asyncio.run(_register(server.url, DEVICES))
         start_ms = int((time.time() - 3600) * 1000)
         assert server.proc is not None
@@ -443,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="memory backend without a snapshot path (no journal): what the "
                         "journal costs is the difference")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
+    parser.add_argument("--rules", type=Path, default=None,
+                        help="a rules folder to load (e.g. rules/, the library); default none")
     parser.add_argument("--no-calibration", action="store_true",
                         help="skip the run against a bare aiohttp handler")
     args = parser.parse_args(argv)

@@ -235,8 +235,10 @@ class Decider:
         candidates = self._candidates(events, profile, history, weather, activity)
         if not candidates:
             return []
+        # the geofence id last: two fences at the same distance are decided alike in every
+        # process (the tracker's events of one ping come in no fixed order)
         candidates.sort(key=lambda c: (-c.rule.rule.priority, c.moment.event.distance_m,
-                                       c.rule.id))
+                                       c.rule.id, c.moment.event.geofence_id))
         decisions: list[Decision] = []
         chosen: PushRecord | None = None  # reserved once the moment is decided: every
         # candidate is judged on the history before this moment
