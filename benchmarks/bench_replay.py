@@ -5,8 +5,9 @@
 Writes N stores (circles of 80 m, tagged `shop:supermarket`, around Bled) and a CSV of D phones,
 each walking at 1 ping every 10 s for M minutes from store to store (in, a few minutes inside,
 out), to a temporary folder; then runs `geopush replay --summary-only --assume-consent` on it R
-times without rules and R times with a rules folder of five rules (enter, two dwells, exit, with
-`when` conditions on local time, opening hours, speed and visits), alternating, and prints the
+times without rules, R times with a rules folder of five rules (enter, two dwells, exit, with
+`when` conditions on local time, opening hours, speed and visits) and R times with the rule
+library of `rules/` on a hot, clear day (`--weather`), alternating, and prints the
 median wall time of each, pings/s, and the events and decisions counted. The wall time includes
 start-up (settings, stores, rules), as a user waits for it.
 """
@@ -26,6 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 GEOPUSH = Path(sys.executable).parent / "geopush"
+LIBRARY = ROOT / "rules"  # the rule library that ships with geopush
 RULES = """\
 rules:
   - id: welcome
@@ -109,12 +111,16 @@ def _row(d: int, ts: float, lat: float, lon: float, jitter: tuple[float, float],
 
 
 def _run(folder: Path, rules: str) -> tuple[float, dict[str, object]]:
+    """The whole command; the rule library (`rules/`) on a hot, clear day, so its weather rules
+    decide too."""
     config = folder / "geopush.yaml"
     config.write_text(f"stores_file: stores.geojson\nrules_dir: {rules}\n"
                       "policy: {quiet_hours: null}\n")
     started = time.perf_counter()
     done = subprocess.run([str(GEOPUSH), "replay", str(folder / "pings.csv"), "-c", str(config),
-                           "--assume-consent", "--summary-only", "--json"],
+                           "--assume-consent", "--summary-only", "--json",
+                           *(["--weather", "temperature_c=31,condition=clear"]
+                             if rules == str(LIBRARY) else [])],
                           capture_output=True, text=True, check=True)
     elapsed = time.perf_counter() - started
     summary: dict[str, object] = json.loads(done.stdout)["summary"]
@@ -132,7 +138,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         pings = _write(folder, args.stores, args.devices, args.minutes, args.seed)
-        times: dict[str, list[float]] = {"empty-rules": [], "rules": []}
+        times: dict[str, list[float]] = {"empty-rules": [], "rules": [], str(LIBRARY): []}
         summaries: dict[str, dict[str, object]] = {}
         for _ in range(args.repeat):
             for rules in times:
@@ -140,7 +146,8 @@ def main() -> int:
                 times[rules].append(elapsed)
     print(f"{pings:,} pings of {args.devices:,} phones, {args.stores} stores "
           f"(median of {args.repeat} runs of the whole command)")
-    for rules, label in (("empty-rules", "without rules"), ("rules", "with 5 rules")):
+    for rules, label in (("empty-rules", "without rules"), ("rules", "with 5 rules"),
+                         (str(LIBRARY), "the library")):
         median = statistics.median(times[rules])
         s = summaries[rules]
         print(f"  {label:<14} {median:6.2f} s  {pings / median:>9,.0f} pings/s  events "
