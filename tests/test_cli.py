@@ -271,12 +271,14 @@ def test_replay_json_document_on_stdout_only(world: Path) -> None:
     assert doc["summary"]["pings"] == 4 and doc["summary"]["rejected"] == 0
     assert doc["summary"]["events"] == {"enter": 1, "dwell": 0, "exit": 1}
     assert (doc["summary"]["pushes"], doc["summary"]["suppressed"]) == (0, {})
-    assert doc["events"] == [
+    keys = ("ts", "device_id", "geofence_id", "store_id", "type", "store_name", "stale")
+    assert [{k: e[k] for k in keys} for e in doc["events"]] == [
         {"ts": "2026-06-01T10:01:00Z", "device_id": "a", "geofence_id": "node/1",
-         "store_id": "node/1", "type": "enter"},
+         "store_id": "node/1", "type": "enter", "store_name": "Corner Shop", "stale": False},
         {"ts": "2026-06-01T10:08:00Z", "device_id": "a", "geofence_id": "node/1",
-         "store_id": "node/1", "type": "exit"},
+         "store_id": "node/1", "type": "exit", "store_name": "Corner Shop", "stale": False},
     ]
+    assert [set(e) - set(keys) for e in doc["events"]] == [{"distance_m", "speed_mps"}] * 2
     assert doc["decisions"] == []
 
 

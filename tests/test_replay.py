@@ -302,7 +302,7 @@ def test_weather_option() -> None:
 def test_document_shape_and_summary_only() -> None:
     result = _run([_ping("a", 0), _ping("a", 1, inside=False), _ping("z", 0)],
                   devices={"a": _profile("a", location=True)}, assume_consent=False)
-    doc = result.document()
+    doc = result.document(names={"node/1": "Mercator"})
     assert set(doc) == {"summary", "events", "visits", "decisions"}
     summary = doc["summary"]
     assert {k: summary[k] for k in ("pings", "rejected", "events", "pushes", "suppressed")} == {
@@ -310,11 +310,14 @@ def test_document_shape_and_summary_only() -> None:
         "pushes": 0, "suppressed": {}}
     assert summary["rejected_by_code"] == {"no_consent": 1}
     assert summary["elapsed_s"] >= 0 and summary["pings_per_s"] >= 0
+    # contract §9: what the timeline shows, machine-readable
     assert doc["events"] == [
         {"ts": "2026-06-01T10:00:00Z", "device_id": "a", "geofence_id": "node/1",
-         "store_id": "node/1", "type": "enter"},
+         "store_id": "node/1", "type": "enter", "store_name": "Mercator", "distance_m": 0.0,
+         "speed_mps": None, "stale": False},
         {"ts": "2026-06-01T10:01:00Z", "device_id": "a", "geofence_id": "node/1",
-         "store_id": "node/1", "type": "exit"},
+         "store_id": "node/1", "type": "exit", "store_name": "Mercator",
+         "distance_m": 1112.0, "speed_mps": 18.53, "stale": False},  # derived: 1112 m in 60 s
     ]
     assert doc["decisions"] == []
     assert set(result.document(summary_only=True)) == {"summary"}

@@ -363,11 +363,12 @@ class ReplayResult:
             "pings_per_s": round(self.pings_per_s, 1),
         }
 
-    def document(self, *, summary_only: bool = False) -> dict[str, Any]:
-        """The `--json` document of contract §9."""
+    def document(self, *, summary_only: bool = False,
+                 names: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """The `--json` document of contract §9; `names`: geofence id → store name."""
         doc: dict[str, Any] = {"summary": self.summary()}
         if not summary_only:
-            doc["events"] = [event_json(e) for e in self.events]
+            doc["events"] = [event_json(e, names) for e in self.events]
             doc["visits"] = [{"device_id": v.device_id, "store_id": v.store_id,
                               "geofence_id": v.geofence_id, "start": format_ts(v.start),
                               "end": format_ts(v.end)} for v in self.visits]
@@ -385,9 +386,14 @@ class ReplayResult:
         return lines
 
 
-def event_json(event: Event) -> dict[str, Any]:
+def event_json(event: Event, names: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """An event as contract §9 lists it: what the timeline shows, machine-readable."""
     return {"ts": format_ts(event.ts), "device_id": event.device_id,
-            "geofence_id": event.geofence_id, "store_id": event.store_id, "type": event.type}
+            "geofence_id": event.geofence_id, "store_id": event.store_id, "type": event.type,
+            "store_name": (names or {}).get(event.geofence_id),
+            "distance_m": round(event.distance_m, 1),
+            "speed_mps": round(event.speed_mps, 2) if event.speed_mps is not None else None,
+            "stale": event.stale}
 
 
 class Replay:
@@ -608,7 +614,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         if args.timeline and not args.summary_only:
             _print_timeline(result.events, names, err)
-        print(json.dumps(result.document(summary_only=args.summary_only), ensure_ascii=False))
+        print(json.dumps(result.document(summary_only=args.summary_only, names=names),
+                         ensure_ascii=False))
     else:
         if not args.summary_only and args.explain:
             _print_explained(result, names, sys.stdout)
