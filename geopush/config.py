@@ -310,7 +310,8 @@ class WeatherSettings(_Section):
 
     @model_validator(mode="after")
     def _static_is_given(self) -> WeatherSettings:
-        if self.provider == "static" and self.static is None:
+        if self.provider == "static" and (self.static is None or (
+                self.static.temperature_c is None and self.static.condition is None)):
             raise ValueError("provider static needs weather.static {temperature_c, condition}")
         return self
 

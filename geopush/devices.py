@@ -145,6 +145,7 @@ def device_hash(device_id: str, key: str) -> str:
 # without the secret (docs/security.md).
 LOG_PURPOSE = "geopush log pseudonym v1"
 ERASURE_PURPOSE = "geopush erasure record v1"
+PUSH_ID_PURPOSE = "geopush push id v1"
 
 
 def derived_key(secret: str, purpose: str) -> str:

@@ -131,3 +131,9 @@ class Report:
     @property
     def warnings(self) -> list[Problem]:
         return [p for p in self.problems if p.severity == "warning"]
+
+
+def not_utf8(exc: UnicodeDecodeError) -> str:
+    """What to say of a file that is not UTF-8 text, and where."""
+    return (f"not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x}); "
+            "expected a UTF-8 file: save it as UTF-8")

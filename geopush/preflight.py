@@ -47,6 +47,23 @@ def deployment_problems(settings: Settings) -> list[Problem]:
                 "would both forge device tokens and link log lines to device ids",
                 "a secret of its own (e.g. `openssl rand -hex 32`)", value="***")
 
+    # pushes older than retention.history are forgotten: a policy window looking further back
+    # would be silently shorter (a rule's cap is a load error for the same reason)
+    history = settings.retention.history
+    policy = settings.policy
+    windows: list[tuple[tuple[str, ...], float]] = [
+        (("policy", "max_per_device", str(n), "per"), cap.per)
+        for n, cap in enumerate(policy.max_per_device)]
+    windows += [(("policy", "min_gap"), policy.min_gap),
+                (("policy", "store_cooldown"), policy.store_cooldown),
+                (("policy", "fatigue", "pause"), policy.fatigue.pause)]
+    for loc, seconds in windows:
+        if seconds > history:
+            problem(loc, f"{'.'.join(loc)} = {_days(seconds)} is longer than retention.history "
+                    f"({_days(history)}): pushes older than that are forgotten",
+                    "at most retention.history, or a longer retention.history",
+                    value=_days(seconds))
+
     if not settings.stores_file.is_file():
         problem(("stores_file",), f"stores_file = {str(settings.stores_file)!r}: "
                 f"{_missing(settings.stores_file)}", "a readable GeoJSON file",
@@ -105,3 +122,7 @@ def _unreadable_snapshot(path: Path) -> str | None:
     except GeopushError as exc:
         return exc.message.removeprefix(f"{path}: ")
     return None
+
+
+def _days(seconds: float) -> str:
+    return f"{seconds / 86_400:g}d"

@@ -5,6 +5,7 @@ GPS trace sent in each format gives the events `/v1/pings` gives."""
 from __future__ import annotations
 
 import base64
+import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,6 +17,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from geopush.app import create_app
+from geopush.config import LoggingSettings
+from geopush.logs import make_formatter
 from tests.api_support import DEVICES, INGEST, INGEST_KEY, load_trace, ping, settings_for
 
 Client = TestClient[Any, Any]
@@ -130,6 +133,26 @@ async def test_owntracks_ignores_other_messages_and_empty_bodies_with_an_empty_a
         assert resp.status == 200 and await resp.json() == []
     export = await (await api.get("/v1/devices/phone-1/export", headers=DEVICES)).json()
     assert export["tracking"]["last_ping"] is None
+
+
+async def test_a_rejection_logged_for_a_client_names_no_device(
+        api: Client, caplog: pytest.LogCaptureFixture) -> None:
+    """The log says why an app's pings were refused (the app is told 200), with the device
+    pseudonymised everywhere: also inside the rejection's message."""
+    token = await _device(api, "leak-check-7")
+    resp = await api.patch("/v1/devices/leak-check-7", headers=DEVICES,
+                           json={"consent": {"location": False}})
+    assert resp.status == 200
+    body = {"_type": "location", "lat": 46.1, "lon": 14.0, "tst": int(TRACE[-1].ts), "acc": 5}
+    with caplog.at_level(logging.INFO, logger="geopush.api.clients"):
+        resp = await api.post("/v1/clients/owntracks", data=orjson.dumps(body),
+                              headers={**_basic("leak-check-7", token), **JSON_TYPE})
+    assert resp.status == 200
+    formatter = make_formatter(LoggingSettings(pseudonym_key="test-pseudonym-key"))
+    [line] = [formatter.format(r) for r in caplog.records
+              if r.getMessage() == "client_pings_rejected"]
+    assert "leak-check-7" not in line
+    assert "<device>" in orjson.loads(line)["first"]
 
 
 async def test_owntracks_answers_200_even_when_its_ping_is_rejected(api: Client) -> None:

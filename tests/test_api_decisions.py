@@ -223,10 +223,26 @@ async def test_the_app_reports_an_open_with_its_device_token(
     assert (await again.json())["opened_at"] == first  # the first open is kept
     [push] = (await _export(api))["pushes"]
     assert push["opened_at"] == first
-    assert await _metric(api, "geopush_pushes_opened_total") == {"": 2.0}
+    assert await _metric(api, "geopush_pushes_opened_total") == {"": 1.0}  # one open, twice
     # a new token revokes this one: its opens are refused too
     await api.post(f"/v1/devices/{DEVICE}/token", headers=DEVICES)
     assert (await api.post(f"/v1/pushes/{push_id}/opened", headers=bearer)).status == 401
+
+
+HELD_OUT = WELCOME.replace("id: bakery-welcome", "id: bakery-held-out\nholdout: 0.999999")
+
+
+async def test_a_holdout_cannot_be_opened_it_was_never_sent(
+        aiohttp_client: MakeClient, tmp_path: Path, backend: Backend) -> None:
+    api = await _app(aiohttp_client, tmp_path, backend, {"held.yaml": HELD_OUT})
+    await _register(api)
+    await _drive(api, _fresh_trace(), 250, BAKERY_ENTER + 10)
+    [held] = (await _export(api))["pushes"]
+    assert held["outcome"] == "holdout"
+    resp = await api.post(f"/v1/pushes/{held['push_id']}/opened", headers=INGEST,
+                          json={"device_id": DEVICE})
+    assert resp.status == 404
+    assert (await _export(api))["pushes"][0]["opened_at"] is None
 
 
 @pytest.mark.parametrize(("path_id", "body", "status", "names"), [

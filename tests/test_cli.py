@@ -507,3 +507,20 @@ def test_replay_lists_a_sample_of_repeated_rejections_and_counts_the_rest(
     assert code == 0 and json.loads(out)["summary"]["rejected_by_code"] == {"no_consent": 30}
     assert err.count(": no_consent: device 'stranger' is unknown") == 20
     assert f"{pings}: ... and 10 more no_consent" in err
+
+
+def test_replay_reports_bytes_that_are_not_utf8_and_never_a_traceback(
+        capsys: pytest.CaptureFixture[str], world: Path) -> None:
+    pings = world.parent / "latin1.csv"
+    pings.write_bytes(b"device_id,ts,lat,lon,accuracy_m,speed_mps\n"
+                      b"a,1780308060000,46.3683,14.1146,10,0.5\n"
+                      b"caf\xe9,1780308120000,46.3683,14.1146,10,0.5\n")
+    code, out, err = _main(capsys, "replay", pings, "-c", world, "--assume-consent")
+    assert code == 0
+    assert "latin1.csv:3: invalid: " in err  # that line alone; the rest is replayed
+    assert "pings 2, rejected 1" in out
+    devices = world.parent / "devices.yaml"
+    devices.write_bytes(b"- device_id: caf\xe9\n")
+    code, out, err = _main(capsys, "replay", pings, "-c", world, "--devices", devices)
+    assert code == 1 and out == ""
+    assert "devices.yaml: devices file: not UTF-8 text (byte 16 is 0xe9)" in err

@@ -54,6 +54,9 @@ MISTAKES = [
      "geopush.yaml:1: anchor &s is not allowed"),
     ({}, "stores_file: stores.geojson\nauth:\n  device_tokens: required\n",
      "geopush.yaml:2: auth: device_tokens: required needs auth.device_token_secret"),
+    # a static provider with no value would make every weather condition false, silently
+    ({}, "stores_file: stores.geojson\nweather:\n  provider: static\n  static: {}\n",
+     "geopush.yaml:2: weather: provider static needs weather.static"),
 ]
 
 
@@ -85,6 +88,13 @@ DEPLOYMENT_MISTAKES = [
     ({}, "storage:\n  snapshot_path: stores.geojson/state.json\n",
      "geopush.yaml:6: storage.snapshot_path = "),
     ({}, "storage:\n  snapshot_path: broken.json\n", "cannot read the state snapshot"),
+    # pushes older than retention.history are forgotten: a longer window would not hold
+    ({}, "policy:\n  max_per_device: [{max: 1, per: 400d}]\n",
+     "geopush.yaml:6: policy.max_per_device.0.per = 400d is longer than retention.history "
+     "(180d)"),
+    ({}, "policy:\n  min_gap: 30d\nretention:\n  history: 20d\n",
+     "geopush.yaml:6: policy.min_gap = 30d is longer than retention.history (20d)"),
+
     ({"GEOPUSH_LOGGING__PSEUDONYM_KEY": GOOD_SECRET},
      f"auth:\n  device_token_secret: [{GOOD_SECRET}]\n",
      "geopush.yaml:6: auth.device_token_secret holds logging.pseudonym_key"),
@@ -149,3 +159,20 @@ def test_version_comes_from_the_package_metadata() -> None:
     result = _run("--version")
     assert result.returncode == 0
     assert result.stdout.strip() == f"geopush {version('geopush')}"
+
+
+@pytest.mark.parametrize("command", ["check", "serve", "replay"])
+def test_a_stores_file_that_is_not_utf8_is_one_line_naming_the_byte(world: Path,
+                                                                     command: str) -> None:
+    (world.parent / "latin1.geojson").write_bytes(
+        b'{"type": "FeatureCollection", "name": "Caf\xe9", "features": []}')
+    world.write_text(world.read_text().replace("stores.geojson", "latin1.geojson"))
+    args: list[str | Path] = [command, "-c", world]
+    if command == "replay":
+        args = ["replay", world.parent / "pings.csv", "-c", world]
+    result = _run(*args)
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output
+    [error] = _errors(output)
+    assert "latin1.geojson: stores file: not UTF-8 text (byte 42 is 0xe9)" in error

@@ -27,6 +27,8 @@ from geopush.rules.decide import (
     Explanation,
     PushRecord,
     in_holdout,
+    is_push_id,
+    push_id_of,
 )
 from geopush.service.active import build_engine
 
@@ -420,3 +422,19 @@ message: {title: t, body: b}
                                                for e in result.events]
     assert [(d.rule_id, d.outcome, d.reason) for d in result.decisions] == [
         ("stay", "push", None)]
+
+
+def test_push_ids_are_keyed_ulids_so_no_log_confirms_a_guessed_device() -> None:
+    event = _event(NOON)
+    first = push_id_of("phone", "welcome", event, b"key-1")
+    assert first == push_id_of("phone", "welcome", event, b"key-1")  # every instance, retry
+    assert is_push_id(first) and len(first) == 26
+    # the ULID's time part is the event's time in ms (ids sort by time)
+    millis = 0
+    for char in first[:10]:
+        millis = millis * 32 + "0123456789ABCDEFGHJKMNPQRSTVWXYZ".index(char)
+    assert millis == int(NOON * 1000)
+    # without the key, rule, store and time (all in the push_decided line) do not give it
+    assert first != push_id_of("phone", "welcome", event, b"key-2")
+    assert first != push_id_of("phone", "welcome", event)
+    assert push_id_of("other", "welcome", event, b"key-1") != first

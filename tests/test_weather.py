@@ -251,6 +251,26 @@ async def test_fetch_turns_failed_answers_into_open_meteo_errors(
     assert raised.value.retry_after_s == retry_after_s
 
 
+KEY = "commercial-key-0123456789"
+
+
+async def test_no_error_message_quotes_the_api_key(
+        fake: FakeOpenMeteo, session: aiohttp.ClientSession) -> None:
+    """The commercial tier's key travels in the query string; the errors that are logged
+    (weather_paused) must not carry it, whether Open-Meteo echoes the query in its reason or
+    aiohttp quotes the URL (a redirect loop)."""
+    fake.replies.append((400, {}, json.dumps(
+        {"error": True, "reason": f"Cannot use apikey={KEY} for this endpoint ({KEY})"})))
+    with pytest.raises(OpenMeteoError) as raised:
+        await fetch(session, fake.url, [cell_of(*ENSCHEDE)], KEY)
+    assert KEY not in str(raised.value) and "apikey=***" in str(raised.value)
+    for _ in range(20):
+        fake.replies.append((302, {"Location": fake.url + f"?apikey={KEY}"}, ""))
+    with pytest.raises(OpenMeteoError) as raised:
+        await fetch(session, fake.url, [cell_of(*ENSCHEDE)], KEY)
+    assert "TooManyRedirects" in str(raised.value) and KEY not in str(raised.value)
+
+
 async def test_fetch_reads_an_http_date_retry_after(fake: FakeOpenMeteo,
                                                     session: aiohttp.ClientSession) -> None:
     fake.replies.append((429, {"Retry-After": formatdate(time.time() + 300, usegmt=True)},

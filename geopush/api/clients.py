@@ -197,6 +197,16 @@ async def _ingest(request: web.Request, client: str, items: list[Mapped],
         codes = Counter(r.code for r in result.rejected)
         log.info("client_pings_rejected", extra=fields(
             client=client, device_id=credential.device_id, accepted=result.accepted,
-            rejected=dict(codes), first=result.rejected[0].message[:200]))
+            rejected=dict(codes), first=_without_ids(result.rejected[0].message, items)))
     return result
 
+
+
+def _without_ids(message: str, items: list[Mapped]) -> str:
+    """A rejection's message for the log: device ids appear in logs only pseudonymised (the
+    `device_id` field), so the ids a message may quote are cut out of it."""
+    for item in items:
+        device_id = item.get("device_id") if isinstance(item, dict) else None
+        if isinstance(device_id, str) and device_id:
+            message = message.replace(device_id, "<device>")
+    return message[:200]

@@ -49,11 +49,13 @@ async def push_opened(request: web.Request) -> web.Response:
         raise InvalidInput(f"push_id = {push_id[:80]!r}: expected {_PUSH_ID_EXPECTED}",
                            [Problem("path", "bad push id", field="push_id",
                                     value=push_id[:200], expected=_PUSH_ID_EXPECTED)])
-    opened_at = await store.record_open(device_id, push_id, time.time())
+    now = time.time()
+    opened_at = await store.record_open(device_id, push_id, now)
     if opened_at is None:
-        raise NotFound(f"push {push_id} was not decided for this device (or is older than "
+        raise NotFound(f"push {push_id} was not sent to this device (or is older than "
                        "retention.history)")
-    app[METRICS].opens.inc()
+    if opened_at == now:  # an app reporting the same open again is not another open
+        app[METRICS].opens.inc()
     return json_response({"push_id": push_id, "opened_at": format_ts(opened_at)})
 
 
@@ -67,9 +69,13 @@ def _presented(request: web.Request) -> str | None:
 async def _device_of(request: web.Request) -> str:
     expected = '{"device_id": "..."}: a server key names the device whose user opened the push'
     body = await read_json(request)
-    device_id = body.get("device_id") if isinstance(body, dict) else None
+    if not isinstance(body, dict):
+        raise InvalidInput(f"expected a JSON object {{\"device_id\": ...}}, got {type_name(body)}",
+                           [Problem("body", "wrong shape", field="device_id",
+                                    value=type_name(body), expected=expected)])
+    device_id = body.get("device_id")
     if not isinstance(device_id, str) or not DEVICE_ID.match(device_id):
-        shown = device_id if isinstance(device_id, str) else type_name(device_id)
+        shown = device_id if isinstance(device_id, str) else repr(device_id)
         raise InvalidInput(f"device_id = {str(shown)[:80]!r}: expected {DEVICE_ID_EXPECTED}",
                            [Problem("body", "bad device id", field="device_id",
                                     value=str(shown)[:200], expected=expected)])

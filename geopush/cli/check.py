@@ -10,7 +10,7 @@ from typing import TextIO
 
 from geopush.cli.common import ERRORS, OK, print_error, print_problem, settings_of, show
 from geopush.config import GeofenceSettings, PolicySettings, RetentionSettings, Settings
-from geopush.errors import ConfigError, Report, RuleLoadError
+from geopush.errors import ConfigError, Report, RuleLoadError, not_utf8
 from geopush.geo.stores import StoreSet, parse_stores
 from geopush.preflight import deployment_problems
 from geopush.rules import RulePolicy, parse_rules, read_rule_files
@@ -82,6 +82,10 @@ def _check_stores(path: Path, default_radius_m: float, tally: _Tally,
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         print(f"error: {show(path)}: cannot read stores file: {exc.strerror}", file=out)
+        tally.errors += 1
+        return None
+    except UnicodeDecodeError as exc:
+        print(f"error: {show(path)}: stores file: {not_utf8(exc)}", file=out)
         tally.errors += 1
         return None
     store_set, report = parse_stores(text, source=show(path), default_radius_m=default_radius_m)

@@ -29,7 +29,14 @@ from geopush.cli.common import ERRORS, OK, USAGE, print_error, settings_of, show
 from geopush.config import WeatherCondition
 from geopush.devices import Consent, DeviceProfile, has_location_consent
 from geopush.engine import DeviceOutcome, DeviceSnapshot, Engine
-from geopush.errors import ConfigError, InvalidInput, Problem, RuleLoadError, StoreLoadError
+from geopush.errors import (
+    ConfigError,
+    InvalidInput,
+    Problem,
+    RuleLoadError,
+    StoreLoadError,
+    not_utf8,
+)
 from geopush.geo.model import Event, Ping, Visit
 from geopush.geo.stores import load_stores
 from geopush.pings import DEVICE_ID, DEVICE_ID_EXPECTED, PingError, parse_ping
@@ -66,7 +73,9 @@ def read_pings(path: Path, *, device_id: str | None = None) -> Iterator[tuple[in
     file. Raises InvalidInput when the file as a whole cannot be read (no header, unknown
     column, no device id)."""
     try:
-        handle = path.open(encoding="utf-8", newline="")
+        # bytes that are not UTF-8 become U+FFFD: their lines are reported `invalid` one by
+        # one, as any malformed line is, and the rest is replayed
+        handle = path.open(encoding="utf-8", errors="replace", newline="")
     except OSError as exc:
         raise InvalidInput(f"{path}: cannot read pings file: {exc.strerror}") from None
     with handle:
@@ -224,6 +233,8 @@ def load_devices_and_visits(path: Path
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise InvalidInput(f"{path}: cannot read devices file: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"{path}: devices file: {not_utf8(exc)}") from None
     document = load_yaml(text, str(path))  # JSON is YAML too; YamlError names file:line
     doc, tree = document.data, document.tree
     prefix: list[str | int] = []
@@ -567,7 +578,8 @@ def run(args: argparse.Namespace) -> int:
         stores = load_stores(settings.stores_file,
                              default_radius_m=settings.geofence.default_radius_m)
     except StoreLoadError as exc:
-        print(f"error: {exc.message}", file=err)
+        if exc.details:  # a heading over the problems; alone, print_error says it
+            print(f"error: {exc.message}", file=err)
         print_error(exc, err)
         return ERRORS
     if stores.warnings:
@@ -577,10 +589,16 @@ def run(args: argparse.Namespace) -> int:
         rules = rules_from_files(read_rule_files(settings.rules_dir, show(settings.rules_dir)),
                                  rule_policy(settings), stores)
     except RuleLoadError as exc:
-        print(f"error: {exc.message}", file=err)
+        if exc.details:  # a heading over the problems; alone, print_error says it
+            print(f"error: {exc.message}", file=err)
         print_error(exc, err)
         return ERRORS
-    print(f"rules: {len(rules)} loaded", file=err)
+    if not Path(settings.rules_dir).is_dir():
+        print(f"warning: {show(settings.rules_dir)}: rules folder not found: nothing is "
+              "decided", file=err)
+    warned = f", {len(rules.warnings)} warning(s) (geopush check lists them)" \
+        if rules.warnings else ""
+    print(f"rules: {len(rules)} loaded{warned}", file=err)
     print(f"weather: {weather if weather else 'unknown'}", file=err)
     devices: dict[str, DeviceProfile] = {}
     device_visits: dict[str, list[Visit]] = {}

@@ -21,7 +21,7 @@ import shapely
 from shapely.geometry import MultiPolygon, Polygon
 from shapely.geometry.base import BaseGeometry
 
-from geopush.errors import Problem, Report, StoreLoadError
+from geopush.errors import Problem, Report, StoreLoadError, not_utf8
 from geopush.errors import shortened as _short
 from geopush.geo.hours import HoursSyntaxError, StoreHours
 
@@ -73,6 +73,8 @@ def read_stores_text(path: str | Path) -> str:
         return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise StoreLoadError(f"{path}: cannot read stores file: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise StoreLoadError(f"{path}: stores file: {not_utf8(exc)}") from None
 
 
 def stores_from_text(text: str, *, source: str = "<stores>", default_radius_m: float = 100.0

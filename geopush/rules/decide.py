@@ -14,6 +14,7 @@ ends the decision; every other candidate is suppressed with the first reason tha
 from __future__ import annotations
 
 import hashlib
+import hmac
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
@@ -143,12 +144,15 @@ _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 PUSH_ID_CHARS = 26
 
 
-def push_id_of(device_id: str, rule_id: str, event: Event) -> str:
+def push_id_of(device_id: str, rule_id: str, event: Event, key: bytes = b"") -> str:
     """A ULID (contract §6: 26 characters, fits the 64-byte APNs collapse id): the event's time
-    in ms, then 80 bits of a hash of the moment, so the same moment gives the same id on every
-    retry and instance (a decision computed again after a conflict names the same push)."""
-    digest = hashlib.sha256(f"{device_id}|{rule_id}|{event.geofence_id}|{event.type}|"
-                            f"{event.ts!r}".encode()).digest()
+    in ms, then 80 bits of a keyed hash of the moment, so the same moment gives the same id on
+    every retry and instance (a decision computed again after a conflict names the same push).
+    Keyed (the service derives `key` from logging.pseudonym_key): the id goes to logs, FCM and
+    webhooks with the rule, store and time, and an unkeyed hash would let anyone holding those
+    confirm a guessed device id."""
+    digest = hmac.new(key, f"{device_id}|{rule_id}|{event.geofence_id}|{event.type}|"
+                           f"{event.ts!r}".encode(), hashlib.sha256).digest()
     millis = max(0, min(int(event.ts * 1000), 2**48 - 1))
     value = (millis << 80) | int.from_bytes(digest[:10], "big")
     return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
@@ -169,12 +173,14 @@ class Decider:
     """Rules + policy → decisions; built once per active set of stores and rules."""
 
     def __init__(self, rules: RuleSet, geofences: Mapping[str, Geofence],
-                 policy: PolicySettings, *, history_s: float = 180 * DAY_S) -> None:
+                 policy: PolicySettings, *, history_s: float = 180 * DAY_S,
+                 push_id_key: bytes = b"") -> None:
         self.rules = rules.enabled
         self.disabled = tuple(r for r in rules.rules if not r.rule.enabled)
         self.geofences = geofences
         self.policy = policy
         self.history_s = history_s  # retention.history: older pushes are forgotten
+        self.push_id_key = push_id_key
         self._selecting: dict[str, tuple[LoadedRule, ...]] = {}  # geofence id → its rules
 
     def _triggered(self, event: Event) -> list[LoadedRule]:
@@ -257,7 +263,7 @@ class Decider:
                 decisions.append(self._record(device_id, candidate, "suppressed", reason))
                 continue
             rule = candidate.rule
-            push_id = push_id_of(device_id, rule.id, event)
+            push_id = push_id_of(device_id, rule.id, event, self.push_id_key)
             if in_holdout(rule.id, device_id, rule.rule.holdout):
                 decisions.append(self._record(device_id, candidate, "holdout", None,
                                               push_id=push_id))

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from geopush.config import Settings
+from geopush.devices import PUSH_ID_PURPOSE, derived_key
 from geopush.engine import Engine
 from geopush.geo.index import GeofenceIndex
 from geopush.geo.stores import StoreSet, read_stores_text, stores_from_text
@@ -103,7 +104,9 @@ def build_geofencing(stores: StoreSet, settings: Settings, version: str = "",
         earlier=after.engine.tracker if after is not None else None,
     )
     decider = Decider(rules, {g.id: g for g in stores.geofences}, settings.policy,
-                      history_s=settings.retention.history)
+                      history_s=settings.retention.history,
+                      push_id_key=derived_key(settings.logging.pseudonym_key,
+                                              PUSH_ID_PURPOSE).encode())
     return Geofencing(stores, index, Engine(tracker, decider), time.time(), version, rules)
 
 

@@ -27,10 +27,10 @@ def report(outcomes: Iterable[DeviceOutcome], metrics: Metrics, source: str) -> 
                 log.info("push_decided", extra=fields(
                     device_id=decision.device_id, push_id=decision.push_id,
                     rule_id=decision.rule_id, store_id=decision.store_id,
-                    geofence_id=decision.geofence_id, event=decision.event,
+                    geofence_id=decision.geofence_id, trigger=decision.event,
                     event_ts=format_ts(decision.ts), ttl_s=decision.ttl_s, source=source))
             elif log.isEnabledFor(logging.DEBUG):
                 log.debug("decision", extra=fields(
                     device_id=decision.device_id, rule_id=decision.rule_id,
-                    outcome=decision.outcome, reason=decision.reason, event=decision.event,
+                    outcome=decision.outcome, reason=decision.reason, trigger=decision.event,
                     event_ts=format_ts(decision.ts), source=source))

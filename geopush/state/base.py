@@ -139,7 +139,7 @@ class StateStore(ABC):
     async def record_open(self, device_id: str, push_id: str, at: float) -> float | None:
         """Record that the device opened the push at `at` (fatigue reads it). Returns the time
         of the open as stored (the first one reported: an app may report it again), None when
-        the device has no such push."""
+        the device has no such push (a holdout is not one: it was never sent)."""
 
     @abstractmethod
     async def set_token(self, device_id: str, token: StoredToken | None) -> bool:

@@ -260,7 +260,7 @@ class MemoryStore(StateStore):
     async def record_open(self, device_id: str, push_id: str, at: float) -> float | None:
         self._check_writable()
         push = self._pushes.get(device_id, {}).get(push_id)
-        if push is None:
+        if push is None or push.outcome != "push":  # a holdout was never sent
             return None
         if push.opened_at is None:
             push.opened_at = at

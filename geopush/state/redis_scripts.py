@@ -127,9 +127,10 @@ return done(table.concat(conflicts, ','))
 # KEYS: the record, pushes, opens, ver. ARGV: deadline, record ttl, push_id, time of the open.
 # The first open reported is kept (an app may report it again); a new one moves the version, so
 # a decision computed on the history before it is computed again. Returns the open's time as
-# stored, '' when the device has no such push.
+# stored, '' when the device has no such push (a holdout was never sent: it cannot be opened).
 _OPENED = _ONCE + """
-if redis.call('HEXISTS', KEYS[2], ARGV[3]) == 0 then return done('') end
+local record = redis.call('HGET', KEYS[2], ARGV[3])
+if not record or cjson.decode(record)[6] ~= 'push' then return done('') end
 if redis.call('HSETNX', KEYS[3], ARGV[3], ARGV[4]) == 1 then redis.call('INCR', KEYS[4]) end
 return done(redis.call('HGET', KEYS[3], ARGV[3]))
 """

@@ -9,6 +9,7 @@ endpoint is `customer-api.open-meteo.com`).
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 from email.utils import parsedate_to_datetime
@@ -41,6 +42,24 @@ async def fetch(session: aiohttp.ClientSession, base_url: str, cells: Sequence[s
               "current": "temperature_2m,weather_code", "timezone": "GMT"}
     if api_key:
         params["apikey"] = api_key
+    try:
+        return await _fetch(session, base_url, cells, params)
+    except OpenMeteoError as exc:
+        # aiohttp's errors quote the URL, query string and all, and a 400's reason may echo
+        # it: the commercial tier's key must not reach the log
+        raise OpenMeteoError(_redacted(str(exc), api_key), exc.retry_after_s) from None
+
+
+def _redacted(text: str, api_key: str | None) -> str:
+    text = _APIKEY_PARAM.sub("apikey=***", text)
+    return text.replace(api_key, "***") if api_key else text
+
+
+_APIKEY_PARAM = re.compile(r"apikey=[^&\s'\"]*")
+
+
+async def _fetch(session: aiohttp.ClientSession, base_url: str, cells: Sequence[str],
+                 params: dict[str, str]) -> dict[str, Weather]:
     try:
         async with session.get(base_url, params=params,
                                timeout=aiohttp.ClientTimeout(total=TIMEOUT_S)) as resp:
