@@ -327,6 +327,8 @@ def parse_weather(text: str) -> dict[str, Any]:
                 weather[key] = float(value)
             except ValueError:
                 raise ValueError(f"temperature_c = {value!r}: expected a number") from None
+            if not math.isfinite(weather[key]):
+                raise ValueError(f"temperature_c = {value!r}: expected a finite number")
         elif key == "condition":
             if value not in WEATHER_CONDITIONS:
                 raise ValueError(f"condition = {value!r}: expected one of "
