@@ -281,6 +281,21 @@ def test_devices_file_errors_name_line_field_and_value(tmp_path: Path) -> None:
     assert "symbian" in raised.value.details[0].message
 
 
+def test_devices_file_errors_show_values_as_the_file_wrote_them(tmp_path: Path) -> None:
+    """A marketer wrote YAML: dates, booleans and lists are shown as YAML, not Python."""
+    path = _write(tmp_path, "devices.yaml",
+                  "- device_id: b\n  created_at: 2026-01-01\n"
+                  "- device_id: c\n  segments: {a: true}\n"
+                  "- {consent: {location: true}}\n")
+    with pytest.raises(InvalidInput) as raised:
+        load_devices(path)
+    messages = [p.message for p in raised.value.details]
+    assert messages[0].startswith("created_at = 2026-01-01: ")
+    assert messages[1].startswith('segments = {"a": true}: ')
+    assert messages[2] == "device_id is missing"
+    assert not any("datetime" in m or "True" in m or "NoneType" in m for m in messages)
+
+
 def test_devices_file_must_be_a_list(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="expected a list of device profiles"):
         load_devices(_write(tmp_path, "d.yaml", "device_id: a\n"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import json
 import math
 import re
@@ -36,6 +37,7 @@ from geopush.errors import (
     RuleLoadError,
     StoreLoadError,
     not_utf8,
+    shortened,
 )
 from geopush.geo.model import Event, Ping, Visit
 from geopush.geo.stores import load_stores
@@ -265,10 +267,13 @@ def load_devices_and_visits(path: Path
                 loc = [p for p in err["loc"] if isinstance(p, str | int)]
                 key = ".".join(str(p) for p in loc)
                 line = line_of(tree, [*prefix, i, *loc]) or 1
-                problems.append(Problem(
-                    f"{path}:{line}: device #{i}", f"{key} = {err.get('input')!r}: {err['msg']}",
-                    field=key, value=repr(err.get("input")), expected=err["msg"],
-                ))
+                if err["type"] == "missing":
+                    text, value, expected = f"{key} is missing", None, f"a {key}"
+                else:
+                    value = _shown(err.get("input"))
+                    text, expected = f"{key} = {value}: {err['msg']}", err["msg"]
+                problems.append(Problem(f"{path}:{line}: device #{i}", text, field=key,
+                                        value=value, expected=expected))
             continue
         if not DEVICE_ID.match(profile.device_id):
             # the pings of such a device would all be refused: say so here, once
@@ -289,6 +294,16 @@ def load_devices_and_visits(path: Path
     if problems:
         raise InvalidInput(f"{path}: {len(problems)} error(s) in devices file", problems)
     return devices, visits
+
+
+def _shown(value: Any) -> str:
+    """A value of the devices file as its author wrote it (YAML), not as Python holds it."""
+    if isinstance(value, datetime.date):  # a datetime is a date too
+        return value.isoformat()
+    if isinstance(value, str):
+        return repr(shortened(value))
+    short = shortened(value)  # structures as JSON text; numbers, booleans and null as such
+    return short if isinstance(short, str) else json.dumps(short)
 
 
 def _visits(raw: Any, device_id: str, where: Callable[[list[str | int]], str],
