@@ -63,10 +63,6 @@ def in_window(clock: str, start: str, end: str) -> bool:
     return clock >= start or clock < end
 
 
-def triggered(rule: LoadedRule, event: Event, geofence: Geofence) -> bool:
-    return not_triggered(rule, event, geofence) is None
-
-
 def not_triggered(rule: LoadedRule, event: Event, geofence: Geofence) -> str | None:
     """Why the rule's trigger does not match the event (None: it does)."""
     trigger = rule.rule.trigger
