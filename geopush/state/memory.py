@@ -351,8 +351,10 @@ class MemoryStore(StateStore):
                 reserved = reserved or bool(outcome.reserved)
                 pushes, decisions = self._apply_decisions(device_id, outcome, journaled)
             if journaled:
-                rows.append((device_id, track_to_json(outcome.state, outcome.next_due), visits,
-                             pushes, decisions))
+                track = track_to_json(outcome.state, outcome.next_due)
+                # a row without decisions keeps the three elements earlier releases read
+                rows.append((device_id, track, visits) if pushes is None and decisions is None
+                            else (device_id, track, visits, pushes, decisions))
         if rows:
             done = self._journal_tracks(rows, durable=reserved)
             if done is not None:
@@ -660,8 +662,9 @@ def _token_from_json(value: Any) -> StoredToken | None:
     return StoredToken(str(value["nonce"]), float(value["issued_at"]))
 
 
-_Row = tuple[str, list[Any], list[list[Any]] | None, list[list[Any]] | None,
-             list[dict[str, Any]] | None]
+_Row = (tuple[str, list[Any], list[list[Any]] | None]
+        | tuple[str, list[Any], list[list[Any]] | None, list[list[Any]] | None,
+                list[dict[str, Any]] | None])
 
 
 def _encodable(rows: list[_Row]) -> list[_Row]:
