@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from geopush.config import DEFAULT_PSEUDONYM_KEY, Settings
+from geopush.durations import format_duration
 from geopush.errors import GeopushError, Problem
 
 MIN_SECRET_CHARS = 16
@@ -59,10 +60,10 @@ def deployment_problems(settings: Settings) -> list[Problem]:
                 (("policy", "fatigue", "pause"), policy.fatigue.pause)]
     for loc, seconds in windows:
         if seconds > history:
-            problem(loc, f"{'.'.join(loc)} = {_days(seconds)} is longer than retention.history "
-                    f"({_days(history)}): pushes older than that are forgotten",
+            problem(loc, f"{'.'.join(loc)} = {format_duration(seconds)} is longer than retention.history "
+                    f"({format_duration(history)}): pushes older than that are forgotten",
                     "at most retention.history, or a longer retention.history",
-                    value=_days(seconds))
+                    value=format_duration(seconds))
 
     if not settings.stores_file.is_file():
         problem(("stores_file",), f"stores_file = {str(settings.stores_file)!r}: "
@@ -122,7 +123,3 @@ def _unreadable_snapshot(path: Path) -> str | None:
     except GeopushError as exc:
         return exc.message.removeprefix(f"{path}: ")
     return None
-
-
-def _days(seconds: float) -> str:
-    return f"{seconds / 86_400:g}d"

@@ -107,6 +107,12 @@ async def test_stalls_and_sigkills_under_a_storm_lose_and_undo_nothing(tmp_path:
     redis_server.start()
     serve = Serve(tmp_path, {"backend": "redis", "redis_url": redis_server.url,
                              "redis_timeout": SOCKET_TIMEOUT_S})
+    # a rule on the store the clients walk into: each enter is decided once, in the commit
+    # that the stalls and kills hit too
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "hello.yaml").write_text(
+        "id: hello\ntrigger: {on: enter, geofences: {ids: [bakery-300]}}\n"
+        "message: {title: Hello, body: 'at {{ store.name }}'}\n")
     tally = _Tally()
     rng = random.Random(12)
     try:
@@ -152,6 +158,11 @@ async def test_stalls_and_sigkills_under_a_storm_lose_and_undo_nothing(tmp_path:
                 changes = [c["location"] for c in export["consent_history"]]
                 if changes != ([True, False] if device_id in tally.revoked else [True]):
                     undone.append(f"{device_id}: consent history {changes}")
+                # the enter of the acknowledged pings was decided exactly once (no push
+                # token: suppressed no_token), the record written with the ping, never twice
+                decided = [(d["rule_id"], d["event"]) for d in export["decisions"]]
+                if decided != [("hello", "enter")]:
+                    undone.append(f"{device_id}: decisions {decided}")
                 if device_id in tally.revoked:
                     continue  # a revocation ends the tracking (contract §5)
                 last = export["tracking"]["last_ping"]

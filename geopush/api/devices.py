@@ -215,8 +215,9 @@ async def export_device(request: web.Request) -> web.Response:
     if profile is None:
         raise NotFound(f"device {device_id!r} is not registered")
     history = await store.consent_history(device_id)
-    visits = await store.visits(device_id)
-    pushes = sorted((await store.history(device_id)).pushes, key=lambda p: p.ts)
+    kept = await store.history(device_id)  # visits and pushes, in one read
+    visits = kept.visits
+    pushes = sorted(kept.pushes, key=lambda p: p.ts)
     decisions = await store.decisions(device_id)
     return json_response({
         "device_id": device_id,

@@ -212,8 +212,8 @@ class StateStore(ABC):
         seconds. The service adds what other stores hold."""
         profile = await self.get_profile(device_id)
         consent = await self.consent_history(device_id)
-        visits = await self.visits(device_id)
         history = await self.history(device_id)
+        visits = history.visits
         decisions = await self.decisions(device_id)
         if profile is None and not consent and not visits and not history.pushes \
                 and not decisions:
