@@ -16,15 +16,16 @@ import signal
 import sys
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import suppress
 
 from aiohttp import WSCloseCode, web
 
-from geopush.api import admin, clients, devices, health, openapi, pings, pushes
+from geopush.api import admin, clients, devices, health, openapi, ops, pings, pushes
 from geopush.api.admin import install_geofencing
 from geopush.api.appstate import (
     AUTH,
+    DELIVERY,
     INGESTOR,
     LIMITER,
     LIVE,
@@ -47,11 +48,18 @@ from geopush.api.connections import (
 from geopush.api.errors import Handler, error_middleware
 from geopush.api.wire import MAX_BODY_BYTES
 from geopush.config import Settings
+from geopush.delivery.counts import ReportCounts
+from geopush.delivery.senders.base import Sender
+from geopush.delivery.senders.build import build_sender
+from geopush.delivery.worker import DeliveryWorker
 from geopush.errors import GeopushError
 from geopush.logs import configure_logging, fields
 from geopush.metrics import Metrics
+from geopush.rules.decide import Decision
 from geopush.service.active import load_geofencing
+from geopush.service.decisions import OnDecided
 from geopush.service.ingest import REDIS_SHARE_PINGS, Ingestor
+from geopush.service.jobs import Jobs, service_jobs
 from geopush.service.limits import RequestLimiter
 from geopush.service.reloading import Reloader
 from geopush.service.timers import INTERVAL_S, TimerClaimer
@@ -88,19 +96,34 @@ def create_app(settings: Settings, *, store: StateStore | None = None,
     app[STATE] = store
     live = app[LIVE]
     app[WEATHER] = weather_source(settings.weather, store, lambda: _store_cells(live))
+    counts = ReportCounts(settings.logging.delivery_report_every)
+    senders: list[Sender] = []  # built at start (a bad service account stops it there)
+    worker = DeliveryWorker(store, lambda: senders[0], app[METRICS], counts,
+                            lambda: settings.policy,
+                            max_in_flight=settings.delivery.max_in_flight,
+                            lease_s=settings.delivery.send_lease)
+    app[DELIVERY] = worker
+
+    def decided(decisions: Sequence[Decision]) -> None:
+        counts.decisions(decisions)
+        if any(d.outcome == "push" for d in decisions):
+            worker.wake()  # the commit queued them: send now, not at the next poll
+
     app[INGESTOR] = Ingestor(store, lambda: live.engine, app[METRICS],
                              share_pings=(REDIS_SHARE_PINGS if settings.storage.backend == "redis"
                                           else None),
-                             weather=app[WEATHER].at)
+                             weather=app[WEATHER].at, on_decided=decided)
     app[RELOADER] = Reloader(settings, store, lambda: live.geofencing,
                              lambda geofencing: install_geofencing(app, geofencing))
     app.cleanup_ctx.append(_geofencing_ctx)
     app.cleanup_ctx.append(_state_ctx)
-    app.cleanup_ctx.append(_timers_ctx(timer_interval_s))
+    app.cleanup_ctx.append(_timers_ctx(timer_interval_s, decided))
+    app.cleanup_ctx.append(_delivery_ctx(senders))
+    app.cleanup_ctx.append(_jobs_ctx(counts))
     app.cleanup_ctx.append(_reloading_ctx)
     app.cleanup_ctx.append(_weather_ctx)
     app.on_shutdown.append(_close_websockets)
-    for module in (pings, clients, devices, pushes, admin, health, openapi):
+    for module in (pings, clients, devices, pushes, admin, ops, health, openapi):
         app.router.add_routes(module.routes)
     return app
 
@@ -121,12 +144,13 @@ async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
     await store.close()
 
 
-def _timers_ctx(interval_s: float) -> _Ctx:
+def _timers_ctx(interval_s: float, decided: OnDecided) -> _Ctx:
     async def timers(app: web.Application) -> AsyncIterator[None]:
         live = app[LIVE]
         claimer = TimerClaimer(app[STATE], lambda: live.engine, app[METRICS],
                                stale_after_s=app[SETTINGS].geofence.stale_after,
-                               interval_s=interval_s, weather=app[WEATHER].at)
+                               interval_s=interval_s, weather=app[WEATHER].at,
+                               on_decided=decided)
         task = asyncio.create_task(claimer.run(), name="geopush-timers")
         yield
         claimer.stop()
@@ -138,6 +162,45 @@ def _timers_ctx(interval_s: float) -> _Ctx:
             await task
 
     return timers
+
+
+def _delivery_ctx(senders: list[Sender]) -> _Ctx:
+    """The sender and the delivery worker (geopush.delivery.worker) on every instance."""
+
+    async def delivery(app: web.Application) -> AsyncIterator[None]:
+        delivery_settings = app[SETTINGS].delivery
+        sender = build_sender(delivery_settings, timeout_s=delivery_settings.timeout,
+                              pool_limit=min(delivery_settings.max_in_flight, 1000))
+        senders[:] = [sender]
+        worker = app[DELIVERY]
+        task = asyncio.create_task(worker.run(), name="geopush-delivery")
+        yield
+        worker.stop()
+        try:
+            # attempts in flight end within the sender's timeout; what does not is `sending`
+            # and is sent again after its lease, by this instance or another
+            await asyncio.wait_for(asyncio.shield(task), delivery_settings.timeout + 2.0)
+        except TimeoutError:
+            log.warning("delivery_stop_timeout")
+            task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+        await sender.close()
+
+    return delivery
+
+
+def _jobs_ctx(counts: ReportCounts) -> _Ctx:
+    """The periodic jobs that run once per cluster (geopush.service.jobs)."""
+
+    async def periodic(app: web.Application) -> AsyncIterator[None]:
+        jobs = Jobs(app[STATE], app[METRICS])
+        service_jobs(jobs, app[STATE], app[SETTINGS], counts)
+        jobs.start()
+        yield
+        await jobs.shutdown()
+
+    return periodic
 
 
 async def _reloading_ctx(app: web.Application) -> AsyncIterator[None]:

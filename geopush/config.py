@@ -282,6 +282,12 @@ class DeliverySettings(_Section):
     sender: Literal["log", "fcm", "webhook"] = "log"
     fcm: FcmSettings = FcmSettings()
     webhook: WebhookSettings = WebhookSettings()
+    timeout: Duration = Field(10.0, gt=0, le=120, description="one attempt to send, at most")
+    send_lease: Duration = Field(
+        60.0, gt=0, description="a push being sent is another instance's to send again after "
+        "this (its sender died mid-send); keep it above `timeout`")
+    max_in_flight: int = Field(200, ge=1, le=10_000,
+                               description="attempts in flight at once per instance")
 
     @model_validator(mode="after")
     def _sender_is_configured(self) -> DeliverySettings:
@@ -292,6 +298,10 @@ class DeliverySettings(_Section):
                              "(or delivery.fcm.static_token for an emulator)")
         if self.sender == "webhook" and not self.webhook.url:
             raise ValueError("sender webhook needs delivery.webhook.url")
+        if self.send_lease <= self.timeout:
+            raise ValueError(f"delivery.send_lease ({self.send_lease:g} s) must be longer than "
+                             f"delivery.timeout ({self.timeout:g} s): else a push still being "
+                             "sent is sent again by another instance")
         return self
 
 

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from geopush.delivery.outbox import OutboxEntry, entry_of
 from geopush.devices import DeviceProfile, has_location_consent
 from geopush.geo.model import DeviceState, Event, Ping, Visit
 from geopush.geo.transitions import Tracker, process_batch
@@ -70,6 +71,9 @@ class DeviceOutcome:
     decide: Callable[[DeviceHistory], None] | None = None
     decisions: Sequence[Decision] = ()
     reserved: Sequence[PushRecord] = ()  # pushes and holdouts decided
+    # the outbox entries of the pushes decided: written in the same commit as their
+    # reservations, so a push is queued if and only if its cap reservation stands
+    queued: Sequence[OutboxEntry] = ()
     forgotten: Sequence[str] = ()  # push ids past retention.history
     # how many of the oldest stored visits are past retention.history (visits are stored in
     # the order they ended)
@@ -234,8 +238,19 @@ class Engine:
                     now=now if now is not None else first.ts, activity=doing)
             outcome.decisions = decisions
             outcome.explanations = explanations
-            outcome.reserved = history.pushes[before:]  # decide appends what it reserves
+            outcome.reserved = reserved = history.pushes[before:]  # decide appends them
+            if reserved:
+                categories = {p.push_id: p.category for p in reserved}
+                outcome.queued = [
+                    entry_of(d, categories[d.push_id], _timezone(decider, d.geofence_id),
+                             now if now is not None else d.ts)
+                    for d in decisions if d.outcome == "push" and d.push_id in categories]
             outcome.forgotten = decider.forgotten(
                 history, now if now is not None else moments[-1][0].ts)
 
         outcome.decide = decide
+
+
+def _timezone(decider: Decider, geofence_id: str) -> str:
+    fence = decider.geofences.get(geofence_id)
+    return fence.timezone if fence is not None else "UTC"

@@ -24,6 +24,7 @@ EVENT_TYPES = ("enter", "dwell", "exit")
 EVENT_SOURCES = ("ping", "timer")
 # Request latency buckets: the promise is p99 ≤ 20 ms for single pings.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_SEND_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _TIMER_LAG_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 
@@ -79,6 +80,30 @@ class Metrics:
         self.opens = Counter(
             "geopush_pushes_opened", "Opens reported by apps (POST /v1/pushes/{id}/opened)",
             registry=r)
+        self.sends = Counter(
+            "geopush_push_sends", "Attempts to send a push, by result (sent, retry, failed) and "
+            "the sender's error code ('' when sent)", ["result", "code"], registry=r)
+        self.push_final = Counter(
+            "geopush_pushes_final", "Pushes that reached a final state (sent, failed, expired, "
+            "cancelled)", ["state"], registry=r)
+        self.send_seconds = Histogram(
+            "geopush_push_send_duration_seconds", "How long one attempt to send took",
+            buckets=_SEND_BUCKETS, registry=r)
+        self.outbox_depth = Gauge(
+            "geopush_outbox_pending", "Pushes queued or being sent (every instance's)",
+            registry=r)
+        self.outbox_oldest = Gauge(
+            "geopush_outbox_oldest_age_seconds", "Age of the oldest push not sent yet, from "
+            "its event (0 when none)", registry=r)
+        self.tokens_removed = Counter(
+            "geopush_push_tokens_removed", "Push tokens removed because the sender called "
+            "them dead (UNREGISTERED, SENDER_ID_MISMATCH, an invalid token)", registry=r)
+        self.sender_alerts = Counter(
+            "geopush_sender_alerts", "Sender answers that need ops (credentials, not tokens)",
+            ["code"], registry=r)
+        self.jobs = Counter(
+            "geopush_jobs", "Periodic jobs run by this instance (under their cluster lease)",
+            ["job", "result"], registry=r)
         self._rejected = {code: self.pings_rejected.labels(code) for code in REJECT_CODES}
         self._events = {(t, s): self.events.labels(t, s)
                         for t in EVENT_TYPES for s in EVENT_SOURCES}

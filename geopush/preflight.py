@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from geopush.config import DEFAULT_PSEUDONYM_KEY, Settings
+from geopush.delivery.senders.build import service_account_problem
 from geopush.durations import format_duration
 from geopush.errors import GeopushError, Problem
 
@@ -72,10 +73,18 @@ def deployment_problems(settings: Settings) -> list[Problem]:
 
     delivery = settings.delivery
     account = delivery.fcm.service_account_file
-    if delivery.sender == "fcm" and account is not None and not account.is_file():
-        problem(("delivery", "fcm", "service_account_file"),
-                f"delivery.fcm.service_account_file = {str(account)!r}: {_missing(account)}",
-                "the service account JSON key file (sender fcm)", value=str(account))
+    if delivery.sender == "fcm" and account is not None and not delivery.fcm.static_token:
+        if not account.is_file():
+            problem(("delivery", "fcm", "service_account_file"),
+                    f"delivery.fcm.service_account_file = {str(account)!r}: "
+                    f"{_missing(account)}",
+                    "the service account JSON key file (sender fcm)", value=str(account))
+        else:
+            # what `serve` would refuse at start: the same check, the same line
+            unusable = service_account_problem(account)
+            if unusable is not None:
+                problem(("delivery", "fcm", "service_account_file"), unusable,
+                        "a Google service account JSON key file", value=str(account))
 
     snapshot = settings.storage.snapshot_path
     if settings.storage.backend == "memory" and snapshot is not None:

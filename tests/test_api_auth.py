@@ -128,7 +128,8 @@ async def test_every_route_but_the_probes_refuses_a_request_without_credentials(
         if path in open_paths or route.method in ("HEAD", "OPTIONS") or not path:
             continue
         resp = await api.request(route.method, path.replace("{device_id}", "d1")
-                                 .replace("{push_id}", "01KBZ0000000000000000000AB"),
+                                 .replace("{push_id}", "01KBZ0000000000000000000AB")
+                                 .replace("{rule_id}", "a-rule"),
                                  json={}, headers={})
         assert resp.status == 401, (route.method, path, resp.status)
         checked += 1

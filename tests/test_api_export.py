@@ -21,6 +21,7 @@ from aiohttp.test_utils import TestClient
 
 from geopush.api.appstate import STATE
 from geopush.app import create_app
+from geopush.delivery.outbox import OutboxEntry, entry_from_json, entry_to_json
 from geopush.devices import ConsentChange, DeviceProfile
 from geopush.engine import DeviceOutcome, DeviceSnapshot
 from geopush.geo.model import DeviceState, Stay, Visit
@@ -152,6 +153,19 @@ def _check_pushes(pushes: list[PushRecord], exported: list[dict[str, Any]]) -> N
     assert exported[0]["opened_at"] is not None and exported[0]["outcome"] == "push"
 
 
+def _check_outbox(entries: list[OutboxEntry], exported: list[dict[str, Any]]) -> None:
+    assert len(exported) == len(entries) == 1
+    for entry, out in zip(entries, exported, strict=True):
+        stored = entry_to_json(entry)
+        assert set(out) == set(stored)
+        for name, value in stored.items():
+            if name in ("created_at", "expires_at", "next_attempt_at", "updated_at", "sent_at"):
+                assert _same_time(out[name], value), name
+            else:
+                assert out[name] == value, name
+    assert exported[0]["title"] and exported[0]["state"] in ("queued", "sending", "sent")
+
+
 def _check_decisions(rows: list[dict[str, Any]], exported: list[dict[str, Any]]) -> None:
     assert len(exported) == len(rows) == 2
     for row, out in zip(rows, exported, strict=True):
@@ -231,6 +245,9 @@ async def _check_redis(url: str, export: dict[str, Any], raw_export: bytes) -> N
                 _check_pushes(list(stored.values()), export["pushes"])
             elif key == device_keys.opens:
                 assert await client.hlen(key) == 1  # checked with the pushes
+            elif key == device_keys.outbox:
+                _check_outbox([entry_from_json(orjson.loads(r))
+                               for r in await client.hvals(key)], export["outbox"])
             elif key == device_keys.decisions:
                 rows = [orjson.loads(r) for r in await client.lrange(key, 0, -1)]
                 _check_decisions(rows, export["decisions"])
@@ -250,7 +267,8 @@ def _check_memory(store: MemoryStore, export: dict[str, Any], raw_export: bytes)
               if isinstance(table, dict) and DEVICE in table}
     # a table added to the memory store fails here until it is exported and checked below
     assert set(tables) == {"_profiles", "_consent", "_tracks", "_visits", "_tokens", "_pushes",
-                           "_decisions"}
+                           "_decisions", "_outbox"}
+    _check_outbox(list(store._outbox[DEVICE].values()), export["outbox"])
     _check_pushes(list(store._pushes[DEVICE].values()), export["pushes"])
     _check_decisions(store._decisions[DEVICE], export["decisions"])
     _check_token(store._tokens[DEVICE], export["device_token"], raw_export)

@@ -57,6 +57,8 @@ MISTAKES = [
     # a static provider with no value would make every weather condition false, silently
     ({}, "stores_file: stores.geojson\nweather:\n  provider: static\n  static: {}\n",
      "geopush.yaml:2: weather: provider static needs weather.static"),
+    ({}, "stores_file: stores.geojson\ndelivery:\n  send_lease: 5s\n",
+     "geopush.yaml:2: delivery: delivery.send_lease (5 s) must be longer than delivery.timeout"),
 ]
 
 
@@ -85,6 +87,10 @@ DEPLOYMENT_MISTAKES = [
      "environment GEOPUSH_STORES_FILE: stores_file = "),
     ({}, "delivery:\n  sender: fcm\n  fcm: {project_id: p, service_account_file: sa.json}\n",
      "geopush.yaml:7: delivery.fcm.service_account_file = "),
+    # a file that is there but is no service account key: serve would fail at its first push
+    ({}, "delivery:\n  sender: fcm\n  fcm: {project_id: p, service_account_file: "
+         "stores.geojson}\n",
+     "delivery.fcm.service_account_file = "),
     ({}, "storage:\n  snapshot_path: stores.geojson/state.json\n",
      "geopush.yaml:6: storage.snapshot_path = "),
     ({}, "storage:\n  snapshot_path: broken.json\n", "cannot read the state snapshot"),

@@ -12,6 +12,7 @@ it authenticated its user) may ask for one.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from functools import lru_cache
@@ -24,6 +25,7 @@ from pydantic import ValidationError
 from geopush.api.appstate import AUTH, SETTINGS, STATE
 from geopush.api.errors import NotFound
 from geopush.api.wire import json_response, read_json, type_name
+from geopush.delivery.outbox import OutboxEntry, entry_to_json
 from geopush.devices import (
     PROFILE_BOUND,
     Consent,
@@ -34,11 +36,13 @@ from geopush.devices import (
     erasure_hash,
 )
 from geopush.errors import InvalidInput, Problem
-from geopush.logs import log_device_change, log_device_token, log_erasure
+from geopush.logs import fields, log_device_change, log_device_token, log_erasure
 from geopush.pings import DEVICE_ID, DEVICE_ID_EXPECTED
-from geopush.state.base import ProfileWrite, StateStore, StoredToken
+from geopush.state.base import ProfileWrite, StateStore, StateUnavailable, StoredToken
 from geopush.timeutil import format_ts
 from geopush.tokens import new_nonce
+
+log = logging.getLogger("geopush.api.devices")
 
 routes = web.RouteTableDef()
 PATH = "/v1/devices/{device_id}"
@@ -122,6 +126,27 @@ def _consent_change(before: DeviceProfile | None, after: DeviceProfile, now: flo
                          marketing=after.consent.marketing, source=source)
 
 
+async def _cancel_revoked(store: StateStore, before: DeviceProfile | None, after: DeviceProfile,
+                          now: float) -> None:
+    """A revoked consent cancels the queued pushes it covered (contract §7): marketing
+    consent the marketing ones, location consent all. Should this fail, the consent check
+    before each attempt still holds them back (geopush.delivery.outbox.plan_attempt)."""
+    if before is None:
+        return
+    category: str | None
+    if before.consent.location and not after.consent.location:
+        category, reason = None, "location consent was revoked"
+    elif before.consent.marketing and not after.consent.marketing:
+        category, reason = "marketing", "marketing consent was revoked"
+    else:
+        return
+    try:
+        await store.cancel_pushes(after.device_id, category=category, reason=reason, now=now)
+    except StateUnavailable as exc:
+        log.warning("pushes_not_cancelled", extra=fields(device_id=after.device_id,
+                                                         reason=str(exc)))
+
+
 @routes.put(PATH)
 async def put_device(request: web.Request) -> web.Response:
     who = request.app[AUTH].check(request, "devices")
@@ -151,6 +176,7 @@ async def put_device(request: web.Request) -> web.Response:
     written = await request.app[STATE].update_profile(device_id, replace)
     assert written is not None  # replace always writes
     log_device_change(who, seen[0], written.profile, "PUT")
+    await _cancel_revoked(request.app[STATE], seen[0], written.profile, now)
     return json_response(profile_json(written.profile))
 
 
@@ -192,6 +218,7 @@ async def patch_device(request: web.Request) -> web.Response:
     written = await request.app[STATE].update_profile(device_id, patch)
     assert written is not None  # patch writes or raises
     log_device_change(who, seen[0], written.profile, "PATCH")
+    await _cancel_revoked(request.app[STATE], seen[0], written.profile, now)
     return json_response(profile_json(written.profile))
 
 
@@ -241,7 +268,19 @@ async def export_device(request: web.Request) -> web.Response:
              "store_id": p.store_id, "category": p.category, "outcome": p.outcome,
              "opened_at": _time(p.opened_at)} for p in pushes
         ],
+        # each push's message and how its delivery went (ops test pushes too)
+        "outbox": [_outbox_json(e) for e in await store.outbox(device_id)],
     })
+
+
+_OUTBOX_TIMES = ("created_at", "expires_at", "next_attempt_at", "updated_at", "sent_at")
+
+
+def _outbox_json(entry: OutboxEntry) -> dict[str, Any]:
+    value = entry_to_json(entry)
+    for name in _OUTBOX_TIMES:
+        value[name] = _time(value[name])
+    return value
 
 
 async def _tracking(store: StateStore, device_id: str) -> dict[str, Any]:

@@ -47,6 +47,26 @@ _PUSH_ID = {"type": "string", "pattern": "^[0-7][0-9A-HJKMNP-TV-Z]{25}$",
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying",
                                 "schema": {"type": "string", "pattern": "^[0-9]+$"}}}
 
+_GROUPS = {"type": "object", "required": ["push", "holdout"],
+           "properties": {"push": {"type": ["number", "null"]},
+                          "holdout": {"type": ["number", "null"]}}}
+_STATS_BLOCK = {
+    "type": "object",
+    "required": ["decided", "holdout", "sent", "failed", "expired", "cancelled", "queued",
+                 "suppressed", "opened", "conversions", "conversion_rate", "lift"],
+    "properties": {
+        **{name: {"type": "integer", "minimum": 0} for name in (
+            "decided", "holdout", "sent", "failed", "expired", "cancelled", "queued", "opened")},
+        "suppressed": {"type": "object", "additionalProperties": {"type": "integer"}},
+        "conversions": _GROUPS, "conversion_rate": _GROUPS,
+        "lift": {"type": "object", "required": ["value", "ci95"],
+                 "properties": {"value": {"type": ["number", "null"]},
+                                "ci95": {"type": ["array", "null"],
+                                         "items": {"type": "number"}}}}}}
+_CONTROL = {"type": "object", "required": ["marketing", "by"],
+            "properties": {"marketing": {"enum": ["paused", "running"]},
+                           "by": {"type": "string"}}}
+
 _RESPONSES = {
     "BadRequest": _error("The body or a parameter is not what was expected; the message names "
                          "the field, the value and what was expected"),
@@ -498,6 +518,87 @@ def _operations() -> dict[str, Any]:
                 "503": _error("The state store cannot take the publish; nothing changed",
                               _RETRY_AFTER),
             },
+        }},
+        "/v1/stats": {"get": {
+            "operationId": "stats",
+            "summary": "What was decided and sent, and whether pushing brought people in",
+            "description": "Totals and per rule, over the decisions whose event is in "
+                           "[from, to): decided (push decisions), holdout, their pushes' "
+                           "states, suppressed by reason, opened, conversions (a visit to the "
+                           "decision's store that starts or is under way within "
+                           "attribution.window after it) for the push and holdout groups, and "
+                           "lift = conversion(push) - conversion(holdout) with its 95 % "
+                           "interval (Newcombe), null while a group has fewer than 30 "
+                           "decisions. Ops test pushes are left out.",
+            "security": [{"bearer": ["admin"]}],
+            "parameters": [
+                {"name": "from", "in": "query", "required": False,
+                 "schema": {"type": "string"},
+                 "description": "RFC 3339 or epoch ms; decisions from then on"},
+                {"name": "to", "in": "query", "required": False,
+                 "schema": {"type": "string"},
+                 "description": "RFC 3339 or epoch ms; decisions before then"}],
+            "responses": _responses({"200": _json(
+                {"type": "object",
+                 "required": ["from", "to", "attribution_window_s", "totals", "rules"],
+                 "properties": {"from": {"type": ["number", "null"]},
+                                "to": {"type": ["number", "null"]},
+                                "attribution_window_s": {"type": "number"},
+                                "totals": _STATS_BLOCK,
+                                "rules": {"type": "object",
+                                          "additionalProperties": _STATS_BLOCK}}},
+                "The stats")}),
+        }},
+        "/v1/admin/marketing/pause": {"post": {
+            "operationId": "pauseMarketing",
+            "summary": "Hold every marketing push, on every instance, until resumed",
+            "description": "Marketing pushes stay queued (within their ttl) while paused; "
+                           "service pushes go on. Logged with the credential's name.",
+            "security": [{"bearer": ["admin"]}],
+            "responses": _responses({"200": _json(_CONTROL, "Paused")}),
+        }},
+        "/v1/admin/marketing/resume": {"post": {
+            "operationId": "resumeMarketing",
+            "summary": "Send marketing pushes again",
+            "security": [{"bearer": ["admin"]}],
+            "responses": _responses({"200": _json(_CONTROL, "Resumed")}),
+        }},
+        "/v1/admin/rules/{rule_id}/cancel": {
+            "parameters": [{"name": "rule_id", "in": "path", "required": True,
+                            "schema": {"type": "string"}}],
+            "post": {
+                "operationId": "cancelRulePushes",
+                "summary": "Cancel a rule's queued pushes (a kill switch)",
+                "description": "Pushes of the rule that wait to be sent are cancelled; one "
+                               "being sent at this moment is not recalled. Logged with the "
+                               "credential's name.",
+                "security": [{"bearer": ["admin"]}],
+                "responses": _responses({"200": _json(
+                    {"type": "object", "required": ["rule_id", "cancelled"],
+                     "properties": {"rule_id": {"type": "string"},
+                                    "cancelled": {"type": "integer", "minimum": 0}}},
+                    "How many were cancelled")}),
+            }},
+        "/v1/admin/test-push": {"post": {
+            "operationId": "testPush",
+            "summary": "Send one test push to one device through the real sender",
+            "description": "Marked as a test: outside caps, the delivery report and the "
+                           "stats; data.test = \"true\". The export shows how it went.",
+            "security": [{"bearer": ["admin"]}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["device_id"],
+                "properties": {"device_id": {"type": "string"},
+                               "title": {"type": "string", "minLength": 1, "maxLength": 256},
+                               "body": {"type": "string", "minLength": 1,
+                                        "maxLength": 256}}}}}},
+            "responses": _responses({"202": _json(
+                {"type": "object", "required": ["push_id", "device_id", "state", "push_token"],
+                 "properties": {"push_id": _PUSH_ID, "device_id": {"type": "string"},
+                                "state": {"const": "queued"},
+                                "push_token": {"type": "boolean",
+                                               "description": "whether the device has one "
+                                                              "(without, it is cancelled)"}}},
+                "Queued")}, "404", "415"),
         }},
         "/healthz": {"get": {"operationId": "healthz", "summary": "The process is alive",
                              "security": [], "responses": {"200": _json(

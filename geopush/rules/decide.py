@@ -158,6 +158,14 @@ def push_id_of(device_id: str, rule_id: str, event: Event, key: bytes = b"") -> 
     return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
 
 
+def push_time(push_id: str) -> float:
+    """The event time (epoch seconds) a push id carries in its first 48 bits."""
+    millis = 0
+    for char in push_id[:10]:
+        millis = millis * 32 + _CROCKFORD.index(char)
+    return millis / 1000
+
+
 def is_push_id(text: str) -> bool:
     return (len(text) == PUSH_ID_CHARS and text[0] in "01234567"
             and all(c in _CROCKFORD for c in text))

@@ -54,7 +54,7 @@ from geopush.geo.model import Event, Ping
 from geopush.logs import fields
 from geopush.metrics import Metrics
 from geopush.pings import PingError, parse
-from geopush.service.decisions import report
+from geopush.service.decisions import OnDecided, report
 from geopush.state.base import PartlyUnavailable, StateStore, StateUnavailable
 from geopush.timeutil import format_ts
 from geopush.tokens import DeviceToken
@@ -162,11 +162,13 @@ class _Turns:
 
 class Ingestor:
     def __init__(self, store: StateStore, engine: Callable[[], Engine], metrics: Metrics, *,
-                 share_pings: int | None = None, weather: WeatherAt | None = None) -> None:
+                 share_pings: int | None = None, weather: WeatherAt | None = None,
+                 on_decided: OnDecided | None = None) -> None:
         """`share_pings`: a credential's pings per group (FAIRNESS; default BULK_SHARE_PINGS).
         `weather`: where decisions read the weather (an in-process copy: never the network)."""
         self._store = store
         self._weather = weather
+        self._on_decided = on_decided
         self._share = share_pings if share_pings is not None else BULK_SHARE_PINGS
         self._engine = engine  # the engine of the active stores (a reload swaps it)
         self._metrics = metrics
@@ -207,7 +209,7 @@ class Ingestor:
             if len(result.events) > 1:
                 result.events.sort(key=_by_ts)
             self._metrics.count_events(result.events, "ping")
-            report(outcomes.values(), self._metrics, "ping")
+            report(outcomes.values(), self._metrics, "ping", self._on_decided)
             if result.events and log.isEnabledFor(logging.DEBUG):
                 for e in result.events:
                     log.debug("event", extra=fields(

@@ -17,7 +17,7 @@ from geopush.engine import DeviceOutcome, DeviceSnapshot, Engine, WeatherAt
 from geopush.geo.model import Event
 from geopush.logs import fields
 from geopush.metrics import Metrics
-from geopush.service.decisions import report
+from geopush.service.decisions import OnDecided, report
 from geopush.state.base import StateStore, StateUnavailable
 from geopush.timeutil import format_ts
 
@@ -42,9 +42,11 @@ class TimerClaimer:
         lease_s: float = LEASE_S,
         clock: Callable[[], float] = time.time,
         weather: WeatherAt | None = None,
+        on_decided: OnDecided | None = None,
     ) -> None:
         self._store = store
         self._weather = weather
+        self._on_decided = on_decided
         self._engine = engine
         self._metrics = metrics
         self._stale_after_s = stale_after_s
@@ -71,7 +73,7 @@ class TimerClaimer:
 
             outcomes = await self._store.track(devices, fire)
             self._metrics.timer_devices.inc(len(devices))
-            report(outcomes.values(), self._metrics, "timer")
+            report(outcomes.values(), self._metrics, "timer", self._on_decided)
             for outcome in outcomes.values():
                 fired.extend(outcome.events)
             if len(devices) < self._batch:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from geopush.delivery.outbox import SEND_LEASE_S, OutboxEntry, entry_to_json
 from geopush.devices import ConsentChange, DeviceProfile, ErasureRecord
 from geopush.engine import DeviceOutcome, DeviceSnapshot
 from geopush.errors import GeopushError
@@ -45,6 +46,19 @@ class StateUnavailable(GeopushError):
 
     code = "unavailable"
     http_status = 503
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRecords:
+    """What `GET /v1/stats` reads of a device: its history (pushes with their opens, visits
+    that ended), its recent decisions, its outbox and the stays under way now (store id,
+    entered at): a visit in progress converts too."""
+
+    device_id: str
+    history: DeviceHistory
+    decisions: list[dict[str, Any]]
+    outbox: list[OutboxEntry]
+    stays: list[tuple[str, float]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +191,110 @@ class StateStore(ABC):
         """Devices with a timer due by `now`, each handed to one caller only (until the lease
         runs out, so a crashed instance's timers are taken over)."""
 
+    # -- the outbox (contract §7, geopush.delivery) ----------------------------------------
+    # Entries are written by `track`, in the commit of their decision (DeviceOutcome.queued).
+
+    @abstractmethod
+    async def claim_pushes(self, now: float, limit: int, *, grace_s: float,
+                           lease_s: float = SEND_LEASE_S
+                           ) -> list[tuple[OutboxEntry, DeviceProfile | None]]:
+        """Up to `limit` due entries, each handed to one caller only: marked `sending` under a
+        lease of `lease_s` (geopush.delivery.outbox.began), with the device's profile as it
+        is now. An
+        entry in `sending` whose lease ran out is claimed again (its sender died mid-send).
+        `grace_s`: how long after its event a push may still be committed (policy.max_event_lag
+        and a commit's deadline); a due hint whose entry is missing past it is dropped."""
+
+    @abstractmethod
+    async def finish_push(self, entry: OutboxEntry, attempt: int) -> bool:
+        """Write `entry` (after an attempt: final, or queued for another) if the push is still
+        the caller's: `sending`, its attempts still `attempt` (the claim's). False, writing
+        nothing, when another caller took it over (the lease ran out) or it was cancelled or
+        erased meanwhile."""
+
+    @abstractmethod
+    async def put_push(self, entry: OutboxEntry) -> None:
+        """Queue an entry outside a decision's commit: an ops test push (outside caps)."""
+
+    @abstractmethod
+    async def cancel_pushes(self, device_id: str, *, category: str | None = None,
+                            rule_id: str | None = None, reason: str, now: float) -> list[str]:
+        """Cancel the device's queued pushes (of `category`, of `rule_id`; None: any); the ids
+        cancelled. A push being sent right now is not recalled: its next attempt, if any, is
+        cancelled by the consent check before it."""
+
+    @abstractmethod
+    async def pending_pushes(self, limit: int) -> list[tuple[str, str]]:
+        """(push_id, device_id) of up to `limit` pushes not final yet, soonest due first (the
+        kill switch walks them; entries decide, this may name some that just ended)."""
+
+    @abstractmethod
+    async def outbox(self, device_id: str) -> list[OutboxEntry]:
+        """The device's entries, oldest first (the export, stats)."""
+
+    @abstractmethod
+    async def outbox_overview(self, now: float) -> tuple[int, float | None]:
+        """How many pushes are not final yet, and the age in seconds of the oldest of them
+        (by its event time; None when there is none)."""
+
+    # -- retention (contract §8: a periodic job, once per cluster) --------------------------
+
+    @abstractmethod
+    async def purge(self, cutoff: float) -> int:
+        """Forget, of every device, the visits that ended, the pushes and holdouts (with their
+        opens and outbox entries) decided, and the decisions made before `cutoff`
+        (retention.history ago); how many records went. A device's version moves when
+        anything of it went, so a decision computed on the old history is computed again."""
+
+    async def records(self, device_ids: Sequence[str]) -> list[DeviceRecords]:
+        """The records of these devices (unknown ones left out); Redis reads them in one
+        pipelined round trip."""
+        found = []
+        for device_id in device_ids:
+            history = await self.history(device_id)
+            track = await self.stored_track(device_id)
+            stays = [(s.store_id, s.enter_ts) for s in track.state.stays.values()] \
+                if track.state is not None else []
+            found.append(DeviceRecords(device_id, history, await self.decisions(device_id),
+                                       await self.outbox(device_id), stays))
+        return found
+
+    @abstractmethod
+    def device_ids(self, batch: int = 500) -> AsyncIterator[list[str]]:
+        """Every device the store knows, in batches (no order; on Redis a SCAN, so a device
+        written meanwhile may be missed or given twice)."""
+
+    # -- counters the instances share (the delivery report, geopush.delivery.report) -------
+
+    @abstractmethod
+    async def add_counts(self, bucket: str, counts: Mapping[str, int], ttl_s: float) -> None:
+        """Add to the bucket's counters (kept `ttl_s` after the last add). Counts, not
+        records: an add whose answer was lost is not resolved (it may count twice)."""
+
+    @abstractmethod
+    async def read_counts(self, bucket: str) -> dict[str, int]:
+        """The bucket's counters ({} when none)."""
+
+    # -- flags every instance reads (ops controls) ----------------------------------------
+
+    @abstractmethod
+    async def set_flag(self, name: str, value: str | None) -> None:
+        """Set (None: clear) a flag every instance reads within a second or two."""
+
+    @abstractmethod
+    async def get_flag(self, name: str) -> str | None: ...
+
+    # -- leases: periodic jobs that run once per cluster (geopush.service.jobs) -------------
+
+    @abstractmethod
+    async def take_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Take or renew the lease `name` for `holder` for `ttl_s`; False when another holder
+        has it."""
+
+    @abstractmethod
+    async def release_lease(self, name: str, holder: str) -> None:
+        """Give the lease up, if `holder` still has it."""
+
     # -- the published configuration (reload, contract §6) --------------------------------
 
     @abstractmethod
@@ -215,8 +333,9 @@ class StateStore(ABC):
         history = await self.history(device_id)
         visits = history.visits
         decisions = await self.decisions(device_id)
+        outbox = await self.outbox(device_id)
         if profile is None and not consent and not visits and not history.pushes \
-                and not decisions:
+                and not decisions and not outbox:
             return None
         return {
             "profile": profile.model_dump(mode="json") if profile is not None else None,
@@ -231,5 +350,8 @@ class StateStore(ABC):
                  "category": p.category, "outcome": p.outcome, "opened_at": p.opened_at}
                 for p in sorted(history.pushes, key=lambda p: p.ts)
             ],
+            # the pushes' messages and delivery: every attempt's outcome (test pushes too)
+            "outbox": [entry_to_json(e) for e in outbox],
             "decisions": decisions,
         }
+

@@ -38,6 +38,9 @@ class DeviceKeys(NamedTuple):  # a tuple: built for every device of every batch,
     pushes: str
     opens: str  # hash push_id → epoch seconds of the first open reported
     decisions: str  # list of JSON decision records, oldest first (DECISIONS_KEPT)
+    # hash push_id → JSON outbox entry (geopush.delivery.outbox): written in the commit of its
+    # decision, kept (final ones too, for stats and the export) as long as its push record
+    outbox: str
 
     def all(self) -> tuple[str, ...]:
         return self
@@ -48,6 +51,16 @@ class Keys:
         self.prefix = prefix
         self.timers = f"{prefix}:timers"  # sorted set: device_id -> due epoch seconds
         self.erasures = f"{prefix}:erasures"  # hash: device_hash -> JSON ErasureRecord
+        # sorted set: "<push_id> <device_id>" -> when the push is due (an attempt, or the end of
+        # a claim's lease). A hint, as timers are: the entry in the device's outbox decides
+        # (geopush.state.redis, "the outbox")
+        self.outbox_due = f"{prefix}:outbox:due"
+        # hash per bucket (a report window): counter name -> count, with a TTL
+        self.counts_prefix = f"{prefix}:counts:"
+        # string per flag name: ops controls every instance follows (a pause of marketing)
+        self.flag_prefix = f"{prefix}:flag:"
+        # string per lease name: the holder's id, with a TTL (jobs that run once per cluster)
+        self.lease_prefix = f"{prefix}:lease:"
         # hash: weather cell ("481:115") -> JSON {temperature_c, condition, at}
         self.weather = f"{prefix}:weather"
         # the configuration a reload published: its serial (INCR'd) and its payload, under one
@@ -63,7 +76,17 @@ class Keys:
         base = f"{self.prefix}:{{d:{device_id}}}"
         return DeviceKeys(f"{base}:profile", f"{base}:consent", f"{base}:track",
                           f"{base}:visits", f"{base}:ver", f"{base}:token", f"{base}:pushes",
-                          f"{base}:opens", f"{base}:decisions")
+                          f"{base}:opens", f"{base}:decisions", f"{base}:outbox")
+
+
+def due_member(push_id: str, device_id: str) -> str:
+    """The outbox due set's member of a push (device ids hold no space)."""
+    return f"{push_id} {device_id}"
+
+
+def parse_due_member(member: str) -> tuple[str, str]:
+    push_id, _, device_id = member.partition(" ")
+    return push_id, device_id
 
 
 def group_by_slot(keys: Keys, device_ids: Iterable[str]) -> dict[int, list[str]]:

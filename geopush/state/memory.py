@@ -18,9 +18,16 @@ must not come undone in a crash. Records, one JSON array per journal line:
                                                   one track batch: tracks (and visits, pushes
                                                   and decisions when they changed) now
   ["O", device_id, pushes]                        an open was recorded: the pushes now
+  ["Q", device_id, outbox entries]                the device's outbox now (an attempt began
+                                                  or ended, pushes were cancelled)
+  ["H", device_id, visits, pushes, decisions, outbox]  the retention purge took old records
+A track row carries the device's whole outbox as a sixth element when its commit queued or
+forgot a push.
 Timers are not recorded: a device's timer is its track's next due time. A batch that reserved
 a push (or holdout) waits for its fsync before `track` returns: a cap once reserved must not
-come undone in a crash after its push went out (contract §10).
+come undone in a crash after its push went out (contract §10). So does its outbox entry, in the
+same row. The state of an attempt is not waited for: after a crash an entry is found queued or
+sending, and sent again with the same push_id (at least once, contract §7).
 """
 
 from __future__ import annotations
@@ -32,13 +39,20 @@ import heapq
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import orjson
 from pydantic import ValidationError
 
+from geopush.delivery.outbox import (
+    SEND_LEASE_S,
+    OutboxEntry,
+    began,
+    entry_from_json,
+    entry_to_json,
+)
 from geopush.devices import ConsentChange, DeviceProfile, ErasureRecord
 from geopush.engine import DeviceOutcome, DeviceSnapshot
 from geopush.errors import InvalidInput
@@ -69,7 +83,7 @@ from geopush.state.journal import (
     frame,
     read_frames,
 )
-from geopush.state.keys import DECISIONS_KEPT, VISITS_KEPT
+from geopush.state.keys import DECISIONS_KEPT, VISITS_KEPT, due_member, parse_due_member
 
 __all__ = ["MemoryStore", "SnapshotError"]
 
@@ -79,6 +93,7 @@ SNAPSHOT_FORMAT = 2  # format 1 (no journal) is still read
 COMPACT_MIN_BYTES = 64 << 20  # a journal compacts once past this and past the snapshot's size
 ERASURE_COMPACT_DELAY_S = 2.0  # erasures of a burst share one compaction
 COMPACT_RETRY_S = 30.0
+MAX_COUNT_BUCKETS = 64  # the report reads the last one; older ones go
 SNAPSHOT_CHUNK = 2000  # records encoded between two writes, so the event loop keeps serving
 
 _READ_ERRORS = (OSError, ValueError, ValidationError, KeyError, TypeError, IndexError,
@@ -101,6 +116,11 @@ class MemoryStore(StateStore):
         self._pushes: dict[str, dict[str, PushRecord]] = {}  # device → push_id → record
         self._decisions: dict[str, list[dict[str, Any]]] = {}  # the last DECISIONS_KEPT
         self._timers = _Timers()
+        self._outbox: dict[str, dict[str, OutboxEntry]] = {}  # device → push_id → entry
+        self._due_pushes = _Timers()  # due_member → when due (not final entries only)
+        self._counts: dict[str, dict[str, int]] = {}  # oldest bucket first
+        self._flags: dict[str, str] = {}
+        self._leases: dict[str, tuple[str, float]] = {}  # name → (holder, until: time.monotonic())
         self._weather: dict[str, bytes] = {}
         self._config: tuple[int, bytes] | None = None  # one process: nobody else to tell
         # the files, once open() found a snapshot path
@@ -236,8 +256,11 @@ class MemoryStore(StateStore):
 
     def _apply_erasure(self, device_id: str) -> bool:
         known = False
+        outbox = self._outbox.get(device_id, {})
+        for push_id in outbox:
+            self._due_pushes.discard(due_member(push_id, device_id))
         for table in (self._profiles, self._consent, self._tracks, self._visits, self._tokens,
-                      self._pushes, self._decisions):
+                      self._pushes, self._decisions, self._outbox):
             known = table.pop(device_id, None) is not None or known
         return self._timers.discard(device_id) or known
 
@@ -346,15 +369,21 @@ class MemoryStore(StateStore):
                 if journaled:
                     visits = [visit_to_json(v) for v in kept]
             self._timers.set(device_id, outcome.next_due)
-            pushes = decisions = None
+            pushes = decisions = outbox = None
             if outcome.reserved or outcome.forgotten or outcome.decisions:
                 reserved = reserved or bool(outcome.reserved)
                 pushes, decisions = self._apply_decisions(device_id, outcome, journaled)
+                if outcome.queued or outcome.forgotten:
+                    outbox = self._apply_outbox(device_id, outcome, journaled)
             if journaled:
                 track = track_to_json(outcome.state, outcome.next_due)
                 # a row without decisions keeps the three elements earlier releases read
-                rows.append((device_id, track, visits) if pushes is None and decisions is None
-                            else (device_id, track, visits, pushes, decisions))
+                if pushes is None and decisions is None:
+                    rows.append((device_id, track, visits))
+                elif outbox is None:
+                    rows.append((device_id, track, visits, pushes, decisions))
+                else:
+                    rows.append((device_id, track, visits, pushes, decisions, outbox))
         if rows:
             done = self._journal_tracks(rows, durable=reserved)
             if done is not None:
@@ -377,6 +406,186 @@ class MemoryStore(StateStore):
         if not journaled:
             return None, None
         return [push_to_json(p) for p in pushes.values()], kept
+
+    def _apply_outbox(self, device_id: str, outcome: DeviceOutcome, journaled: bool
+                      ) -> list[dict[str, Any]] | None:
+        """The outcome's queued pushes into the outbox; forgotten ones out. Its journal value."""
+        outbox = self._outbox.setdefault(device_id, {})
+        for push_id in outcome.forgotten:
+            if outbox.pop(push_id, None) is not None:
+                self._due_pushes.discard(due_member(push_id, device_id))
+        for entry in outcome.queued:
+            if entry.push_id not in outbox:
+                outbox[entry.push_id] = entry
+                self._due_pushes.set(due_member(entry.push_id, device_id), entry.next_attempt_at)
+        if not outbox:
+            del self._outbox[device_id]
+        return _outbox_json(outbox) if journaled else None
+
+    def _journal_outbox(self, device_id: str) -> None:
+        if self._writer is not None:
+            self._journal(frame(orjson.dumps(
+                ["Q", device_id, _outbox_json(self._outbox.get(device_id, {}))])))
+
+    # -- the outbox --------------------------------------------------------------------------
+
+    async def claim_pushes(self, now: float, limit: int, *, grace_s: float,
+                           lease_s: float = SEND_LEASE_S
+                           ) -> list[tuple[OutboxEntry, DeviceProfile | None]]:
+        self._check_writable()
+        claimed: list[tuple[OutboxEntry, DeviceProfile | None]] = []
+        touched: set[str] = set()
+        for member in self._due_pushes.claim(now, limit, 0.0):
+            push_id, device_id = parse_due_member(member)
+            entry = self._outbox.get(device_id, {}).get(push_id)
+            if entry is None or entry.final:
+                self._due_pushes.discard(member)
+                continue
+            if entry.next_attempt_at > now:  # not due: the hint was early
+                self._due_pushes.set(member, entry.next_attempt_at)
+                continue
+            entry = began(entry, now, lease_s)
+            self._outbox[device_id][push_id] = entry
+            self._due_pushes.set(member, entry.next_attempt_at)
+            touched.add(device_id)
+            claimed.append((entry, self._profiles.get(device_id)))
+        for device_id in touched:
+            self._journal_outbox(device_id)
+        return claimed
+
+    async def finish_push(self, entry: OutboxEntry, attempt: int) -> bool:
+        self._check_writable()
+        entries = self._outbox.get(entry.device_id)
+        stored = entries.get(entry.push_id) if entries else None
+        if stored is None or stored.state != "sending" or stored.attempts != attempt:
+            return False
+        entries[entry.push_id] = entry  # type: ignore[index]
+        member = due_member(entry.push_id, entry.device_id)
+        if entry.final:
+            self._due_pushes.discard(member)
+        else:
+            self._due_pushes.set(member, entry.next_attempt_at)
+        self._journal_outbox(entry.device_id)
+        return True
+
+    async def put_push(self, entry: OutboxEntry) -> None:
+        self._check_writable()
+        self._outbox.setdefault(entry.device_id, {})[entry.push_id] = entry
+        self._due_pushes.set(due_member(entry.push_id, entry.device_id), entry.next_attempt_at)
+        if self._writer is not None:
+            line = frame(orjson.dumps(
+                ["Q", entry.device_id, _outbox_json(self._outbox[entry.device_id])]))
+            done = self._writer.append_durable(line)
+            self._journal_bytes += len(line)
+            await done
+
+    async def cancel_pushes(self, device_id: str, *, category: str | None = None,
+                            rule_id: str | None = None, reason: str, now: float) -> list[str]:
+        self._check_writable()
+        cancelled = []
+        entries = self._outbox.get(device_id, {})
+        for push_id, entry in entries.items():
+            if entry.state != "queued" or (category is not None and entry.category != category) \
+                    or (rule_id is not None and entry.rule_id != rule_id):
+                continue
+            entries[push_id] = dataclasses.replace(entry, state="cancelled", reason=reason,
+                                                   updated_at=now)
+            self._due_pushes.discard(due_member(push_id, device_id))
+            cancelled.append(push_id)
+        if cancelled:
+            self._journal_outbox(device_id)
+        return cancelled
+
+    async def pending_pushes(self, limit: int) -> list[tuple[str, str]]:
+        members = sorted(self._due_pushes.as_dict().items(), key=lambda m: m[1])[:limit]
+        return [parse_due_member(m) for m, _ in members]
+
+    async def outbox(self, device_id: str) -> list[OutboxEntry]:
+        return sorted(self._outbox.get(device_id, {}).values(), key=lambda e: e.created_at)
+
+    async def outbox_overview(self, now: float) -> tuple[int, float | None]:
+        pending = self._due_pushes.as_dict()
+        oldest = None
+        for member in pending:
+            push_id, device_id = parse_due_member(member)
+            entry = self._outbox.get(device_id, {}).get(push_id)
+            if entry is not None and (oldest is None or entry.created_at < oldest):
+                oldest = entry.created_at
+        return len(pending), (max(0.0, now - oldest) if oldest is not None else None)
+
+    async def purge(self, cutoff: float) -> int:
+        self._check_writable()
+        gone = 0
+        for device_id in list(set(self._visits) | set(self._pushes) | set(self._decisions)
+                              | set(self._outbox)):
+            visits = self._visits.get(device_id, [])
+            old_visits = _older_prefix(visits, lambda v: v.end < cutoff)
+            decisions = self._decisions.get(device_id, [])
+            old_decisions = _older_prefix(decisions, lambda d: float(d["ts"]) < cutoff)
+            pushes = self._pushes.get(device_id, {})
+            entries = self._outbox.get(device_id, {})
+            ids = [p.push_id for p in pushes.values() if p.ts < cutoff] + [
+                e.push_id for e in entries.values() if e.test and e.created_at < cutoff]
+            if not (old_visits or old_decisions or ids):
+                continue
+            gone += old_visits + old_decisions + len(ids)
+            del visits[:old_visits]
+            del decisions[:old_decisions]
+            for push_id in ids:
+                pushes.pop(push_id, None)
+                if entries.pop(push_id, None) is not None:
+                    self._due_pushes.discard(due_member(push_id, device_id))
+            for table in (self._visits, self._decisions, self._pushes, self._outbox):
+                if device_id in table and not table[device_id]:
+                    del table[device_id]
+            if self._writer is not None:
+                self._journal(frame(orjson.dumps(["H", device_id,
+                                                  [visit_to_json(v) for v in visits],
+                                                  [push_to_json(p) for p in pushes.values()],
+                                                  decisions, _outbox_json(entries)])))
+        return gone
+
+    async def device_ids(self, batch: int = 500) -> AsyncIterator[list[str]]:
+        known = list(set(self._profiles) | set(self._tracks) | set(self._visits)
+                     | set(self._pushes) | set(self._outbox))
+        for start in range(0, len(known), batch):
+            yield known[start:start + batch]
+
+    async def set_flag(self, name: str, value: str | None) -> None:
+        # one process, not kept on disk: a restart forgets an operator's pause (logged)
+        if value is None:
+            self._flags.pop(name, None)
+        else:
+            self._flags[name] = value
+
+    async def get_flag(self, name: str) -> str | None:
+        return self._flags.get(name)
+
+    async def add_counts(self, bucket: str, counts: Mapping[str, int], ttl_s: float) -> None:
+        # one process: not kept on disk (a report after a restart counts from there)
+        kept = self._counts.setdefault(bucket, {})
+        for name, n in counts.items():
+            kept[name] = kept.get(name, 0) + n
+        if len(self._counts) > MAX_COUNT_BUCKETS:
+            del self._counts[next(iter(self._counts))]
+
+    async def read_counts(self, bucket: str) -> dict[str, int]:
+        return dict(self._counts.get(bucket, {}))
+
+    # -- leases (one process: the lease is for the API's sake) -------------------------------
+
+    async def take_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        now = time.monotonic()
+        current = self._leases.get(name)
+        if current is not None and current[0] != holder and current[1] > now:
+            return False
+        self._leases[name] = (holder, now + ttl_s)
+        return True
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        current = self._leases.get(name)
+        if current is not None and current[0] == holder:
+            del self._leases[name]
 
     async def stored_track(self, device_id: str) -> StoredTrack:
         state, next_due = self._tracks.get(device_id, (None, None))
@@ -497,6 +706,7 @@ class MemoryStore(StateStore):
             ("pushes", self._pushes,
              lambda ps: orjson.dumps([push_to_json(p) for p in ps.values()])),
             ("decisions", self._decisions, orjson.dumps),
+            ("outbox", self._outbox, lambda entries: orjson.dumps(_outbox_json(entries))),
             ("erasures", self._erasures, lambda r: orjson.dumps(r.model_dump(mode="json"))),
         ]
         for name, table, encode in sections:
@@ -556,6 +766,16 @@ class MemoryStore(StateStore):
         self._timers = _Timers()
         for device_id, (_, due) in self._tracks.items():
             self._timers.set(device_id, due)
+        self._due_pushes = _Timers()
+        for device_id, entries in self._outbox.items():
+            for entry in entries.values():
+                if not entry.final:
+                    # one process: an attempt found `sending` died with the last one; it is
+                    # due again from when it began, with the same push_id (contract §7)
+                    if entry.state == "sending":
+                        entry.next_attempt_at = entry.updated_at
+                    self._due_pushes.set(due_member(entry.push_id, device_id),
+                                         entry.next_attempt_at)
         return (gens[-1] if gens else first_gen), erased
 
     def _replay(self, payload: bytes, where: str) -> bool:
@@ -573,6 +793,25 @@ class MemoryStore(StateStore):
                         self._replay_pushes(device_id, decided[0])
                     if len(decided) > 1 and decided[1] is not None:
                         self._decisions[device_id] = list(decided[1])
+                    if len(decided) > 2 and decided[2] is not None:
+                        self._replay_outbox(device_id, decided[2])
+                return False
+            if kind == "Q":
+                _, device_id, entries = record
+                self._replay_outbox(device_id, entries)
+                return False
+            if kind == "H":
+                _, device_id, visits, pushes, decisions, entries = record
+                if visits:
+                    self._visits[device_id] = [visit_from_json(device_id, v) for v in visits]
+                else:
+                    self._visits.pop(device_id, None)
+                self._replay_pushes(device_id, pushes)
+                if decisions:
+                    self._decisions[device_id] = list(decisions)
+                else:
+                    self._decisions.pop(device_id, None)
+                self._replay_outbox(device_id, entries)
                 return False
             if kind == "O":
                 _, device_id, pushes = record
@@ -600,6 +839,12 @@ class MemoryStore(StateStore):
                 "move the journal files away to start from the snapshot alone"
             ) from None
 
+    def _replay_outbox(self, device_id: str, entries: list[Any]) -> None:
+        if entries:
+            self._outbox[device_id] = {e.push_id: e for e in map(entry_from_json, entries)}
+        else:
+            self._outbox.pop(device_id, None)
+
     def _replay_pushes(self, device_id: str, pushes: list[Any]) -> None:
         if pushes:
             self._pushes[device_id] = {p.push_id: p for p in map(push_from_json, pushes)}
@@ -625,6 +870,8 @@ class MemoryStore(StateStore):
             pushes = {d: {p.push_id: p for p in map(push_from_json, ps)}
                       for d, ps in data.get("pushes", {}).items()}
             decisions = {d: list(ds) for d, ds in data.get("decisions", {}).items()}
+            outbox = {d: {e.push_id: e for e in map(entry_from_json, es)}
+                      for d, es in data.get("outbox", {}).items()}
         except _READ_ERRORS as exc:
             raise SnapshotError(
                 f"{path}: cannot read the state snapshot ({type(exc).__name__}: {exc}); "
@@ -633,7 +880,7 @@ class MemoryStore(StateStore):
         self._profiles, self._consent, self._tracks = profiles, consent, tracks
         self._visits, self._erasures = visits, erasures
         self._tokens = {d: t for d, t in device_tokens.items() if t is not None}
-        self._pushes, self._decisions = pushes, decisions
+        self._pushes, self._decisions, self._outbox = pushes, decisions, outbox
         return gen
 
 
@@ -652,6 +899,18 @@ def _profile_line(device_id: str, profile: DeviceProfile, trail: list[ConsentCha
     return frame(b'["P",%s,%s,%s]' % (orjson.dumps(device_id), encoded, trail_json))
 
 
+def _older_prefix(rows: list[Any], older: Callable[[Any], bool]) -> int:
+    """How many rows at the start (stored oldest first) are older than the cutoff."""
+    n = 0
+    while n < len(rows) and older(rows[n]):
+        n += 1
+    return n
+
+
+def _outbox_json(entries: Mapping[str, OutboxEntry]) -> list[dict[str, Any]]:
+    return [entry_to_json(e) for e in entries.values()]
+
+
 def _token_to_json(token: StoredToken | None) -> dict[str, Any] | None:
     return {"nonce": token.nonce, "issued_at": token.issued_at} if token is not None else None
 
@@ -664,7 +923,9 @@ def _token_from_json(value: Any) -> StoredToken | None:
 
 _Row = (tuple[str, list[Any], list[list[Any]] | None]
         | tuple[str, list[Any], list[list[Any]] | None, list[list[Any]] | None,
-                list[dict[str, Any]] | None])
+                list[dict[str, Any]] | None]
+        | tuple[str, list[Any], list[list[Any]] | None, list[list[Any]] | None,
+                list[dict[str, Any]] | None, list[dict[str, Any]]])
 
 
 def _encodable(rows: list[_Row]) -> list[_Row]:

@@ -75,21 +75,22 @@ return done(table.concat(conflicts, ','))
 
 # The commit of devices whose outcome holds decisions (geopush.engine, DECISIONS IN TWO STEPS):
 # COMMIT's compare-and-set, and with it what the policy reads next time. KEYS: the record,
-# then track, ver, visits, pushes, opens, decisions of each device in turn. ARGV: deadline,
-# record ttl, visits kept, decisions kept, then for each device: expected version, the version
-# to set, track JSON, how many of the oldest stored visits to drop (past retention.history),
-# n visits and their JSONs, n pushes reserved and (push_id, JSON) pairs,
-# n pushes forgotten (past retention) and their ids, n decisions and their JSONs. Returns the
-# 1-based positions of the devices whose version moved, comma-separated ('' = none). Few
-# devices per call (a decision is rare), so no chunking. The outbox entry of a push is to be
-# written here too, so that a push is queued if and only if its reservation stands.
+# then track, ver, visits, pushes, opens, decisions, outbox of each device in turn. ARGV:
+# deadline, record ttl, visits kept, decisions kept, then for each device: expected version,
+# the version to set, track JSON, how many of the oldest stored visits to drop (past
+# retention.history), n visits and their JSONs, n pushes reserved and (push_id, JSON) pairs,
+# n pushes forgotten (past retention) and their ids, n decisions and their JSONs, n outbox
+# entries and (push_id, JSON) pairs. Returns the 1-based positions of the devices whose version
+# moved, comma-separated ('' = none). Few devices per call (a decision is rare), so no
+# chunking. The outbox entries are written here, so a push is queued if and only if its
+# reservation stands; HSETNX: a push already queued (and perhaps sent) is never put back.
 _COMMIT_DECIDED = _ONCE + """
 local visits_kept = -tonumber(ARGV[3])
 local decisions_kept = -tonumber(ARGV[4])
-local count = (#KEYS - 1) / 6
+local count = (#KEYS - 1) / 7
 local conflicts, c, a = {}, 0, 5
 for i = 1, count do
-  local k = 6 * (i - 1) + 1
+  local k = 7 * (i - 1) + 1
   local drop = tonumber(ARGV[a + 3])
   local nv = tonumber(ARGV[a + 4])
   local p = a + 5 + nv
@@ -98,6 +99,8 @@ for i = 1, count do
   local nf = tonumber(ARGV[f])
   local d = f + 1 + nf
   local nd = tonumber(ARGV[d])
+  local o = d + 1 + nd
+  local no = tonumber(ARGV[o])
   if (redis.call('GET', KEYS[k + 2]) or '') ~= ARGV[a] then
     c = c + 1
     conflicts[c] = i
@@ -112,14 +115,18 @@ for i = 1, count do
     if nf > 0 then
       redis.call('HDEL', KEYS[k + 4], unpack(ARGV, f + 1, f + nf))
       redis.call('HDEL', KEYS[k + 5], unpack(ARGV, f + 1, f + nf))
+      redis.call('HDEL', KEYS[k + 7], unpack(ARGV, f + 1, f + nf))
     end
     if np > 0 then redis.call('HSET', KEYS[k + 4], unpack(ARGV, p + 1, p + 2 * np)) end
     if nd > 0 then
       redis.call('RPUSH', KEYS[k + 6], unpack(ARGV, d + 1, d + nd))
       redis.call('LTRIM', KEYS[k + 6], decisions_kept, -1)
     end
+    for j = 1, no do
+      redis.call('HSETNX', KEYS[k + 7], ARGV[o + 2 * j - 1], ARGV[o + 2 * j])
+    end
   end
-  a = d + 1 + nd
+  a = o + 1 + 2 * no
 end
 return done(table.concat(conflicts, ','))
 """
@@ -133,6 +140,135 @@ local record = redis.call('HGET', KEYS[2], ARGV[3])
 if not record or cjson.decode(record)[6] ~= 'push' then return done('') end
 if redis.call('HSETNX', KEYS[3], ARGV[3], ARGV[4]) == 1 then redis.call('INCR', KEYS[4]) end
 return done(redis.call('HGET', KEYS[3], ARGV[3]))
+"""
+
+# The outbox's scripts (geopush.state.redis, "the outbox"). An entry is a flat JSON object
+# (geopush.delivery.outbox): the scripts change its state with cjson, which keeps nulls, numbers
+# to 14 digits and an empty `data` as {}.
+
+# KEYS: the record, outbox, profile. ARGV: deadline, record ttl, push_id, now, the lease's end.
+# An attempt begins: a due entry (queued and due, or sending under a lease that ran out) becomes
+# sending under a new lease, one attempt more. Returns '' when there is no such entry, 'F' when
+# it is final, 'N<when>' when it is not due yet (another caller holds it, or its next attempt
+# is later), else the entry as it is now, a newline, and the profile's JSON ('' if none).
+_BEGIN_PUSH = _ONCE + """
+local raw = redis.call('HGET', KEYS[2], ARGV[3])
+if not raw then return done('') end
+local entry = cjson.decode(raw)
+local state = entry['state']
+if state ~= 'queued' and state ~= 'sending' then return done('F') end
+local now = tonumber(ARGV[4])
+if tonumber(entry['next_attempt_at']) > now then
+  return done('N' .. tostring(entry['next_attempt_at']))
+end
+entry['state'] = 'sending'
+entry['attempts'] = tonumber(entry['attempts']) + 1
+entry['next_attempt_at'] = tonumber(ARGV[5])
+entry['updated_at'] = now
+raw = cjson.encode(entry)
+redis.call('HSET', KEYS[2], ARGV[3], raw)
+return done(raw .. '\\n' .. (redis.call('GET', KEYS[3]) or ''))
+"""
+
+# KEYS: the record, outbox. ARGV: deadline, record ttl, push_id, attempts, entry JSON. An
+# attempt's end is written only while the entry is still that attempt's ('1'): sending with the
+# same attempts. Else '0' and nothing written: another caller took it over, or it was
+# cancelled or erased meanwhile.
+_FINISH_PUSH = _ONCE + """
+local raw = redis.call('HGET', KEYS[2], ARGV[3])
+if not raw then return done('0') end
+local entry = cjson.decode(raw)
+if entry['state'] ~= 'sending' or tonumber(entry['attempts']) ~= tonumber(ARGV[4]) then
+  return done('0')
+end
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[5])
+return done('1')
+"""
+
+# KEYS: the record, outbox. ARGV: deadline, record ttl, now, category ('' = any), rule id
+# ('' = any), reason. Queued entries that match become cancelled; returns their ids,
+# comma-separated.
+_CANCEL_PUSHES = _ONCE + """
+local cancelled = {}
+local all = redis.call('HGETALL', KEYS[2])
+for i = 1, #all, 2 do
+  local entry = cjson.decode(all[i + 1])
+  if entry['state'] == 'queued' and (ARGV[4] == '' or entry['category'] == ARGV[4])
+      and (ARGV[5] == '' or entry['rule_id'] == ARGV[5]) then
+    entry['state'] = 'cancelled'
+    entry['reason'] = ARGV[6]
+    entry['updated_at'] = tonumber(ARGV[3])
+    redis.call('HSET', KEYS[2], all[i], cjson.encode(entry))
+    cancelled[#cancelled + 1] = all[i]
+  end
+end
+return done(table.concat(cancelled, ','))
+"""
+
+# KEYS: the record, outbox, profile. ARGV: deadline, record ttl, push_id, entry JSON. An ops
+# test push for a registered device ('1'), else '0'.
+_PUT_PUSH = _ONCE + """
+if redis.call('EXISTS', KEYS[3]) == 0 then return done('0') end
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+return done('1')
+"""
+
+# KEYS: the record, ver, visits, pushes, opens, decisions, outbox. ARGV: deadline, record ttl,
+# cutoff (epoch s). The retention purge of one device (contract §8): visits that ended, pushes
+# (and holdouts, their opens and outbox entries) and decisions older than the cutoff go, and
+# so do ops test pushes created before it. Visits and decisions are stored oldest first, so a
+# prefix goes. When anything went the version moves: a commit computed meanwhile on the old
+# history (COMMIT_DECIDED drops visits by count) fails its compare-and-set and is computed
+# again. Returns how many records went.
+_PURGE = _ONCE + """
+local cutoff = tonumber(ARGV[3])
+local gone = 0
+local function prefix(key, older)
+  local rows = redis.call('LRANGE', KEYS[key], 0, -1)
+  local n = 0
+  for i = 1, #rows do
+    if older(cjson.decode(rows[i])) then n = i else break end
+  end
+  if n > 0 then redis.call('LTRIM', KEYS[key], n, -1) end
+  return n
+end
+gone = gone + prefix(3, function(v) return tonumber(v[4]) < cutoff end)
+gone = gone + prefix(6, function(d) return tonumber(d['ts']) < cutoff end)
+local ids = {}
+local pushes = redis.call('HGETALL', KEYS[4])
+for i = 1, #pushes, 2 do
+  if tonumber(cjson.decode(pushes[i + 1])[2]) < cutoff then ids[#ids + 1] = pushes[i] end
+end
+local outbox = redis.call('HGETALL', KEYS[7])
+for i = 1, #outbox, 2 do
+  local entry = cjson.decode(outbox[i + 1])
+  if entry['test'] == true and tonumber(entry['created_at']) < cutoff then
+    ids[#ids + 1] = outbox[i]
+  end
+end
+if #ids > 0 then
+  redis.call('HDEL', KEYS[4], unpack(ids))
+  redis.call('HDEL', KEYS[5], unpack(ids))
+  redis.call('HDEL', KEYS[7], unpack(ids))
+  gone = gone + #ids
+end
+if gone > 0 and redis.call('EXISTS', KEYS[2]) == 1 then redis.call('INCR', KEYS[2]) end
+return done(tostring(gone))
+"""
+
+# KEYS: the lease. ARGV: holder, ttl ms. Taken when free or already the holder's (renewed).
+# Not once-only: taking a lease twice is taking it.
+_TAKE_LEASE = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+# KEYS: the lease. ARGV: holder.
+_RELEASE_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
 """
 
 # KEYS: the record, profile, consent, track, ver. ARGV: deadline, record ttl, the version the
@@ -231,8 +367,16 @@ ERASE = Script.of(_ERASE)
 ERASE_DEVICE = Script.of(_ERASE_DEVICE)
 PUBLISH_CONFIG = Script.of(_PUBLISH_CONFIG)
 RESOLVE = Script.of(_RESOLVE)
+BEGIN_PUSH = Script.of(_BEGIN_PUSH)
+FINISH_PUSH = Script.of(_FINISH_PUSH)
+CANCEL_PUSHES = Script.of(_CANCEL_PUSHES)
+PUT_PUSH = Script.of(_PUT_PUSH)
+PURGE = Script.of(_PURGE)
+TAKE_LEASE = Script.of(_TAKE_LEASE)
+RELEASE_LEASE = Script.of(_RELEASE_LEASE)
 SCRIPTS = (COMMIT, COMMIT_DECIDED, OPENED, PUT_PROFILE, SET_TOKEN, CLAIM_DUE, ERASE,
-           ERASE_DEVICE, PUBLISH_CONFIG, RESOLVE)
+           ERASE_DEVICE, PUBLISH_CONFIG, RESOLVE, BEGIN_PUSH, FINISH_PUSH, CANCEL_PUSHES,
+           PUT_PUSH, PURGE, TAKE_LEASE, RELEASE_LEASE)
 # take a record and deadline
 ONCE = (COMMIT, COMMIT_DECIDED, OPENED, PUT_PROFILE, SET_TOKEN, ERASE, ERASE_DEVICE,
-        PUBLISH_CONFIG)
+        PUBLISH_CONFIG, BEGIN_PUSH, FINISH_PUSH, CANCEL_PUSHES, PUT_PUSH, PURGE)
