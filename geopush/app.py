@@ -117,11 +117,11 @@ def create_app(settings: Settings, *, store: StateStore | None = None,
                              lambda geofencing: install_geofencing(app, geofencing))
     app.cleanup_ctx.append(_geofencing_ctx)
     app.cleanup_ctx.append(_state_ctx)
+    app.cleanup_ctx.append(_weather_ctx)  # closed after the jobs that refresh it
     app.cleanup_ctx.append(_timers_ctx(timer_interval_s, decided))
     app.cleanup_ctx.append(_delivery_ctx(senders))
     app.cleanup_ctx.append(_jobs_ctx(counts))
     app.cleanup_ctx.append(_reloading_ctx)
-    app.cleanup_ctx.append(_weather_ctx)
     app.on_shutdown.append(_close_websockets)
     for module in (pings, clients, devices, pushes, admin, ops, health, openapi):
         app.router.add_routes(module.routes)
@@ -195,7 +195,7 @@ def _jobs_ctx(counts: ReportCounts) -> _Ctx:
 
     async def periodic(app: web.Application) -> AsyncIterator[None]:
         jobs = Jobs(app[STATE], app[METRICS])
-        service_jobs(jobs, app[STATE], app[SETTINGS], counts)
+        service_jobs(jobs, app[STATE], app[SETTINGS], counts, app[WEATHER])
         jobs.start()
         yield
         await jobs.shutdown()
@@ -216,14 +216,9 @@ async def _reloading_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _weather_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Keep the weather copy fresh, off the ping path (geopush.weather.source)."""
-    source = app[WEATHER]
-    task = asyncio.create_task(source.run(), name="geopush-weather")
+    """The weather copy's HTTP client (its refresh is a periodic job, geopush.service.jobs)."""
     yield
-    source.stop()
-    task.cancel()
-    with suppress(asyncio.CancelledError):
-        await task
+    await app[WEATHER].close()
 
 
 def _store_cells(live: Live) -> set[str]:

@@ -617,23 +617,47 @@ async def test_an_unreachable_shared_cache_does_not_stop_the_weather(
     assert source.at(*ENSCHEDE) == Weather(17.7, "partly_cloudy")
 
 
-async def test_run_keeps_the_copy_fresh_until_stopped(fake: FakeOpenMeteo) -> None:
-    store = MemoryStore()
-    await store.open()
+async def test_the_refresh_job_fetches_once_per_cluster_and_the_others_copy(
+        fake: FakeOpenMeteo, stores: tuple[StateStore, StateStore]) -> None:
+    """Two instances tick in the same period: the one holding the tick's lease asks Open-Meteo,
+    the other copies what it stored; a cell only the second one looked up is fetched by the
+    next holder, so the cluster has one Open-Meteo client however many instances run."""
+    from geopush.metrics import Metrics
+    from geopush.service.jobs import Job, Jobs
+
+    clock = Clock()
+    sources = [OpenMeteoWeather(open_meteo_settings(fake), store, cells_of(ENSCHEDE, PARIS),
+                                clock=clock, tick_s=60.0) for store in stores]
+    runners = [Jobs(store, Metrics(), clock=lambda: clock.now) for store in stores]
+
+    def job(source: OpenMeteoWeather) -> Job:
+        async def fetching(start: float) -> None:
+            await source.tick(start, fetching=True)
+
+        async def copying(start: float) -> None:
+            await source.tick(start, fetching=False)
+
+        return Job("weather_refresh", 60.0, fetching, lease_s=60.0, elsewhere=copying)
+
+    jobs = [job(source) for source in sources]
     try:
-        source = OpenMeteoWeather(open_meteo_settings(fake), store, cells_of(ENSCHEDE),
-                                  tick_s=0.02)
-        task = asyncio.create_task(source.run())
-        for _ in range(200):
-            if source.at(*ENSCHEDE) is not None:
-                break
-            await asyncio.sleep(0.01)
-        assert source.at(*ENSCHEDE) == Weather(17.7, "partly_cloudy")
-        source.stop()
-        await asyncio.wait_for(task, 2.0)
+        assert await runners[0].run_once(jobs[0], clock.now)
+        assert not await runners[1].run_once(jobs[1], clock.now)
+        assert len(fake.queries) == 1
+        assert sources[1].at(*PARIS) == Weather(17.7, "partly_cloudy")  # copied, not fetched
+        assert sources[1].at(*SYDNEY) is None  # only the second instance looked it up
+        # the next period: the second instance leaves the cell it missed in the tick's bucket,
+        # and in the one after, the holder fetches it (whoever holds the lease)
+        for _ in range(2):
+            clock.now += 60.0
+            ran = [await runners[0].run_once(jobs[0], clock.now),
+                   await runners[1].run_once(jobs[1], clock.now)]
+            assert ran == [True, False]
+        assert len(fake.queries) == 2 and fake.cells_asked() == centres(SYDNEY)
+        assert sources[1].at(*SYDNEY) == Weather(17.7, "partly_cloudy")
     finally:
-        await store.close()
-    assert len(fake.queries) == 1  # ticks since found nothing due
+        for source in sources:
+            await source.close()
 
 
 # -- which source -------------------------------------------------------------------------
@@ -653,4 +677,4 @@ async def test_weather_source_picks_the_provider(weather: dict[str, Any], kind: 
     assert source.at(*ENSCHEDE) == expected
     assert source.at(*SYDNEY) == expected  # the same everywhere
     if kind is not OpenMeteoWeather:
-        await asyncio.wait_for(source.run(), 1.0)  # no loop to run
+        assert source.tick_every() is None  # no refresh job to run

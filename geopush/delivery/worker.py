@@ -123,8 +123,14 @@ class DeliveryWorker:
         for entry, profile in claimed:
             task = asyncio.create_task(self._attempt(entry, profile))
             self._in_flight.add(task)
-            task.add_done_callback(self._in_flight.discard)
+            task.add_done_callback(self._attempt_ended)
         return len(claimed)
+
+    def _attempt_ended(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        # a backlog waits for free slots: claim again once half are free, not at the next poll
+        if len(self._in_flight) == self._max_in_flight // 2:
+            self._wake.set()
 
     async def _attempt(self, entry: OutboxEntry, profile: DeviceProfile | None) -> None:
         now = self._clock()

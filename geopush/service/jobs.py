@@ -33,6 +33,7 @@ from geopush.delivery.counts import ReportCounts, write_report
 from geopush.logs import fields
 from geopush.metrics import Metrics
 from geopush.state.base import StateStore, StateUnavailable
+from geopush.weather.source import WeatherSource
 
 log = logging.getLogger("geopush.service.jobs")
 
@@ -49,6 +50,9 @@ class Job:
     run: Callable[[float], Awaitable[None]]  # given the start of the period it runs for
     lease_s: float  # how long a run may take before another instance could start it
     offset_s: float = 0.0  # into each period: e.g. after the counts of the last one are in
+    # what the instances that did not get the period's lease do meanwhile (None: nothing)
+    elsewhere: Callable[[float], Awaitable[None]] | None = None
+    at_start: bool = False  # also run once at start (for the period start-up falls in)
 
 
 class Jobs:
@@ -76,6 +80,9 @@ class Jobs:
             self.run_once, "interval", args=[job], seconds=job.every_s, id=job.name,
             next_run_time=datetime.fromtimestamp(first, UTC), misfire_grace_time=MISFIRE_GRACE_S,
             coalesce=True, max_instances=1)
+        if job.at_start:
+            self._scheduler.add_job(self.run_once, "date", args=[job], id=f"{job.name}:start",
+                                    misfire_grace_time=MISFIRE_GRACE_S)
 
     def start(self) -> None:
         self._scheduler.start()
@@ -99,11 +106,17 @@ class Jobs:
         if self._done.get(job.name) == period:
             return False  # the lease is ours: taking it again would succeed
         try:
-            if not await self._store.take_lease(lease, self.holder, job.lease_s):
-                return False
+            taken = await self._store.take_lease(lease, self.holder, job.lease_s)
         except StateUnavailable as exc:
             self._metrics.jobs.labels(job.name, "unavailable").inc()
             log.warning("job_skipped", extra=fields(job=job.name, reason=str(exc)))
+            taken = False
+        if not taken:
+            if job.elsewhere is not None:
+                try:
+                    await job.elsewhere(period * job.every_s + job.offset_s)
+                except Exception:  # the schedule outlives any one run
+                    log.exception("job_failed", extra=fields(job=job.name, part="elsewhere"))
             return False
         renewing = asyncio.create_task(self._renew(lease, job.lease_s))
         current = asyncio.current_task()
@@ -111,7 +124,7 @@ class Jobs:
             self._running.add(current)
         done = False
         try:
-            await job.run(period * job.every_s)
+            await job.run(period * job.every_s + job.offset_s)
             done = True
             self._done[job.name] = period
             self._metrics.jobs.labels(job.name, "ok").inc()
@@ -149,6 +162,7 @@ REPORT_OFFSET_S = 2.0  # into a window: every instance has flushed its counts of
 
 
 def service_jobs(jobs: Jobs, store: StateStore, settings: Settings, counts: ReportCounts,
+                 weather: WeatherSource | None = None,
                  clock: Callable[[], float] = time.time) -> None:
     """The jobs `geopush serve` runs once per cluster."""
     every = settings.logging.delivery_report_every
@@ -166,3 +180,16 @@ def service_jobs(jobs: Jobs, store: StateStore, settings: Settings, counts: Repo
                  offset_s=min(REPORT_OFFSET_S, every / 4)))
     jobs.add(Job("retention_purge", RETENTION_EVERY_S, retention_purge,
                  lease_s=RETENTION_LEASE_S))
+    tick = weather.tick_every() if weather is not None else None
+    if weather is not None and tick is not None:
+        source = weather
+
+        async def fetch_weather(period_start: float) -> None:
+            await source.tick(period_start, fetching=True)
+
+        async def copy_weather(period_start: float) -> None:
+            await source.tick(period_start, fetching=False)
+
+        # at start too: the stores' cells are preloaded, not left unknown for a whole tick
+        jobs.add(Job("weather_refresh", tick, fetch_weather, lease_s=tick,
+                     elsewhere=copy_weather, at_start=True))

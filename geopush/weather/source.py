@@ -7,11 +7,16 @@ what another fetched within `refresh`, and asks Open-Meteo only for the rest. A 
 fetching (Retry-After, at least 60 s, doubling while it lasts, at most an hour); meanwhile the
 copy keeps serving values up to STALE_AFTER_S old, then says "unknown" (a weather condition is
 then false, never true).
+
+Once per cluster: the service runs `tick` as a periodic job (geopush.service.jobs) whose lease
+goes to one instance per tick. That one fetches (`fetch=True`): the cells due for it, and those
+other instances asked for. The others only copy what is shared (`fetch=False`) and leave the
+cells they still miss in a shared bucket of the tick (`add_counts`), which the next holder
+reads: one Open-Meteo client for the cluster, whatever the number of instances.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -32,6 +37,7 @@ log = logging.getLogger("geopush.weather")
 TICK_S = 60.0  # how often the loop looks for cells to refresh (at most `refresh`)
 STALE_AFTER_S = 3 * 3600.0  # older values are unknown weather
 MAX_PAUSE_S = 3600.0
+WANTED_KEPT_S = 3 * TICK_S  # a tick's bucket of cells asked for, read by the next tick
 
 
 class WeatherSource:
@@ -40,10 +46,15 @@ class WeatherSource:
     def at(self, lat: float, lon: float) -> Weather | None:
         return None
 
-    async def run(self) -> None:
-        """The refresh loop, for providers that have one."""
+    def tick_every(self) -> float | None:
+        """The period of the provider's refresh job (None: it has none)."""
+        return None
 
-    def stop(self) -> None:
+    async def tick(self, period_start: float, *, fetching: bool) -> None:
+        """One refresh (geopush.service.jobs); `fetching`: this instance holds the tick's
+        lease."""
+
+    async def close(self) -> None:
         pass
 
 
@@ -73,7 +84,7 @@ class OpenMeteoWeather(WeatherSource):
         self._wanted: set[str] = set()  # cells looked up since the last tick
         self._paused_until = 0.0
         self._pause_s = 0.0
-        self._stopping = asyncio.Event()
+        self._client: aiohttp.ClientSession | None = None
 
     def at(self, lat: float, lon: float) -> Weather | None:
         cell = cell_of(lat, lon)
@@ -83,10 +94,17 @@ class OpenMeteoWeather(WeatherSource):
             return None
         return got[0]
 
-    async def refresh_once(self, session: aiohttp.ClientSession) -> int:
-        """Bring due cells up to date; how many were fetched from Open-Meteo."""
+    async def refresh_once(self, session: aiohttp.ClientSession | None = None, *,
+                           fetching: bool = True, period: int | None = None) -> int:
+        """Bring due cells up to date; how many were fetched from Open-Meteo. Not
+        `fetching`, only from what instances share; the cells still missing are left for the
+        instance that fetches, in the bucket of `period`."""
         now = self._clock()
         wanted, self._wanted = self._wanted, set()
+        if fetching and period is not None:  # what the other instances asked for lately
+            for asked in (period - 1, period):
+                with suppress(StateUnavailable):
+                    wanted |= set(await self._store.read_counts(_wanted_bucket(asked)))
         due = {c for c in self._store_cells() if c not in self._copy} | wanted
         due = {c for c in due if c not in self._copy or now - self._copy[c][1] >= self._refresh_s}
         if not due:
@@ -102,6 +120,15 @@ class OpenMeteoWeather(WeatherSource):
                 due.discard(cell)
         if not due:
             return 0
+        if not fetching:
+            self._wanted |= due  # until the holder's fetch reaches the shared store
+            if period is not None:
+                with suppress(StateUnavailable):
+                    await self._store.add_counts(_wanted_bucket(period), dict.fromkeys(due, 1),
+                                                 WANTED_KEPT_S)
+            return 0
+        if session is None:
+            session = await self._session()
         if now < self._paused_until:
             self._wanted |= due  # asked again once the pause is over
             return 0
@@ -130,18 +157,25 @@ class OpenMeteoWeather(WeatherSource):
         self._paused_until = now + self._pause_s
         log.warning("weather_paused", extra=fields(reason=str(exc), seconds=self._pause_s))
 
-    async def run(self) -> None:
-        async with aiohttp.ClientSession() as session:
-            while not self._stopping.is_set():
-                try:
-                    await self.refresh_once(session)
-                except Exception:  # the loop outlives any one refresh
-                    log.exception("weather_refresh_failed")
-                with suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), self._tick_s)
+    def tick_every(self) -> float | None:
+        return self._tick_s
 
-    def stop(self) -> None:
-        self._stopping.set()
+    async def tick(self, period_start: float, *, fetching: bool) -> None:
+        await self.refresh_once(fetching=fetching, period=int(period_start // self._tick_s))
+
+    async def _session(self) -> aiohttp.ClientSession:
+        if self._client is None:
+            self._client = aiohttp.ClientSession()
+        return self._client
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+
+def _wanted_bucket(period: int) -> str:
+    return f"weather_wanted:{period}"
 
 
 def _encode(weather: Weather, at: float) -> bytes:
