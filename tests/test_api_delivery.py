@@ -52,11 +52,13 @@ async def fcm() -> AsyncIterator[FakeFcm]:
 
 
 async def _fcm_app(aiohttp_client: MakeClient, tmp_path: Path, backend: Backend,
-                   fcm: FakeFcm, rules: dict[str, str] | None = None, **sections: Any) -> Client:
-    delivery = {"sender": "fcm", "fcm": {"project_id": PROJECT, "endpoint": fcm.endpoint,
-                                          "static_token": "test-access-token",
-                                          "android_channels": {"marketing": "offers",
-                                                               "service": "orders"}}}
+                   fcm: FakeFcm, rules: dict[str, str] | None = None,
+                   delivery_timeout: str = "10s", send_lease: str = "60s",
+                   **sections: Any) -> Client:
+    delivery = {"sender": "fcm", "timeout": delivery_timeout, "send_lease": send_lease,
+                "fcm": {"project_id": PROJECT, "endpoint": fcm.endpoint,
+                        "static_token": "test-access-token",
+                        "android_channels": {"marketing": "offers", "service": "orders"}}}
     return await _app(aiohttp_client, tmp_path, backend, rules or {"welcome.yaml": WELCOME},
                       delivery=delivery, **sections)
 
@@ -173,3 +175,101 @@ async def test_an_unregistered_token_is_removed_and_the_push_fails(
 
 async def _failed(api: Client) -> bool:
     return await _state(api) == "failed"
+
+
+# -- faults: FCM misbehaving, Redis restarting mid-burst --------------------------------------
+
+
+async def test_fcm_misbehaving_loses_nothing_and_every_failure_is_counted(
+        aiohttp_client: MakeClient, tmp_path: Path, fcm: FakeFcm) -> None:
+    """Four phones' pushes meet a timeout, a dropped connection, garbage and a 503 on their
+    first attempt: each is retried (same push_id) and sent, and every failure shows in the send
+    metrics. (A 429 waits at least 60 s, FCM's guidance: tests/test_senders_fcm.py.)"""
+    replies = [Reply.hang(5.0), Reply.dropped(), Reply.garbage(), Reply.unavailable("1")]
+    for n, reply in enumerate(replies):
+        fcm.then(reply, token=f"tok-{n}")
+    api = await _fcm_app(aiohttp_client, tmp_path, ("memory", None), fcm,
+                         delivery_timeout="1s")
+    trace = _fresh_trace()
+    for n in range(len(replies)):
+        await _register_as(api, f"p{n}", f"tok-{n}")
+        await _drive_as(api, f"p{n}", trace)
+    await _until(lambda: _all_sent(api, len(replies)), timeout_s=100.0)
+    by_token: dict[str, set[str]] = {}
+    for request in fcm.requests:
+        by_token.setdefault(request.message["token"], set()).add(
+            request.message["data"]["push_id"])
+    assert all(len(ids) == 1 for ids in by_token.values())  # retried under the same id
+    assert len(by_token) == len(replies)
+    sends = await _metric(api, "geopush_push_sends_total")
+    retried = {k: v for k, v in sends.items() if 'result="retry"' in k}
+    assert sum(retried.values()) == len(replies)
+    assert sends['{code="",result="sent"}'] == len(replies)
+    assert {'{code="timeout",result="retry"}', '{code="connection",result="retry"}'} \
+        <= set(retried)
+
+
+async def test_redis_restarting_mid_burst_loses_no_push(
+        aiohttp_client: MakeClient, tmp_path: Path, fcm: FakeFcm) -> None:
+    """Redis (append-only, fsync always) is restarted while pushes are queued and being sent:
+    the service keeps running, and once Redis is back every push decided is sent, each under
+    its own push_id."""
+    from tests.conftest import PrivateRedis
+
+    redis_server = PrivateRedis(tmp_path, "--appendonly", "yes", "--appendfsync", "always")
+    redis_server.start()
+    try:
+        fcm.always(Reply(delay_s=0.3))  # slow enough that the burst is still going on
+        # an attempt whose end could not be written is sent again after the lease
+        api = await _fcm_app(aiohttp_client, tmp_path, ("redis", redis_server.url), fcm,
+                             delivery_timeout="2s", send_lease="3s")
+        trace = _fresh_trace()
+        phones = 12
+        for n in range(phones):
+            await _register_as(api, f"p{n}", f"tok-{n}")
+            await _drive_as(api, f"p{n}", trace)
+        await _until(lambda: _requests_at_least(fcm, 2))
+        redis_server.stop()
+        await asyncio.sleep(1.0)
+        redis_server.start()
+        await _until(lambda: _all_sent(api, phones), timeout_s=90.0)
+        ids = {r.message["data"]["push_id"] for r in fcm.requests}
+        tokens = {r.message["token"] for r in fcm.requests}
+        assert len(ids) == len(tokens) == phones
+        resp = await api.get("/readyz")
+        assert resp.status == 200
+    finally:
+        redis_server.stop()
+
+
+async def _register_as(api: Client, device_id: str, token: str) -> None:
+    resp = await api.put(f"/v1/devices/{device_id}", headers=DEVICES, json={
+        "push_token": token, "platform": "android",
+        "consent": {"location": True, "marketing": True}})
+    assert resp.status == 200, await resp.text()
+
+
+async def _drive_as(api: Client, device_id: str, trace: list[Any]) -> None:
+    from tests.api_support import INGEST, ping
+
+    resp = await api.post("/v1/pings", headers=INGEST, json={
+        "pings": [ping(device_id, p) for p in trace[250:BAKERY_ENTER + 2]]})
+    assert resp.status == 200, await resp.text()
+
+
+async def _all_sent(api: Client, devices: int) -> bool:
+    try:
+        for n in range(devices):
+            resp = await api.get(f"/v1/devices/p{n}/export", headers=DEVICES)
+            if resp.status != 200:
+                return False
+            outbox = (await resp.json())["outbox"]
+            if len(outbox) != 1 or outbox[0]["state"] != "sent":
+                return False
+    except (TimeoutError, OSError):
+        return False
+    return True
+
+
+async def _requests_at_least(fcm: FakeFcm, n: int) -> bool:
+    return len(fcm.requests) >= n
