@@ -10,7 +10,6 @@ import pytest
 
 from geopush.delivery.report import (
     SEPARATOR,
-    DeliveryWindow,
     alert,
     counter_field,
     delivery_rate,
@@ -117,28 +116,3 @@ def test_alert_needs_20_final_pushes_by_default() -> None:
 def test_the_alert_counts_decided_but_unfinished_pushes_for_nothing() -> None:
     report = report_from_counters({"decided|a": 100, "sent|a": 5, "failed|a": 5}, 60.0)
     assert not alert(report, 0.9)
-
-
-def test_delivery_window_counts_and_starts_over() -> None:
-    window = DeliveryWindow()
-    window.decided("a")
-    window.decided("a")
-    window.final("a", "sent")
-    window.final("a", "failed")
-    window.final("b", "expired", 2)
-    window.suppressed("quiet_hours", 3)
-    assert window.counters == {"decided|a": 2, "sent|a": 1, "failed|a": 1, "expired|b": 2,
-                               "suppressed|quiet_hours": 3}
-    report = window.take(60.0)
-    assert report == report_from_counters({"decided|a": 2, "sent|a": 1, "failed|a": 1,
-                                           "expired|b": 2, "suppressed|quiet_hours": 3}, 60.0)
-    assert report["delivery_rate"] == 0.25
-    assert window.counters == {}
-    assert window.take(60.0)["decided"] == 0
-
-
-def test_delivery_window_refuses_a_state_that_is_not_final() -> None:
-    window = DeliveryWindow()
-    with pytest.raises(ValueError, match="'decided'"):
-        window.final("a", "decided")  # type: ignore[arg-type]
-    assert window.counters == {}

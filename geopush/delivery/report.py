@@ -2,8 +2,8 @@
 with what was decided, what reached a final state and why candidates were suppressed in the
 window, and a warning when the delivery rate falls under `logging.delivery_rate_alert`.
 
-Pure. The counts of a window live where the instances can share them (Redis hashes, or a
-`DeliveryWindow` in memory) as flat counter fields, `<kind>|<key>`: `decided|<rule>`,
+Pure. The counts of a window live where the instances can share them (the state store's
+shared counters, geopush.delivery.counts) as flat counter fields, `<kind>|<key>`: `decided|<rule>`,
 `sent|<rule>`, `failed|<rule>`, `expired|<rule>`, `suppressed|<reason>`. Their format is decided
 here alone (`counter_field`, `report_from_counters`), so the writers and the reporting job cannot
 drift apart. `|` can occur in neither key: rule ids are `[a-z0-9-]+` (geopush.rules.schema) and
@@ -25,8 +25,6 @@ MIN_FINAL = 20  # fewer final pushes than this make a rate too noisy to wake any
 
 CounterKind = Literal["decided", "sent", "failed", "expired", "suppressed"]
 COUNTER_KINDS: tuple[CounterKind, ...] = get_args(CounterKind)
-FinalState = Literal["sent", "failed", "expired"]
-FINAL_STATES: tuple[FinalState, ...] = get_args(FinalState)
 _PER_RULE: tuple[CounterKind, ...] = ("decided", "sent", "failed", "expired")
 
 
@@ -88,31 +86,3 @@ def alert(report: Mapping[str, Any], threshold: float, min_final: int = MIN_FINA
     final = int(report["sent"]) + int(report["failed"]) + int(report["expired"])
     rate = report["delivery_rate"]
     return rate is not None and final >= min_final and float(rate) < threshold
-
-
-class DeliveryWindow:
-    """The counter fields of one window in memory (the memory state backend, tests); the Redis
-    backend keeps the same fields in a hash."""
-
-    def __init__(self) -> None:
-        self._counters: Counter[str] = Counter()
-
-    def decided(self, rule_id: str, n: int = 1) -> None:
-        self._counters[counter_field("decided", rule_id)] += n
-
-    def final(self, rule_id: str, state: FinalState, n: int = 1) -> None:
-        if state not in FINAL_STATES:
-            raise ValueError(f"final state {state!r}: expected one of {', '.join(FINAL_STATES)}")
-        self._counters[counter_field(state, rule_id)] += n
-
-    def suppressed(self, reason: str, n: int = 1) -> None:
-        self._counters[counter_field("suppressed", reason)] += n
-
-    @property
-    def counters(self) -> dict[str, int]:
-        return dict(self._counters)
-
-    def take(self, window_s: float) -> dict[str, Any]:
-        """The window's report; the next window starts empty."""
-        counters, self._counters = self._counters, Counter()
-        return report_from_counters(counters, window_s)

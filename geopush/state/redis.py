@@ -846,10 +846,13 @@ class RedisStore(StateStore):
 
     async def finish_push(self, entry: OutboxEntry, attempt: int) -> bool:
         keys = self.keys.device(entry.device_id)
-        answer = await self._once(
-            FINISH_PUSH, self._tag_of(entry.device_id), (keys.outbox,),
-            [entry.push_id, attempt, orjson.dumps(entry_to_json(entry))])
-        if answer is None:
+        for _ in range(MAX_ATTEMPTS):  # None: it did not run and never will (scripts reloaded)
+            answer = await self._once(
+                FINISH_PUSH, self._tag_of(entry.device_id), (keys.outbox,),
+                [entry.push_id, attempt, orjson.dumps(entry_to_json(entry))])
+            if answer is not None:
+                break
+        else:
             raise StateUnavailable("the push's state could not be written; it is sent again "
                                    "when its lease runs out")
         member = due_member(entry.push_id, entry.device_id)
