@@ -8,6 +8,7 @@ removed; ops see sends in Prometheus and support sees the delivery in the export
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -273,3 +274,34 @@ async def _all_sent(api: Client, devices: int) -> bool:
 
 async def _requests_at_least(fcm: FakeFcm, n: int) -> bool:
     return len(fcm.requests) >= n
+
+
+async def test_the_running_service_writes_a_delivery_report_each_window(
+        aiohttp_client: MakeClient, tmp_path: Path, fcm: FakeFcm,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The report job on the app's own scheduler: a push decided and sent shows in the
+    `delivery_report` lines of the windows that follow (its decision and its send may fall in
+    two)."""
+    api = await _fcm_app(aiohttp_client, tmp_path, ("memory", None), fcm,
+                         logging={"delivery_report_every": "2s"})
+    await _register(api)
+    with caplog.at_level(logging.INFO, logger="geopush.delivery.counts"):
+        await _drive(api, _fresh_trace(), 250, BAKERY_ENTER + 2)
+        await _until(lambda: _sent(api))
+        await _until(lambda: _reported(caplog), timeout_s=8.0)
+    from geopush.logs import _FIELDS_ATTR
+
+    reports = [getattr(r, _FIELDS_ATTR) for r in caplog.records
+               if r.getMessage() == "delivery_report"]
+    assert sum(r["decided"] for r in reports) == 1
+    report = next(r for r in reports if r["sent"])
+    assert (report["sent"], report["failed"], report["delivery_rate"]) == (1, 0, 1.0)
+    assert report["window_s"] == 2.0 and report["by_rule"]["bakery-welcome"]["sent"] == 1
+
+
+async def _reported(caplog: pytest.LogCaptureFixture) -> bool:
+    from geopush.logs import _FIELDS_ATTR
+
+    reports = [getattr(r, _FIELDS_ATTR) for r in caplog.records
+               if r.getMessage() == "delivery_report"]
+    return sum(r["sent"] for r in reports) >= 1 and sum(r["decided"] for r in reports) >= 1
