@@ -35,11 +35,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import heapq
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +46,8 @@ import orjson
 from pydantic import ValidationError
 
 from geopush.delivery.outbox import (
-    SEND_LEASE_S,
     OutboxEntry,
-    began,
     entry_from_json,
-    entry_to_json,
 )
 from geopush.devices import ConsentChange, DeviceProfile, ErasureRecord
 from geopush.engine import DeviceOutcome, DeviceSnapshot
@@ -75,6 +71,7 @@ from geopush.state.codec import (
     visit_from_json,
     visit_to_json,
 )
+from geopush.state.due import DueTimes
 from geopush.state.journal import (
     JournalFailed,
     JournalWriter,
@@ -83,7 +80,8 @@ from geopush.state.journal import (
     frame,
     read_frames,
 )
-from geopush.state.keys import DECISIONS_KEPT, VISITS_KEPT, due_member, parse_due_member
+from geopush.state.keys import DECISIONS_KEPT, VISITS_KEPT, due_member
+from geopush.state.memory_outbox import MemoryOutbox, outbox_json
 
 __all__ = ["MemoryStore", "SnapshotError"]
 
@@ -93,14 +91,13 @@ SNAPSHOT_FORMAT = 2  # format 1 (no journal) is still read
 COMPACT_MIN_BYTES = 64 << 20  # a journal compacts once past this and past the snapshot's size
 ERASURE_COMPACT_DELAY_S = 2.0  # erasures of a burst share one compaction
 COMPACT_RETRY_S = 30.0
-MAX_COUNT_BUCKETS = 64  # the report reads the last one; older ones go
 SNAPSHOT_CHUNK = 2000  # records encoded between two writes, so the event loop keeps serving
 
 _READ_ERRORS = (OSError, ValueError, ValidationError, KeyError, TypeError, IndexError,
                 AttributeError)
 
 
-class MemoryStore(StateStore):
+class MemoryStore(MemoryOutbox, StateStore):
     def __init__(self, snapshot_path: Path | None = None, *, fsync_every: float = 1.0,
                  compact_min_bytes: int = COMPACT_MIN_BYTES,
                  erasure_compact_delay_s: float = ERASURE_COMPACT_DELAY_S) -> None:
@@ -115,9 +112,9 @@ class MemoryStore(StateStore):
         self._erasures: dict[str, ErasureRecord] = {}
         self._pushes: dict[str, dict[str, PushRecord]] = {}  # device → push_id → record
         self._decisions: dict[str, list[dict[str, Any]]] = {}  # the last DECISIONS_KEPT
-        self._timers = _Timers()
+        self._timers = DueTimes()
         self._outbox: dict[str, dict[str, OutboxEntry]] = {}  # device → push_id → entry
-        self._due_pushes = _Timers()  # due_member → when due (not final entries only)
+        self._due_pushes = DueTimes()  # due_member → when due (not final entries only)
         self._counts: dict[str, dict[str, int]] = {}  # oldest bucket first
         self._flags: dict[str, str] = {}
         self._leases: dict[str, tuple[str, float]] = {}  # name → (holder, until: time.monotonic())
@@ -407,186 +404,6 @@ class MemoryStore(StateStore):
             return None, None
         return [push_to_json(p) for p in pushes.values()], kept
 
-    def _apply_outbox(self, device_id: str, outcome: DeviceOutcome, journaled: bool
-                      ) -> list[dict[str, Any]] | None:
-        """The outcome's queued pushes into the outbox; forgotten ones out. Its journal value."""
-        outbox = self._outbox.setdefault(device_id, {})
-        for push_id in outcome.forgotten:
-            if outbox.pop(push_id, None) is not None:
-                self._due_pushes.discard(due_member(push_id, device_id))
-        for entry in outcome.queued:
-            if entry.push_id not in outbox:
-                outbox[entry.push_id] = entry
-                self._due_pushes.set(due_member(entry.push_id, device_id), entry.next_attempt_at)
-        if not outbox:
-            del self._outbox[device_id]
-        return _outbox_json(outbox) if journaled else None
-
-    def _journal_outbox(self, device_id: str) -> None:
-        if self._writer is not None:
-            self._journal(frame(orjson.dumps(
-                ["Q", device_id, _outbox_json(self._outbox.get(device_id, {}))])))
-
-    # -- the outbox --------------------------------------------------------------------------
-
-    async def claim_pushes(self, now: float, limit: int, *, grace_s: float,
-                           lease_s: float = SEND_LEASE_S
-                           ) -> list[tuple[OutboxEntry, DeviceProfile | None]]:
-        self._check_writable()
-        claimed: list[tuple[OutboxEntry, DeviceProfile | None]] = []
-        touched: set[str] = set()
-        for member in self._due_pushes.claim(now, limit, 0.0):
-            push_id, device_id = parse_due_member(member)
-            entry = self._outbox.get(device_id, {}).get(push_id)
-            if entry is None or entry.final:
-                self._due_pushes.discard(member)
-                continue
-            if entry.next_attempt_at > now:  # not due: the hint was early
-                self._due_pushes.set(member, entry.next_attempt_at)
-                continue
-            entry = began(entry, now, lease_s)
-            self._outbox[device_id][push_id] = entry
-            self._due_pushes.set(member, entry.next_attempt_at)
-            touched.add(device_id)
-            claimed.append((entry, self._profiles.get(device_id)))
-        for device_id in touched:
-            self._journal_outbox(device_id)
-        return claimed
-
-    async def finish_push(self, entry: OutboxEntry, attempt: int) -> bool:
-        self._check_writable()
-        entries = self._outbox.get(entry.device_id)
-        stored = entries.get(entry.push_id) if entries else None
-        if stored is None or stored.state != "sending" or stored.attempts != attempt:
-            return False
-        entries[entry.push_id] = entry  # type: ignore[index]
-        member = due_member(entry.push_id, entry.device_id)
-        if entry.final:
-            self._due_pushes.discard(member)
-        else:
-            self._due_pushes.set(member, entry.next_attempt_at)
-        self._journal_outbox(entry.device_id)
-        return True
-
-    async def put_push(self, entry: OutboxEntry) -> None:
-        self._check_writable()
-        self._outbox.setdefault(entry.device_id, {})[entry.push_id] = entry
-        self._due_pushes.set(due_member(entry.push_id, entry.device_id), entry.next_attempt_at)
-        if self._writer is not None:
-            line = frame(orjson.dumps(
-                ["Q", entry.device_id, _outbox_json(self._outbox[entry.device_id])]))
-            done = self._writer.append_durable(line)
-            self._journal_bytes += len(line)
-            await done
-
-    async def cancel_pushes(self, device_id: str, *, category: str | None = None,
-                            rule_id: str | None = None, reason: str, now: float) -> list[str]:
-        self._check_writable()
-        cancelled = []
-        entries = self._outbox.get(device_id, {})
-        for push_id, entry in entries.items():
-            if entry.state != "queued" or (category is not None and entry.category != category) \
-                    or (rule_id is not None and entry.rule_id != rule_id):
-                continue
-            entries[push_id] = dataclasses.replace(entry, state="cancelled", reason=reason,
-                                                   updated_at=now)
-            self._due_pushes.discard(due_member(push_id, device_id))
-            cancelled.append(push_id)
-        if cancelled:
-            self._journal_outbox(device_id)
-        return cancelled
-
-    async def pending_pushes(self, limit: int) -> list[tuple[str, str]]:
-        members = sorted(self._due_pushes.as_dict().items(), key=lambda m: m[1])[:limit]
-        return [parse_due_member(m) for m, _ in members]
-
-    async def outbox(self, device_id: str) -> list[OutboxEntry]:
-        return sorted(self._outbox.get(device_id, {}).values(), key=lambda e: e.created_at)
-
-    async def outbox_overview(self, now: float) -> tuple[int, float | None]:
-        pending = self._due_pushes.as_dict()
-        oldest = None
-        for member in pending:
-            push_id, device_id = parse_due_member(member)
-            entry = self._outbox.get(device_id, {}).get(push_id)
-            if entry is not None and (oldest is None or entry.created_at < oldest):
-                oldest = entry.created_at
-        return len(pending), (max(0.0, now - oldest) if oldest is not None else None)
-
-    async def purge(self, cutoff: float) -> int:
-        self._check_writable()
-        gone = 0
-        for device_id in list(set(self._visits) | set(self._pushes) | set(self._decisions)
-                              | set(self._outbox)):
-            visits = self._visits.get(device_id, [])
-            old_visits = _older_prefix(visits, lambda v: v.end < cutoff)
-            decisions = self._decisions.get(device_id, [])
-            old_decisions = _older_prefix(decisions, lambda d: float(d["ts"]) < cutoff)
-            pushes = self._pushes.get(device_id, {})
-            entries = self._outbox.get(device_id, {})
-            ids = [p.push_id for p in pushes.values() if p.ts < cutoff] + [
-                e.push_id for e in entries.values() if e.test and e.created_at < cutoff]
-            if not (old_visits or old_decisions or ids):
-                continue
-            gone += old_visits + old_decisions + len(ids)
-            del visits[:old_visits]
-            del decisions[:old_decisions]
-            for push_id in ids:
-                pushes.pop(push_id, None)
-                if entries.pop(push_id, None) is not None:
-                    self._due_pushes.discard(due_member(push_id, device_id))
-            for table in (self._visits, self._decisions, self._pushes, self._outbox):
-                if device_id in table and not table[device_id]:
-                    del table[device_id]
-            if self._writer is not None:
-                self._journal(frame(orjson.dumps(["H", device_id,
-                                                  [visit_to_json(v) for v in visits],
-                                                  [push_to_json(p) for p in pushes.values()],
-                                                  decisions, _outbox_json(entries)])))
-        return gone
-
-    async def device_ids(self, batch: int = 500) -> AsyncIterator[list[str]]:
-        known = list(set(self._profiles) | set(self._tracks) | set(self._visits)
-                     | set(self._pushes) | set(self._outbox))
-        for start in range(0, len(known), batch):
-            yield known[start:start + batch]
-
-    async def set_flag(self, name: str, value: str | None) -> None:
-        # one process, not kept on disk: a restart forgets an operator's pause (logged)
-        if value is None:
-            self._flags.pop(name, None)
-        else:
-            self._flags[name] = value
-
-    async def get_flag(self, name: str) -> str | None:
-        return self._flags.get(name)
-
-    async def add_counts(self, bucket: str, counts: Mapping[str, int], ttl_s: float) -> None:
-        # one process: not kept on disk (a report after a restart counts from there)
-        kept = self._counts.setdefault(bucket, {})
-        for name, n in counts.items():
-            kept[name] = kept.get(name, 0) + n
-        if len(self._counts) > MAX_COUNT_BUCKETS:
-            del self._counts[next(iter(self._counts))]
-
-    async def read_counts(self, bucket: str) -> dict[str, int]:
-        return dict(self._counts.get(bucket, {}))
-
-    # -- leases (one process: the lease is for the API's sake) -------------------------------
-
-    async def take_lease(self, name: str, holder: str, ttl_s: float) -> bool:
-        now = time.monotonic()
-        current = self._leases.get(name)
-        if current is not None and current[0] != holder and current[1] > now:
-            return False
-        self._leases[name] = (holder, now + ttl_s)
-        return True
-
-    async def release_lease(self, name: str, holder: str) -> None:
-        current = self._leases.get(name)
-        if current is not None and current[0] == holder:
-            del self._leases[name]
-
     async def stored_track(self, device_id: str) -> StoredTrack:
         state, next_due = self._tracks.get(device_id, (None, None))
         return StoredTrack(state, next_due, self._timers.due(device_id), None)
@@ -706,7 +523,7 @@ class MemoryStore(StateStore):
             ("pushes", self._pushes,
              lambda ps: orjson.dumps([push_to_json(p) for p in ps.values()])),
             ("decisions", self._decisions, orjson.dumps),
-            ("outbox", self._outbox, lambda entries: orjson.dumps(_outbox_json(entries))),
+            ("outbox", self._outbox, lambda entries: orjson.dumps(outbox_json(entries))),
             ("erasures", self._erasures, lambda r: orjson.dumps(r.model_dump(mode="json"))),
         ]
         for name, table, encode in sections:
@@ -763,10 +580,10 @@ class MemoryStore(StateStore):
                     message="the last record was cut short by a crash; it was never "
                     "acknowledged as durable"))
             self._journal_bytes += frames.good_end
-        self._timers = _Timers()
+        self._timers = DueTimes()
         for device_id, (_, due) in self._tracks.items():
             self._timers.set(device_id, due)
-        self._due_pushes = _Timers()
+        self._due_pushes = DueTimes()
         for device_id, entries in self._outbox.items():
             for entry in entries.values():
                 if not entry.final:
@@ -899,18 +716,6 @@ def _profile_line(device_id: str, profile: DeviceProfile, trail: list[ConsentCha
     return frame(b'["P",%s,%s,%s]' % (orjson.dumps(device_id), encoded, trail_json))
 
 
-def _older_prefix(rows: list[Any], older: Callable[[Any], bool]) -> int:
-    """How many rows at the start (stored oldest first) are older than the cutoff."""
-    n = 0
-    while n < len(rows) and older(rows[n]):
-        n += 1
-    return n
-
-
-def _outbox_json(entries: Mapping[str, OutboxEntry]) -> list[dict[str, Any]]:
-    return [entry_to_json(e) for e in entries.values()]
-
-
 def _token_to_json(token: StoredToken | None) -> dict[str, Any] | None:
     return {"nonce": token.nonce, "issued_at": token.issued_at} if token is not None else None
 
@@ -952,49 +757,6 @@ def _install(files: StateFiles, tmp: Path, gen: int) -> None:
     for old in files.journal_gens():
         if old < gen:
             files.journal(old).unlink(missing_ok=True)
-
-
-class _Timers:
-    """device id → due time, with a heap to find the due ones without scanning every device."""
-
-    def __init__(self) -> None:
-        self._due: dict[str, float] = {}
-        self._heap: list[tuple[float, str]] = []  # may hold outdated entries; checked on pop
-
-    def set(self, device_id: str, due: float | None) -> None:
-        if due is None:
-            self.discard(device_id)
-            return
-        if self._due.get(device_id) == due:
-            return
-        self._due[device_id] = due
-        heapq.heappush(self._heap, (due, device_id))
-        if len(self._heap) > 2 * len(self._due) + 64:
-            self._heap = [(t, d) for d, t in self._due.items()]
-            heapq.heapify(self._heap)
-
-    def discard(self, device_id: str) -> bool:
-        return self._due.pop(device_id, None) is not None
-
-    def due(self, device_id: str) -> float | None:
-        return self._due.get(device_id)
-
-    def claim(self, now: float, limit: int, lease_s: float) -> list[str]:
-        claimed: list[str] = []
-        heap = self._heap
-        while heap and heap[0][0] <= now and len(claimed) < limit:
-            due, device_id = heapq.heappop(heap)
-            if self._due.get(device_id) != due:
-                continue  # outdated heap entry
-            del self._due[device_id]
-            claimed.append(device_id)
-        for device_id in claimed:
-            # leased, not removed: if the caller never commits, the timer comes back
-            self.set(device_id, now + lease_s)
-        return claimed
-
-    def as_dict(self) -> dict[str, float]:
-        return dict(self._due)
 
 
 class _Saved:
