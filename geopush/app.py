@@ -98,10 +98,12 @@ def create_app(settings: Settings, *, store: StateStore | None = None,
     app[WEATHER] = weather_source(settings.weather, store, lambda: _store_cells(live))
     counts = ReportCounts(settings.logging.delivery_report_every)
     senders: list[Sender] = []  # built at start (a bad service account stops it there)
+    ingestors: list[Ingestor] = []
     worker = DeliveryWorker(store, lambda: senders[0], app[METRICS], counts,
                             lambda: settings.policy,
                             max_in_flight=settings.delivery.max_in_flight,
-                            lease_s=settings.delivery.send_lease)
+                            lease_s=settings.delivery.send_lease,
+                            backlog=lambda: ingestors[0].backlog if ingestors else 0)
     app[DELIVERY] = worker
 
     def decided(decisions: Sequence[Decision]) -> None:
@@ -113,6 +115,7 @@ def create_app(settings: Settings, *, store: StateStore | None = None,
                              share_pings=(REDIS_SHARE_PINGS if settings.storage.backend == "redis"
                                           else None),
                              weather=app[WEATHER].at, on_decided=decided)
+    ingestors.append(app[INGESTOR])
     app[RELOADER] = Reloader(settings, store, lambda: live.geofencing,
                              lambda geofencing: install_geofencing(app, geofencing))
     app.cleanup_ctx.append(_geofencing_ctx)

@@ -113,7 +113,7 @@ async def test_a_pause_holds_marketing_pushes_until_resumed(
     assert entry["state"] == "queued" and "paused by ops" in entry["reason"]
     resp = await api.post("/v1/admin/marketing/resume", headers=ADMIN)
     assert resp.status == 200
-    await _until(lambda: _requests(fcm, 1), timeout_s=5.0)
+    await _until(lambda: _requests(fcm, 1), timeout_s=12.0)
 
 
 async def test_a_kill_switch_cancels_a_rules_queued_pushes(

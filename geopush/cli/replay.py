@@ -551,6 +551,7 @@ class Replay:
             # as the service does (geopush.engine, DECISIONS IN TWO STEPS), on the history
             # this replay has built; it adds the outcome's visits and pushes to it
             outcome.decide(history)
+            outcome.decide = None  # it closes over the outcome: a cycle for the collector
             del history.visits[:outcome.visits_forgotten]
             if outcome.forgotten:  # past retention.history, as the store forgets them
                 gone = set(outcome.forgotten)

@@ -42,7 +42,8 @@ log = logging.getLogger("geopush.delivery.worker")
 POLL_S = 0.25  # how often an idle worker looks for due pushes (a local decision wakes it)
 OVERVIEW_EVERY_S = 5.0  # queue depth and oldest age, for the gauges
 MARKETING_PAUSED = "marketing_paused"  # the flag: who paused marketing pushes (ops, contract §8)
-PAUSE_RECHECK_S = 1.0  # a held push looks again this often while marketing is paused
+PAUSE_RECHECK_S = 5.0  # a held push looks again this often while marketing is paused
+START_SLICE = 16  # attempts started in one turn of the event loop
 COMMIT_MARGIN_S = 60.0  # beyond policy.max_event_lag: by then a decision's commit landed or never will
 
 
@@ -50,7 +51,7 @@ class DeliveryWorker:
     def __init__(self, store: StateStore, sender: Callable[[], Sender], metrics: Metrics,
                  counts: ReportCounts, policy: Callable[[], PolicySettings], *,
                  max_in_flight: int = 200, poll_s: float = POLL_S,
-                 lease_s: float = SEND_LEASE_S,
+                 lease_s: float = SEND_LEASE_S, backlog: Callable[[], int] = lambda: 0,
                  clock: Callable[[], float] = time.time) -> None:
         self._store = store
         self._sender = sender
@@ -59,12 +60,15 @@ class DeliveryWorker:
         self._policy = policy
         self._max_in_flight = max_in_flight
         self._lease_s = lease_s
+        self._backlog = backlog  # pings waiting (geopush.service.ingest): they come first
         self._poll_s = poll_s
         self._clock = clock
         self._in_flight: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._paused_until = 0.0  # a project-wide quota pauses the whole sender
+        self._ends: list[tuple[OutboxEntry, int, asyncio.Future[bool | None]]] = []
+        self._ending = asyncio.Event()
         # who paused marketing pushes (an operator, through any instance): they wait queued,
         # within their ttl, until resumed
         self.paused_by: str | None = None
@@ -78,6 +82,17 @@ class DeliveryWorker:
         self._wake.set()
 
     async def run(self) -> None:
+        writer = asyncio.create_task(self._write_ends(), name="geopush-delivery-ends")
+        try:
+            await self._run()
+        finally:
+            await self.drain()  # their ends are written by the writer, still running
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+            await self._counts.flush(self._store)
+
+    async def _run(self) -> None:
         last_flush = last_overview = 0.0
         while not self._stopping.is_set():
             now = self._clock()
@@ -104,8 +119,6 @@ class DeliveryWorker:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._poll_s)
-        await self.drain()
-        await self._counts.flush(self._store)
 
     async def drain(self) -> None:
         """Let the attempts in flight end (their sender calls are bounded by its timeout)."""
@@ -115,15 +128,22 @@ class DeliveryWorker:
     async def run_once(self, now: float) -> int:
         """Claim what is due and start its attempts; how many were claimed."""
         free = self._max_in_flight - len(self._in_flight)
+        if self._backlog():
+            # pings are waiting: start only a slice of attempts a round, so that a burst of
+            # sends never holds them back (pushes wait a little; the phone's answer does not)
+            free = min(free, START_SLICE)
         if free <= 0:
             return 0
         grace = self._policy().max_event_lag + COMMIT_MARGIN_S
         claimed = await self._store.claim_pushes(now, free, grace_s=grace,
                                                  lease_s=self._lease_s)
-        for entry, profile in claimed:
+        for n, (entry, profile) in enumerate(claimed, 1):
             task = asyncio.create_task(self._attempt(entry, profile))
             self._in_flight.add(task)
             task.add_done_callback(self._attempt_ended)
+            if n % START_SLICE == 0:
+                # a claim's attempts start a slice at a time: pings are served in between
+                await asyncio.sleep(0)
         return len(claimed)
 
     def _attempt_ended(self, task: asyncio.Task[None]) -> None:
@@ -173,12 +193,14 @@ class DeliveryWorker:
         await self._finish(after_attempt(entry, result, now), entry.attempts)
 
     async def _finish(self, entry: OutboxEntry, attempt: int) -> None:
-        try:
-            mine = await self._store.finish_push(entry, attempt)
-        except StateUnavailable as exc:
-            # the entry stays `sending`; its lease runs out and it is sent again (same id)
-            log.warning("push_state_unwritten", extra=fields(push_id=entry.push_id,
-                                                             reason=str(exc)))
+        """Hand the attempt's end to the writer, which writes the ends of all the attempts
+        that ended meanwhile in one call (a burst costs a call a batch, not one a push)."""
+        done: asyncio.Future[bool | None] = asyncio.get_running_loop().create_future()
+        self._ends.append((entry, attempt, done))
+        if len(self._ends) == 1:
+            self._ending.set()
+        mine = await done
+        if mine is None:  # could not be written: the entry stays `sending` until its lease
             return
         if not mine:
             log.info("push_taken_over", extra=fields(push_id=entry.push_id))
@@ -191,6 +213,28 @@ class DeliveryWorker:
             log.info("push_" + entry.state, extra=fields(
                 push_id=entry.push_id, device_id=entry.device_id, rule_id=entry.rule_id,
                 attempts=entry.attempts, code=entry.error, reason=entry.reason, test=entry.test))
+
+    async def _write_ends(self) -> None:
+        """The writer of attempts' ends: every batch that gathered while the last was written."""
+        while True:
+            await self._ending.wait()
+            self._ending.clear()
+            ends, self._ends = self._ends, []
+            if not ends:
+                continue
+            try:
+                written = await self._store.finish_pushes([(e, a) for e, a, _ in ends])
+            except StateUnavailable as exc:
+                self._metrics.state_unavailable.labels("deliver").inc()
+                log.warning("push_state_unwritten", extra=fields(pushes=len(ends),
+                                                                 reason=str(exc)))
+                written = [None] * len(ends)
+            except Exception:  # a bug must not leave the attempts waiting forever
+                log.exception("push_state_unwritten")
+                written = [None] * len(ends)
+            for (_, _, done), mine in zip(ends, written, strict=True):
+                if not done.done():
+                    done.set_result(mine)
 
     async def _remove_token(self, device_id: str, token: str, code: str | None) -> None:
         def without_token(profile: DeviceProfile | None) -> ProfileWrite | None:

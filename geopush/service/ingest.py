@@ -71,6 +71,7 @@ CHUNK_PINGS = 50  # a big request's pings validated between two turns of the loo
 BULK_SHARE_PINGS = 50
 REDIS_SHARE_PINGS = 1000  # bench_http: shares of 150 took Redis batches from 69,000 to 47,000/s
 SMALL_PART_PINGS = 10  # parts up to this size never count against a share
+REPORT_SLICE = 100  # outcomes whose decisions are told of (logged, counted) in one loop turn
 # names no other device and says nothing of it: the same for an id that exists and one that does not
 _NOT_YOURS = "a device token may send pings for its own device only"
 
@@ -174,6 +175,7 @@ class Ingestor:
         self._metrics = metrics
         self._queued: deque[_Group] = deque()  # groups waiting for their turn, oldest first
         self._flushing: set[asyncio.Task[None]] = set()
+        self._reporting: set[asyncio.Task[None]] = set()  # decisions told of a slice at a time
         self._failing = False  # the last group's commit failed: the store may be down
         self._turns = _Turns()
 
@@ -209,7 +211,6 @@ class Ingestor:
             if len(result.events) > 1:
                 result.events.sort(key=_by_ts)
             self._metrics.count_events(result.events, "ping")
-            report(outcomes.values(), self._metrics, "ping", self._on_decided)
             if result.events and log.isEnabledFor(logging.DEBUG):
                 for e in result.events:
                     log.debug("event", extra=fields(
@@ -358,6 +359,7 @@ class Ingestor:
             # them), the rest of each request stands; a request none of whose devices
             # committed gets the error (503: nothing of it was written)
             self._failing = True
+            report(partly.committed.values(), self._metrics, "ping", self._on_decided)
             for part in group.parts:
                 if part.done.done():
                     continue
@@ -378,6 +380,27 @@ class Ingestor:
         for part in group.parts:
             if not part.done.done():
                 part.done.set_result({d: outcomes[d] for d in part.devices if d in outcomes})
+        # after the answers, per group (not per request), a slice at a time: a bulk request's
+        # decisions cost a log line each, and others' pings are served in between (FAIRNESS)
+        told = [o for o in outcomes.values() if o.decisions]
+        if len(told) <= REPORT_SLICE:
+            report(told, self._metrics, "ping", self._on_decided)
+        else:  # meanwhile the next group goes to the store
+            task = asyncio.create_task(self._report_slices(told))
+            self._reporting.add(task)
+            task.add_done_callback(self._reporting.discard)
+
+    async def _report_slices(self, told: list[DeviceOutcome]) -> None:
+        for start in range(0, len(told), REPORT_SLICE):
+            if start:
+                await asyncio.sleep(0)
+            report(told[start:start + REPORT_SLICE], self._metrics, "ping", self._on_decided)
+
+    @property
+    def backlog(self) -> int:
+        """Groups waiting for their turn: pings the service is behind on (the delivery worker
+        starts fewer attempts meanwhile, so that sends never hold pings back)."""
+        return len(self._queued)
 
 
 def _partly(part: _Part, partly: PartlyUnavailable) -> dict[str, DeviceOutcome]:

@@ -206,11 +206,21 @@ class StateStore(ABC):
         and a commit's deadline); a due hint whose entry is missing past it is dropped."""
 
     @abstractmethod
+    async def finish_pushes(self, ends: Sequence[tuple[OutboxEntry, int]]
+                            ) -> list[bool | None]:
+        """For each (entry, attempt): write `entry` (after an attempt: final, or queued for
+        another) if the push is still the caller's: `sending`, its attempts still `attempt`
+        (the claim's). True when written; False, writing nothing, when another caller took it
+        over (the lease ran out) or it was cancelled or erased meanwhile; None when it could
+        not be told (Redis did not answer): the entry stays `sending` until its lease."""
+
     async def finish_push(self, entry: OutboxEntry, attempt: int) -> bool:
-        """Write `entry` (after an attempt: final, or queued for another) if the push is still
-        the caller's: `sending`, its attempts still `attempt` (the claim's). False, writing
-        nothing, when another caller took it over (the lease ran out) or it was cancelled or
-        erased meanwhile."""
+        """One of `finish_pushes`; StateUnavailable when it could not be told."""
+        [written] = await self.finish_pushes([(entry, attempt)])
+        if written is None:
+            raise StateUnavailable("the push's state could not be written; it is sent again "
+                                   "when its lease runs out")
+        return written
 
     @abstractmethod
     async def put_push(self, entry: OutboxEntry) -> None:

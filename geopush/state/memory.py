@@ -338,6 +338,9 @@ class MemoryStore(MemoryOutbox, StateStore):
             for device_id, computed in outcomes.items():
                 if computed.decide is not None:  # no await: the history is the current one
                     computed.decide(self._history(device_id))
+                    # the continuation closes over its outcome: a reference cycle per decided
+                    # device, which the young collections would have to find
+                    computed.decide = None
         except BaseException:
             for undo in saved:
                 undo.restore()

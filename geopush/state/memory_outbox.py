@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -97,20 +97,28 @@ class MemoryOutbox:
             self._journal_outbox(device_id)
         return claimed
 
-    async def finish_push(self, entry: OutboxEntry, attempt: int) -> bool:
+    async def finish_pushes(self, ends: Sequence[tuple[OutboxEntry, int]]) -> list[bool | None]:
         self._check_writable()
-        entries = self._outbox.get(entry.device_id)
-        stored = entries.get(entry.push_id) if entries else None
-        if stored is None or stored.state != "sending" or stored.attempts != attempt:
-            return False
-        entries[entry.push_id] = entry  # type: ignore[index]
-        member = due_member(entry.push_id, entry.device_id)
-        if entry.final:
-            self._due_pushes.discard(member)
-        else:
-            self._due_pushes.set(member, entry.next_attempt_at)
-        self._journal_outbox(entry.device_id)
-        return True
+        results: list[bool | None] = []
+        touched: set[str] = set()
+        for entry, attempt in ends:
+            entries = self._outbox.get(entry.device_id)
+            stored = entries.get(entry.push_id) if entries else None
+            if entries is None or stored is None or stored.state != "sending" \
+                    or stored.attempts != attempt:
+                results.append(False)
+                continue
+            entries[entry.push_id] = entry
+            member = due_member(entry.push_id, entry.device_id)
+            if entry.final:
+                self._due_pushes.discard(member)
+            else:
+                self._due_pushes.set(member, entry.next_attempt_at)
+            touched.add(entry.device_id)
+            results.append(True)
+        for device_id in touched:
+            self._journal_outbox(device_id)
+        return results
 
     async def put_push(self, entry: OutboxEntry) -> None:
         self._check_writable()

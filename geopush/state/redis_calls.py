@@ -35,7 +35,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
+from redis.exceptions import (
+    MaxConnectionsError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+)
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from geopush.state.base import (
@@ -54,6 +60,7 @@ from geopush.state.redis_scripts import (
 
 MAX_ATTEMPTS = 10  # of a call that did not run (or a read → compute → commit) before a 503
 SOCKET_TIMEOUT_S = 2.0
+MAX_CONNECTIONS = 2000  # per process (on a cluster, per node: redis-py's own default is higher)
 CONNECT_TIMEOUT_S = 1.0
 # A state-changing call must run within this many socket timeouts of being sent, or it writes
 # nothing: after that (and CLOCK_MARGIN_S) a call whose answer was lost can no longer land.
@@ -113,6 +120,9 @@ class RedisCalls:
             socket_connect_timeout=self._connect_timeout_s,
             retry=Retry(NoBackoff(), 0),
             decode_responses=False,
+            # redis-py's default of 100 is refused (MaxConnectionsError), not waited for:
+            # pings, timers and the delivery worker's attempts share the pool
+            max_connections=MAX_CONNECTIONS,
         )
         pool = self._client.connection_pool
         pool.connection_class = _packing_with_hiredis(pool.connection_class)
@@ -333,7 +343,10 @@ def raise_first_error(results: Sequence[Any]) -> None:
 
 
 def _never_sent(exc: BaseException) -> bool:
-    """The call failed while connecting: nothing of it reached Redis (redis-py's words)."""
+    """The call failed while connecting, or found no connection free in the pool: nothing of
+    it reached Redis (redis-py's words)."""
+    if isinstance(exc, MaxConnectionsError):
+        return True
     text = str(exc)
     return isinstance(exc, RedisConnectionError | RedisTimeoutError) and (
         "connecting to" in text or "Timeout connecting" in text)

@@ -115,23 +115,35 @@ class RedisOutbox(RedisCalls):
         with suppress(RedisError, RedisClusterException, OSError):
             await pipe.execute()
 
-    async def finish_push(self, entry: OutboxEntry, attempt: int) -> bool:
-        keys = self.keys.device(entry.device_id)
-        for _ in range(MAX_ATTEMPTS):  # None: it did not run and never will (scripts reloaded)
-            answer = await self._once(
-                FINISH_PUSH, self._tag_of(entry.device_id), (keys.outbox,),
-                [entry.push_id, attempt, orjson.dumps(entry_to_json(entry))])
-            if answer is not None:
+    async def finish_pushes(self, ends: Sequence[tuple[OutboxEntry, int]]) -> list[bool | None]:
+        # one round trip for the scripts of every attempt that ended meanwhile, one for the
+        # hints: a burst of sends costs two calls a batch, not two a push
+        results: list[bool | None] = [None] * len(ends)
+        pending = list(range(len(ends)))
+        for _ in range(MAX_ATTEMPTS):
+            if not pending:
                 break
-        else:
-            raise StateUnavailable("the push's state could not be written; it is sent again "
-                                   "when its lease runs out")
-        member = due_member(entry.push_id, entry.device_id)
-        if entry.final:
-            await self._rehint([member], {})
-        else:
-            await self._rehint([], {member: entry.next_attempt_at})
-        return answer == b"1"
+            calls = []
+            for n in pending:
+                entry, attempt = ends[n]
+                calls.append((FINISH_PUSH, self._tag_of(entry.device_id),
+                              (self.keys.device(entry.device_id).outbox,),
+                              [entry.push_id, attempt, orjson.dumps(entry_to_json(entry))]))
+            answers = await self._run_once(calls)
+            retry = []
+            for n, answer in zip(pending, answers, strict=True):
+                if answer is None:
+                    retry.append(n)  # it did not run and never will (scripts reloaded)
+                elif isinstance(answer, bytes):
+                    results[n] = answer == b"1"
+                # an exception: unknown (resolved as unavailable); the lease brings it back
+            pending = retry
+        drop = [due_member(e.push_id, e.device_id) for (e, _), r in zip(ends, results, strict=True)
+                if r and e.final]
+        later = {due_member(e.push_id, e.device_id): e.next_attempt_at
+                 for (e, _), r in zip(ends, results, strict=True) if r and not e.final}
+        await self._rehint(drop, later)
+        return results
 
     async def put_push(self, entry: OutboxEntry) -> None:
         keys = self.keys.device(entry.device_id)
