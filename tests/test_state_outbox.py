@@ -117,6 +117,8 @@ async def test_erasure_takes_the_outbox_and_its_due_push_is_dropped(store: State
     assert await store.erase(DEVICE, ErasureRecord(device_hash=device_hash(DEVICE, "k" * 32),
                                                    erased_at=T0 + 1, last_consent=None))
     assert await store.outbox(DEVICE) == []
+    # nothing names the device any more: not even the due set's member of its queued push
+    assert await store.outbox_overview(T0 + 2) == (0, None)
     assert await store.claim_pushes(T0 + 2, 10, grace_s=GRACE) == []
     assert await store.claim_pushes(T0 + 2 * SEND_LEASE_S + GRACE, 10, grace_s=GRACE) == []
     assert (await store.outbox_overview(T0 + 3 * SEND_LEASE_S + GRACE))[0] == 0

@@ -169,7 +169,8 @@ class RedisStore(RedisOutbox, StateStore):
                 # fails its version check (the version key is gone) and repairs the timer
                 # when it retries
                 erased = await self._once(
-                    ERASE, SINGLE_TAG, [self.keys.erasures, self.keys.timers, *keys.all()],
+                    ERASE, SINGLE_TAG,
+                    [self.keys.erasures, self.keys.timers, self.keys.outbox_due, *keys.all()],
                     [device_id, record.device_hash, record.model_dump_json()])
             if erased is not None:
                 return erased == b"1"
@@ -179,21 +180,29 @@ class RedisStore(RedisOutbox, StateStore):
                                   record: ErasureRecord) -> bytes | None:
         """Record first, then the data (see the module's docstring)."""
 
-        async def present() -> tuple[int, Any]:
+        async def present() -> tuple[int, Any, list[Any]]:
             pipe = self._redis.pipeline(transaction=False)
             pipe.exists(*keys.all())
             pipe.zscore(self.keys.timers, device_id)
-            found, timer = await pipe.execute()
-            return int(found), timer
+            pipe.hkeys(keys.outbox)
+            found, timer, pushes = await pipe.execute()
+            return int(found), timer, pushes
 
-        found, timer = await self._reading(present)
+        found, timer, pushes = await self._reading(present)
         if not found and timer is None:
             return b"0"
         async with self._guard():  # the same field and value each time: safe to send again
             await self._redis.hset(self.keys.erasures, record.device_hash,
                                    record.model_dump_json())
+        # the due set's members name the device (a push queued meanwhile leaves one, dropped
+        # once its entry is found missing past the grace: geopush.state.redis_outbox)
+        members = [due_member(p.decode() if isinstance(p, bytes) else str(p), device_id)
+                   for p in pushes]
+        before: list[tuple[Any, ...]] = [("ZREM", self.keys.timers, device_id)]
+        if members:
+            before.append(("ZREM", self.keys.outbox_due, *members))
         answer = await self._once(ERASE_DEVICE, self._tag_of(device_id), keys.all(), [],
-                                  [("ZREM", self.keys.timers, device_id)])
+                                  before)
         return answer if answer is None else b"1"  # found before: erased, by this or a twin
 
     async def set_token(self, device_id: str, token: StoredToken | None) -> bool:

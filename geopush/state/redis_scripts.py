@@ -307,13 +307,18 @@ return due
 """
 
 
-# KEYS: the record, erasures, timers, then the device's keys. ARGV: deadline, record ttl,
-# device id, device hash, erasure record JSON. One script so that an erasure is whole or not at
-# all: the data never goes without its erasure record (proof of consent), and a retry after a
-# failure finds the data still there to erase. '1' if there was anything to erase (the record
-# is written only then), else '0'.
+# KEYS: the record, erasures, timers, the outbox due set, then the device's keys (its outbox
+# last). ARGV: deadline, record ttl, device id, device hash, erasure record JSON. One script so
+# that an erasure is whole or not at all: the data never goes without its erasure record (proof
+# of consent), and a retry after a failure finds the data still there to erase. The due set's
+# members of its pushes name the device: they go too. '1' if there was anything to erase (the
+# record is written only then), else '0'.
 _ERASE = _ONCE + """
-local erased = redis.call('DEL', unpack(KEYS, 4))
+local erased = 0
+for _, push_id in ipairs(redis.call('HKEYS', KEYS[#KEYS])) do
+  erased = erased + redis.call('ZREM', KEYS[4], push_id .. ' ' .. ARGV[3])
+end
+erased = erased + redis.call('DEL', unpack(KEYS, 5))
 erased = erased + redis.call('ZREM', KEYS[3], ARGV[3])
 if erased == 0 then return done('0') end
 redis.call('HSET', KEYS[2], ARGV[4], ARGV[5])
