@@ -252,7 +252,7 @@ class LoggingSettings(_Section):
         DEFAULT_PSEUDONYM_KEY, json_schema_extra=SECRET,
         description="The secret the keys of log pseudonyms and of erasure records are derived "
                     "from (docs/security.md); with auth keys, a random one of 16+ characters")
-    delivery_report_every: Duration = Field(60.0, gt=0)
+    delivery_report_every: Duration = Field(60.0, ge=1, description="at least 1s")
     delivery_rate_alert: float = Field(0.9, ge=0, le=1)
 
 

@@ -118,6 +118,9 @@ def configure_logging(settings: LoggingSettings, stream: TextIO | None = None) -
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(settings.level)
+    # APScheduler says "Running job"/"executed successfully" at INFO for every run of every
+    # job: the jobs' own lines (delivery_report, retention_purged) say what matters
+    logging.getLogger("apscheduler").setLevel(max(logging.WARNING, root.level))
 
 
 # -- audit lines ------------------------------------------------------------------------------

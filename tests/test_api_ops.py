@@ -189,3 +189,27 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
 
     found: dict[str, Any] = getattr(record, _FIELDS_ATTR, {})
     return found
+
+
+@pytest.mark.parametrize("value", ["yesterday", "١٢٣٤٥٦٧٨٩٠١٢٣", "１２", "²", "9" * 5001,
+                                   "2026-13-01T00:00:00Z"])
+async def test_stats_bounds_that_are_no_time_are_400_naming_the_field(
+        aiohttp_client: MakeClient, tmp_path: Path, value: str) -> None:
+    api = await _app(aiohttp_client, tmp_path, ("memory", None), {"halves.yaml": HALVES})
+    resp = await api.get("/v1/stats", headers=ADMIN, params={"from": value})
+    assert resp.status == 400
+    error = (await resp.json())["error"]
+    assert error["details"][0]["field"] == "from"
+    assert "invalid literal" not in error["message"] and "sys." not in error["message"]
+
+
+@pytest.mark.parametrize("rule_id", ["Bakery", "x" * 65, "a b", "..", "x\ny"])
+async def test_a_kill_switch_for_what_is_no_rule_id_is_400(
+        aiohttp_client: MakeClient, tmp_path: Path, rule_id: str) -> None:
+    from urllib.parse import quote
+
+    api = await _app(aiohttp_client, tmp_path, ("memory", None), {"halves.yaml": HALVES})
+    resp = await api.post(f"/v1/admin/rules/{quote(rule_id, safe='')}/cancel", headers=ADMIN)
+    assert resp.status in (400, 404)  # ".." never reaches the route
+    if resp.status == 400:
+        assert (await resp.json())["error"]["details"][0]["field"] == "rule_id"

@@ -184,3 +184,16 @@ def test_the_saved_fields_are_every_field_of_a_state() -> None:
     assert [f.name for f in dataclasses.fields(Stay)] == [
         "geofence_id", "store_id", "enter_ts", "confirmed_ts", "lat", "lon", "distance_m",
         "speed_mps", "dwells_fired"]
+
+
+async def test_the_snapshot_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    """It holds push tokens, profiles and consent, as the journal does (0600 both)."""
+    import stat
+
+    from geopush.state.memory import MemoryStore as Store
+
+    path = tmp_path / "state.json"
+    state = Store(path)
+    await state.open()
+    await state.close()  # a clean stop writes the snapshot
+    assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0

@@ -201,3 +201,27 @@ async def test_memory_queued_pushes_survive_a_crash_and_sending_ones_are_sent_ag
         assert {e.push_id for e in entries} == {first, second}
     finally:
         await again.close()
+
+
+async def test_a_test_push_for_an_erased_device_is_refused_and_names_it_nowhere(
+        store: StateStore) -> None:
+    entry = OutboxEntry("01KTESTTESTTESTTESTTESTTES", "gone", "ops-test", "", "", "test",
+                        "service", "UTC", "Test", "from ops", {}, T0, T0 + 600,
+                        next_attempt_at=T0, updated_at=T0, test=True)
+    assert not await store.put_push(entry)
+    assert await store.outbox("gone") == []
+    assert await store.outbox_overview(T0 + 1) == (0, None)
+
+
+async def test_a_hint_whose_device_was_erased_is_dropped_at_once(
+        two_instances: tuple[RedisStore, RedisStore]) -> None:
+    """A decision's commit racing an erasure may leave its due member (written before the
+    compare-and-set) naming a device that no longer exists: the first claim drops it, rather
+    than after the commit's grace."""
+    store = two_instances[0]
+    await _join(store)
+    await _decide_push(store)
+    keys = store.keys.device(DEVICE)
+    await store._redis.delete(keys.outbox, keys.profile)  # what the erasure left of it
+    assert await store.claim_pushes(T0 + 1, 10, grace_s=GRACE) == []
+    assert await store._redis.zcard(store.keys.outbox_due) == 0

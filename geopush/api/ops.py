@@ -15,6 +15,7 @@ Each control leaves a JSON log line with the credential's name.
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import time
 from typing import Any
@@ -31,14 +32,17 @@ from geopush.errors import InvalidInput, Problem
 from geopush.logs import fields
 from geopush.pings import DEVICE_ID, DEVICE_ID_EXPECTED
 from geopush.rules.decide import is_push_id
+from geopush.rules.schema import RULE_ID
 from geopush.state.base import DeviceRecords
 from geopush.timeutil import format_ts, parse_ts
 
 log = logging.getLogger("geopush.api.ops")
+RULE_ID_MEANING = "lower-case letters, digits and - only, at most 64 (as rules' ids)"
 routes = web.RouteTableDef()
 
 TEST_TTL_S = 600.0
 MAX_TEST_TEXT = 256
+MAX_BOUND_CHARS = 40  # from= and to=: longer is no time
 CANCEL_SCAN = 100_000  # pending pushes looked at by one kill switch call
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
@@ -65,11 +69,17 @@ def _bound(request: web.Request, name: str) -> float | None:
     raw = request.query.get(name)
     if raw is None or raw == "":
         return None
+    expected = "RFC 3339 (with an offset) or epoch milliseconds"
     try:
-        return parse_ts(int(raw) if raw.isdigit() else raw)
-    except ValueError as exc:
-        raise InvalidInput(f"{name}: {exc}", [Problem("query", str(exc), field=name, value=raw,
-                                                      expected="RFC 3339 or epoch ms")]) from None
+        if len(raw) > MAX_BOUND_CHARS:
+            raise ValueError(f"{len(raw)} characters")
+        # ASCII digits only: str.isdigit() takes any script's digits, and int() of them
+        return parse_ts(int(raw) if raw.isascii() and raw.isdigit() else raw)
+    except ValueError:
+        shown = raw if len(raw) <= MAX_BOUND_CHARS else raw[:MAX_BOUND_CHARS] + "…"
+        raise InvalidInput(f"{name} = {shown!r}: expected {expected}",
+                           [Problem("query", f"{name} is not a time", field=name, value=shown,
+                                    expected=expected)]) from None
 
 
 def _facts(records: DeviceRecords) -> DeviceFacts:
@@ -102,6 +112,11 @@ async def cancel_rule(request: web.Request) -> web.Response:
     app = request.app
     who = app[AUTH].check(request, "admin")
     rule_id = request.match_info["rule_id"]
+    if len(rule_id) > 64 or not re.fullmatch(RULE_ID, rule_id):
+        # a typo during an incident must not look like a kill switch that found nothing
+        raise InvalidInput(f"rule_id {rule_id[:64]!r}: expected a rule id ({RULE_ID_MEANING})",
+                           [Problem("path", "not a rule id", field="rule_id",
+                                    value=rule_id[:64], expected=RULE_ID_MEANING)])
     store = app[STATE]
     now = time.time()
     devices = dict.fromkeys(d for _, d in await store.pending_pushes(CANCEL_SCAN))
@@ -144,7 +159,8 @@ async def test_push(request: web.Request) -> web.Response:
     entry = OutboxEntry(push_id, device_id, "ops-test", "", "", "test", "service", "UTC",
                         texts["title"], texts["body"], {"test": "true"}, now, now + TEST_TTL_S,
                         next_attempt_at=now, updated_at=now, test=True)
-    await store.put_push(entry)
+    if not await store.put_push(entry):  # erased meanwhile
+        raise NotFound(f"device {device_id!r} is not registered")
     app[DELIVERY].wake()
     log.warning("test_push_queued", extra=fields(credential=who, device_id=device_id,
                                                  push_id=push_id))

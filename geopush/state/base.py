@@ -223,8 +223,9 @@ class StateStore(ABC):
         return written
 
     @abstractmethod
-    async def put_push(self, entry: OutboxEntry) -> None:
-        """Queue an entry outside a decision's commit: an ops test push (outside caps)."""
+    async def put_push(self, entry: OutboxEntry) -> bool:
+        """Queue an entry outside a decision's commit: an ops test push (outside caps). False,
+        queuing nothing, when the device is not registered (never, or erased meanwhile)."""
 
     @abstractmethod
     async def cancel_pushes(self, device_id: str, *, category: str | None = None,

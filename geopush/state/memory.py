@@ -502,7 +502,9 @@ class MemoryStore(MemoryOutbox, StateStore):
         tmp = files.temporary().with_suffix(f".{self._snapshots_written}.tmp")
         size = 0
         try:
-            with open(tmp, "wb") as out:  # writes in a thread; encoding on the event loop
+            # owner-only, as the journal: it holds push tokens, profiles and consent
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with open(fd, "wb") as out:  # writes in a thread; encoding on the event loop
                 for chunk in self._snapshot_chunks(gen):
                     size += len(chunk)
                     await asyncio.to_thread(out.write, chunk)

@@ -120,8 +120,10 @@ class MemoryOutbox:
             self._journal_outbox(device_id)
         return results
 
-    async def put_push(self, entry: OutboxEntry) -> None:
+    async def put_push(self, entry: OutboxEntry) -> bool:
         self._check_writable()
+        if entry.device_id not in self._profiles:
+            return False
         self._outbox.setdefault(entry.device_id, {})[entry.push_id] = entry
         self._due_pushes.set(due_member(entry.push_id, entry.device_id), entry.next_attempt_at)
         if self._writer is not None:
@@ -130,6 +132,7 @@ class MemoryOutbox:
             done = self._writer.append_durable(line)
             self._journal_bytes += len(line)
             await done
+        return True
 
     async def cancel_pushes(self, device_id: str, *, category: str | None = None,
                             rule_id: str | None = None, reason: str, now: float) -> list[str]:

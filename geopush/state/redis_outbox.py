@@ -86,7 +86,7 @@ class RedisOutbox(RedisCalls):
                 continue
             if not isinstance(answer, bytes):
                 continue  # unknown: the member comes back with its lease
-            if answer == b"F":
+            if answer == b"F" or answer == b"E":  # final, or the device was erased
                 drop.append(member)
             elif answer == b"":
                 if push_time(push_id) < now - grace_s:
@@ -145,7 +145,7 @@ class RedisOutbox(RedisCalls):
         await self._rehint(drop, later)
         return results
 
-    async def put_push(self, entry: OutboxEntry) -> None:
+    async def put_push(self, entry: OutboxEntry) -> bool:
         keys = self.keys.device(entry.device_id)
         member = due_member(entry.push_id, entry.device_id)
         for _ in range(MAX_ATTEMPTS):
@@ -153,8 +153,11 @@ class RedisOutbox(RedisCalls):
                 PUT_PUSH, self._tag_of(entry.device_id), (keys.outbox, keys.profile),
                 [entry.push_id, orjson.dumps(entry_to_json(entry))],
                 [("ZADD", self.keys.outbox_due, "NX", entry.next_attempt_at, member)])
+            if answer == b"0":  # erased meanwhile: its member must not name it any longer
+                await self._rehint([member], {})
+                return False
             if answer is not None:
-                return
+                return True
         raise StateUnavailable(f"the push was not queued in {MAX_ATTEMPTS} attempts; retry later")
 
     async def cancel_pushes(self, device_id: str, *, category: str | None = None,

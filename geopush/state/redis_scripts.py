@@ -148,12 +148,16 @@ return done(redis.call('HGET', KEYS[3], ARGV[3]))
 
 # KEYS: the record, outbox, profile. ARGV: deadline, record ttl, push_id, now, the lease's end.
 # An attempt begins: a due entry (queued and due, or sending under a lease that ran out) becomes
-# sending under a new lease, one attempt more. Returns '' when there is no such entry, 'F' when
+# sending under a new lease, one attempt more. Returns '' when there is no such entry ('E' when the
+# device is not registered either: erased, and the member names it, so it goes now), 'F' when
 # it is final, 'N<when>' when it is not due yet (another caller holds it, or its next attempt
 # is later), else the entry as it is now, a newline, and the profile's JSON ('' if none).
 _BEGIN_PUSH = _ONCE + """
 local raw = redis.call('HGET', KEYS[2], ARGV[3])
-if not raw then return done('') end
+if not raw then
+  if redis.call('EXISTS', KEYS[3]) == 0 then return done('E') end
+  return done('')
+end
 local entry = cjson.decode(raw)
 local state = entry['state']
 if state ~= 'queued' and state ~= 'sending' then return done('F') end
