@@ -85,12 +85,12 @@ class DeliveryWorker:
         writer = asyncio.create_task(self._write_ends(), name="geopush-delivery-ends")
         try:
             await self._run()
-        finally:
             await self.drain()  # their ends are written by the writer, still running
+            await self._counts.flush(self._store)
+        finally:  # also when cancelled (a shutdown that would not wait): no task left behind
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
-            await self._counts.flush(self._store)
 
     async def _run(self) -> None:
         last_flush = last_overview = 0.0
