@@ -2,8 +2,10 @@
 
 Every resource is opened and closed in one `cleanup_ctx` generator each, in order: the stores
 and the engine built from them (startup fails on store errors), the state store (the memory
-backend writes its snapshot in close()), the timer claimer, the follower of reloads published
-by other instances. A shutdown stops listening, closes WebSockets with 1001, lets in-flight
+backend writes its snapshot in close()), the weather copy's client, the timer claimer, the
+sender and the delivery worker (attempts in flight end before the store closes), the periodic
+jobs under their leases (geopush.service.jobs), the follower of reloads published by other
+instances. A shutdown stops listening, closes WebSockets with 1001, lets in-flight
 requests finish, then closes the resources in reverse.
 """
 
