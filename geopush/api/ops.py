@@ -25,26 +25,26 @@ from aiohttp import web
 from geopush.api.appstate import AUTH, DELIVERY, SETTINGS, STATE
 from geopush.api.errors import NotFound
 from geopush.api.wire import json_response, read_json, type_name
+from geopush.config_problems import PATTERN_MEANINGS
 from geopush.delivery.outbox import OutboxEntry
 from geopush.delivery.stats import DeviceFacts, compute_stats
 from geopush.delivery.worker import MARKETING_PAUSED
 from geopush.errors import InvalidInput, Problem
 from geopush.logs import fields
 from geopush.pings import DEVICE_ID, DEVICE_ID_EXPECTED
-from geopush.rules.decide import is_push_id
+from geopush.rules.decide import ulid
 from geopush.rules.schema import RULE_ID
 from geopush.state.base import DeviceRecords
 from geopush.timeutil import format_ts, parse_ts
 
 log = logging.getLogger("geopush.api.ops")
-RULE_ID_MEANING = "lower-case letters, digits and - only, at most 64 (as rules' ids)"
+RULE_ID_MEANING = PATTERN_MEANINGS[RULE_ID]  # as rule files are told
 routes = web.RouteTableDef()
 
 TEST_TTL_S = 600.0
 MAX_TEST_TEXT = 256
 MAX_BOUND_CHARS = 40  # from= and to=: longer is no time
 CANCEL_SCAN = 100_000  # pending pushes looked at by one kill switch call
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
 @routes.get("/v1/stats")
@@ -171,7 +171,4 @@ async def test_push(request: web.Request) -> web.Response:
 
 def _new_push_id(now: float) -> str:
     """A ULID of now and 80 random bits (a test push answers no moment)."""
-    value = (int(now * 1000) << 80) | secrets.randbits(80)
-    push_id = "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
-    assert is_push_id(push_id)
-    return push_id
+    return ulid(now, secrets.randbits(80))

@@ -153,8 +153,13 @@ def push_id_of(device_id: str, rule_id: str, event: Event, key: bytes = b"") -> 
     confirm a guessed device id."""
     digest = hmac.new(key, f"{device_id}|{rule_id}|{event.geofence_id}|{event.type}|"
                            f"{event.ts!r}".encode(), hashlib.sha256).digest()
-    millis = max(0, min(int(event.ts * 1000), 2**48 - 1))
-    value = (millis << 80) | int.from_bytes(digest[:10], "big")
+    return ulid(event.ts, int.from_bytes(digest[:10], "big"))
+
+
+def ulid(at: float, low_bits: int) -> str:
+    """26 Crockford base-32 characters: `at` in ms (48 bits), then `low_bits` (80)."""
+    millis = max(0, min(int(at * 1000), 2**48 - 1))
+    value = (millis << 80) | (low_bits & (2**80 - 1))
     return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
 
 
