@@ -386,7 +386,15 @@ def _burst(server: _Server, fake: _Fake, ids: list[str], args: argparse.Namespac
     else:
         made = asyncio.run(_test_pushes(server.url, ids))
     queued = time.time()
+    # a request's decisions are counted after its answer, a slice at a time
+    # (geopush.service.ingest): read the count once it has stopped moving
     after = _counts(server.url)
+    while True:
+        time.sleep(0.1)
+        again = _counts(server.url)
+        if again["decided"] == after["decided"]:
+            break
+        after = again
     expected = (after["decided"] - before["decided"] if args.source == "rules"
                 else made.get("queued", 0))
     # the fake is watched (it costs geopush nothing), then geopush's own count of final

@@ -331,3 +331,30 @@ async def test_200_simultaneous_events_of_one_device_on_two_instances_never_pass
     assert enters > STORM_CAP
     assert counted == {'{outcome="push",reason=""}': STORM_CAP,
                        '{outcome="suppressed",reason="global_cap"}': enters - STORM_CAP}
+
+
+async def test_every_decision_of_a_bulk_request_is_counted_and_logged(
+        aiohttp_client: MakeClient, tmp_path: Path, backend: Backend,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A relay's request of many phones entering at once: its decisions are told of per
+    group and a slice at a time (geopush.service.ingest), none lost on the way."""
+    api = await _app(aiohttp_client, tmp_path, backend, {"welcome.yaml": WELCOME})
+    trace = _fresh_trace()
+    phones = [f"bulk-{n}" for n in range(250)]
+    for phone in phones:
+        resp = await api.put(f"/v1/devices/{phone}", headers=DEVICES, json={
+            "push_token": "t", "consent": {"location": True, "marketing": True}})
+        assert resp.status == 200
+    with caplog.at_level(logging.INFO, logger="geopush.service.decisions"):
+        resp = await api.post("/v1/pings", headers=INGEST, json={"pings": [
+            ping(phone, p) for p in trace[BAKERY_ENTER - 2:BAKERY_ENTER + 1]
+            for phone in phones]})
+        assert resp.status == 200
+        assert (await resp.json())["accepted"] == 3 * len(phones)
+        for _ in range(50):
+            counted = await _metric(api, "geopush_decisions_total")
+            if counted.get('{outcome="push",reason=""}') == len(phones):
+                break
+            await asyncio.sleep(0.02)
+    assert counted == {'{outcome="push",reason=""}': float(len(phones))}
+    assert sum(r.getMessage() == "push_decided" for r in caplog.records) == len(phones)
