@@ -161,6 +161,37 @@ async def test_the_delivery_report_sums_every_instance_and_warns_under_the_thres
     assert [r.getMessage() for r in caplog.records] == ["delivery_report"]
 
 
+async def test_a_count_flushed_after_its_window_was_reported_is_in_the_next_report() -> None:
+    """A busy worker may flush after the report of the window a count was made in has been
+    read: the count goes to the window under way, never to a bucket already reported (which
+    no report would ever show)."""
+    from geopush.state.memory import MemoryStore
+
+    store = MemoryStore()
+    clock = [4_000_000.0 - 0.1]  # the last tenth of a second of the 2 s window ending at 4e6
+    counts = ReportCounts(2.0, clock=lambda: clock[0])
+    counts.add("decided", "hello")
+    clock[0] = 4_000_000.0 + counts.report_offset_s + 0.5  # the report of that window is out
+    late = await write_report(store, counts, 4_000_000.0, 0.9)
+    assert late["decided"] == 0  # not flushed yet
+    await counts.flush(store)
+    following = await write_report(store, counts, 4_000_002.0, 0.9)
+    assert following["decided"] == 1
+
+
+async def test_a_flush_just_before_a_window_ends_counts_in_the_next_one() -> None:
+    """Its write could land after the report read the window it was made in."""
+    from geopush.state.memory import MemoryStore
+
+    store = MemoryStore()
+    clock = [4_000_000.0 - 0.05]
+    counts = ReportCounts(2.0, clock=lambda: clock[0])
+    counts.add("sent", "hello")
+    await counts.flush(store)
+    assert (await write_report(store, counts, 4_000_000.0, 0.9))["sent"] == 0
+    assert (await write_report(store, counts, 4_000_002.0, 0.9))["sent"] == 1
+
+
 async def test_the_service_schedules_the_report_and_the_purge() -> None:
     from geopush.state.memory import MemoryStore
 

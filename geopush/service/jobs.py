@@ -158,7 +158,6 @@ class Jobs:
 
 RETENTION_EVERY_S = 3600.0
 RETENTION_LEASE_S = 600.0
-REPORT_OFFSET_S = 2.0  # into a window: every instance has flushed its counts of the last one
 
 
 def service_jobs(jobs: Jobs, store: StateStore, settings: Settings, counts: ReportCounts,
@@ -177,7 +176,7 @@ def service_jobs(jobs: Jobs, store: StateStore, settings: Settings, counts: Repo
                                                   seconds=round(time.monotonic() - started, 3)))
 
     jobs.add(Job("delivery_report", every, delivery_report, lease_s=max(every, 30.0),
-                 offset_s=min(REPORT_OFFSET_S, every / 4)))
+                 offset_s=counts.report_offset_s))
     jobs.add(Job("retention_purge", RETENTION_EVERY_S, retention_purge,
                  lease_s=RETENTION_LEASE_S))
     tick = weather.tick_every() if weather is not None else None
