@@ -14,6 +14,7 @@ import shapely
 from geopush.errors import Problem, StoreLoadError
 from geopush.geo.hours import HoursSyntaxError, StoreHours
 from geopush.geo.stores import Geofence, StoreSet, load_stores, parse_stores
+from geopush.timeutil import parse_ts
 
 FIXTURES = Path(__file__).parent / "fixtures"
 BLED = FIXTURES / "bled_supermarkets.geojson"
@@ -411,3 +412,19 @@ def test_load_stores_raises_with_every_problem(tmp_path: Path) -> None:
 def test_unreadable_file_is_a_store_load_error(tmp_path: Path) -> None:
     with pytest.raises(StoreLoadError, match="cannot read stores file"):
         load_stores(tmp_path / "missing.geojson")
+
+
+def test_stores_sharing_an_expression_share_its_parse_but_not_their_holidays() -> None:
+    """A chain's thousands of stores with one opening_hours parse it once (load time); where
+    the place matters (public holidays, the sun's times) each keeps its own."""
+    paris = StoreHours.parse("Mo-Sa 08:00-20:00", "Europe/Paris", 48.85, 2.35)
+    marseille = StoreHours.parse("Mo-Sa 08:00-20:00", "Europe/Paris", 43.30, 5.40)
+    assert paris._parsed is marseille._parsed
+    # 8 May 2026, a Friday: a public holiday in France, not in Germany
+    friday = parse_ts("2026-05-08T10:00:00Z")
+    in_paris = StoreHours.parse("Mo-Sa 08:00-20:00; PH off", "Europe/Paris", 48.85, 2.35)
+    in_berlin = StoreHours.parse("Mo-Sa 08:00-20:00; PH off", "Europe/Berlin", 52.52, 13.40)
+    assert (in_paris.is_open(friday), in_berlin.is_open(friday)) == (False, True)
+    at_dusk = StoreHours.parse("sunset-23:00", "Europe/Paris", 48.85, 2.35)
+    assert at_dusk._parsed is not StoreHours.parse("sunset-23:00", "Europe/Paris", 43.30,
+                                                   5.40)._parsed

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import inspect
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from typing import Any
 
-from geopush.cli import check, replay, schema
 from geopush.cli.common import (
     ERRORS,
     OK,
@@ -27,7 +27,6 @@ from geopush.cli.common import (
 )
 from geopush.devices import erasure_hash
 from geopush.errors import ConfigError
-from geopush.preflight import deployment_problems
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -62,11 +61,11 @@ def _parser() -> argparse.ArgumentParser:
     check_cmd = commands.add_parser("check", help="validate config, stores and rules")
     config_option(check_cmd)
     inputs_options(check_cmd)
-    check_cmd.set_defaults(handler=check.run)
+    check_cmd.set_defaults(handler=_command("geopush.cli.check"))
 
     schema_cmd = commands.add_parser("schema", help="print a JSON Schema")
     schema_cmd.add_argument("what", choices=["config", "rules"])
-    schema_cmd.set_defaults(handler=schema.run)
+    schema_cmd.set_defaults(handler=_command("geopush.cli.schema"))
 
     replay_cmd = commands.add_parser("replay", help="run a file of pings on a virtual clock")
     replay_cmd.add_argument("pings", metavar="PINGS",
@@ -89,7 +88,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="for each event, why each rule did or did not fire: the trigger "
                              "that does not match, the condition that is false, or the policy "
                              "step that stopped it (with --json: an `explain` list)")
-    replay_cmd.set_defaults(handler=replay.run)
+    replay_cmd.add_argument("--jobs", metavar="N", type=_jobs, default=None,
+                            help="processes replaying devices side by side (default: one per "
+                                 "CPU for a CSV over 16 MB, else 1)")
+    replay_cmd.set_defaults(handler=_command("geopush.cli.replay"))
 
     erasure_cmd = commands.add_parser(
         "erasure-hash", help="the id of a device's erasure record (proof of consent)")
@@ -97,6 +99,16 @@ def _parser() -> argparse.ArgumentParser:
     config_option(erasure_cmd)
     erasure_cmd.set_defaults(handler=_erasure_hash)
     return parser
+
+
+def _command(module: str) -> Callable[[argparse.Namespace], int]:
+    """A subcommand's `run`, imported when it runs: `replay` and `schema` need not load what
+    `serve` and `check` use (the senders and their HTTP client: most of a second)."""
+    def run(args: argparse.Namespace) -> int:
+        handler: Callable[[argparse.Namespace], int] = importlib.import_module(module).run
+        return handler(args)
+
+    return run
 
 
 def _version() -> str:
@@ -127,6 +139,8 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print_error(exc, sys.stderr)
         return ERRORS
+    from geopush.preflight import deployment_problems
+
     refused = deployment_problems(settings)  # the lines `geopush check` prints
     for problem in refused:
         print_problem(problem, sys.stderr)
@@ -147,3 +161,11 @@ async def _awaited(awaitable: Any) -> Any:
     return await awaitable
 
 
+
+
+def _jobs(text: str) -> int:
+    """--jobs: a whole number of processes, 1 to 64 (argparse prints the message)."""
+    if not text.strip().isascii() or not text.strip().isdigit() or not 1 <= int(text) <= 64:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of processes "
+                                         "from 1 to 64")
+    return int(text)

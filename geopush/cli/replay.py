@@ -18,15 +18,24 @@ import math
 import re
 import sys
 import time
+import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO, get_args
 
 from pydantic import ValidationError
 
-from geopush.cli.common import ERRORS, OK, USAGE, print_error, settings_of, show
+from geopush.cli.common import (
+    ERRORS,
+    OK,
+    USAGE,
+    batch_collections,
+    print_error,
+    settings_of,
+    show,
+)
 from geopush.config import WeatherCondition
 from geopush.devices import Consent, DeviceProfile, has_location_consent
 from geopush.engine import DeviceOutcome, DeviceSnapshot, Engine
@@ -75,10 +84,14 @@ class BadLine:
 # -- reading ---------------------------------------------------------------------------------
 
 
-def read_pings(path: Path, *, device_id: str | None = None) -> Iterator[tuple[int, Ping | BadLine]]:
+def read_pings(path: Path, *, device_id: str | None = None, shard: tuple[int, int] | None = None
+               ) -> Generator[tuple[int, Ping | BadLine], None, None]:
     """(line number, ping or what is wrong with the line) for each record of a CSV or NDJSON
     file. Raises InvalidInput when the file as a whole cannot be read (no header, unknown
-    column, no device id)."""
+    column, no device id).
+
+    `shard` (k, n): only the records of devices in shard k of n (replay_shards.shard_of), and
+    the malformed lines that name no device if k is 0."""
     try:
         # bytes that are not UTF-8 become U+FFFD: their lines are reported `invalid` one by
         # one, as any malformed line is, and the rest is replayed
@@ -91,9 +104,37 @@ def read_pings(path: Path, *, device_id: str | None = None) -> Iterator[tuple[in
         if first is None:
             return
         if _is_ndjson(path, first[1]):
-            yield from _ndjson([first], lines, device_id)
+            records = _ndjson([first], lines, device_id)
+            yield from records if shard is None else _only(shard, records)
         else:
-            yield from _csv(path, first, lines, device_id)
+            yield from _csv(path, first, lines, device_id, shard)
+
+
+def is_ndjson_file(path: Path) -> bool:
+    """Whether read_pings reads `path` as NDJSON (False when it cannot be read)."""
+    try:
+        with path.open(encoding="utf-8", errors="replace", newline="") as handle:
+            first = _first_content(enumerate(handle, start=1))
+    except OSError:
+        return False
+    return first is not None and _is_ndjson(path, first[1])
+
+
+def _only(shard: tuple[int, int], records: Iterable[tuple[int, Ping | BadLine]]
+          ) -> Iterator[tuple[int, Ping | BadLine]]:
+    mine, shards = shard
+    for number, record in records:
+        if isinstance(record, BadLine):
+            if mine == 0:
+                yield number, record
+        elif shard_of(record.device_id, shards) == mine:
+            yield number, record
+
+
+def shard_of(device_id: str, shards: int) -> int:
+    """The shard of a split replay (geopush.cli.replay_shards) that replays a device: the same
+    in every process (str's hash() is not)."""
+    return zlib.crc32(device_id.encode("utf-8", "surrogatepass")) % shards
 
 
 def _first_content(lines: Iterator[tuple[int, str]]) -> tuple[int, str] | None:
@@ -124,7 +165,8 @@ def _ndjson(
 
 
 def _csv(
-    path: Path, header: tuple[int, str], rest: Iterable[tuple[int, str]], device_id: str | None
+    path: Path, header: tuple[int, str], rest: Iterable[tuple[int, str]], device_id: str | None,
+    shard: tuple[int, int] | None = None,
 ) -> Iterator[tuple[int, Ping | BadLine]]:
     columns = [c.strip().lower() for c in next(csv.reader([header[1]]))]
     columns = [_COLUMN_ALIASES.get(c, c) for c in columns]
@@ -151,6 +193,8 @@ def _csv(
     acc_at, speed_at = at["accuracy_m"], at["speed_mps"]
     assert ts_at is not None and lat_at is not None and lon_at is not None
     lines_before = header[0]
+    mine, shards = shard if shard is not None else (0, 1)
+    crc32 = zlib.crc32
     # one reader over the whole file: a reader per line costs more than the ping itself
     reader = csv.reader(text for _, text in rest)
     for row in reader:
@@ -158,10 +202,14 @@ def _csv(
         if len(row) != width:
             if not row or (len(row) == 1 and not row[0].strip()):
                 continue  # a blank line
-            yield number, BadLine(number, f"{len(row)} fields: expected {width} "
-                                  f"({','.join(columns)})")
+            if mine == 0:
+                yield number, BadLine(number, f"{len(row)} fields: expected {width} "
+                                      f"({','.join(columns)})")
             continue
         dev = (row[dev_at].strip() if dev_at is not None else "") or device_id
+        # the same test as replay_shards.shard_of, inline: it runs for every row
+        if shards > 1 and crc32((dev or "").encode("utf-8", "surrogatepass")) % shards != mine:
+            continue
         ts = row[ts_at].strip()
         accuracy = row[acc_at].strip() if acc_at is not None else ""
         speed = row[speed_at].strip() if speed_at is not None else ""
@@ -429,6 +477,23 @@ def event_json(event: Event, names: Mapping[str, str] | None = None) -> dict[str
             "stale": event.stale}
 
 
+def sort_result(result: ReplayResult) -> None:
+    """The lists in the order they are shown: by time, then device (stable: a device's events
+    at one time keep their order), whatever order devices were replayed in, one process or a
+    split one; the rejections by line, a sample of each code past KEPT_REJECTIONS."""
+    result.events.sort(key=lambda e: (e.ts, e.device_id))
+    result.visits.sort(key=lambda v: (v.end, v.device_id))
+    result.decisions.sort(key=lambda d: (d.ts, d.device_id))
+    result.rejections.sort(key=lambda r: r[0])
+    kept: Counter[str] = Counter()
+    sample = []
+    for rejection in result.rejections:
+        kept[rejection[1]] += 1
+        if rejection[1] == "invalid" or kept[rejection[1]] <= KEPT_REJECTIONS:
+            sample.append(rejection)
+    result.rejections = sample
+
+
 class Replay:
     """One replay run: an engine, the devices it knows, and each device's virtual clock."""
 
@@ -479,8 +544,7 @@ class Replay:
         if pending:
             self._ingest(pending, lines)
         self._run_clocks_out()
-        self.result.events.sort(key=lambda e: e.ts)  # stable: same-time events keep their order
-        self.result.decisions.sort(key=lambda d: d.ts)
+        sort_result(self.result)
         self.result.elapsed_s = time.perf_counter() - started
         return self.result
 
@@ -582,6 +646,11 @@ _SHOWN_PER_CODE = 20  # no_consent / out_of_order lines listed before only count
 
 
 def run(args: argparse.Namespace) -> int:
+    with batch_collections():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     err = sys.stderr
     weather: dict[str, Any] | None = None
     if args.weather is not None:
@@ -642,8 +711,14 @@ def run(args: argparse.Namespace) -> int:
         explain=args.explain,
     )
     path = Path(args.pings)
+    from geopush.cli.replay_shards import jobs_for, replay_split
+
+    jobs = jobs_for(path, args.jobs)
     try:
-        result = replay.run(read_pings(path, device_id=args.device))
+        if jobs > 1:
+            result = replay_split(replay, path, device_id=args.device, jobs=jobs)
+        else:
+            result = replay.run(read_pings(path, device_id=args.device))
     except NoDeviceColumn as exc:
         print(f"error: {exc.message}", file=err)
         return USAGE

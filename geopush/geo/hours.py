@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 from opening_hours import OpeningHours, State
@@ -27,12 +28,13 @@ class StoreHours:
 
     @classmethod
     def parse(cls, expression: str, timezone: str, lat: float, lon: float) -> StoreHours:
-        try:
-            # coords let the library pick the country's public holidays (`PH off`).
-            parsed = OpeningHours(expression, timezone=ZoneInfo(timezone), coords=(lat, lon))
-        except Exception as exc:  # the library raises its own ParserError / SyntaxError
-            raise HoursSyntaxError(_short_reason(str(exc))) from None
-        return cls(expression, timezone, parsed)
+        # coords let the library pick the country's public and school holidays (`PH off`)
+        # and the sun's times (`sunset`); without those words they change nothing, and the
+        # many stores of a chain that share one expression share one parse
+        lowered = expression.lower()
+        placed = any(word in lowered for word in _PLACE_WORDS)
+        return cls(expression, timezone, _parse(expression, timezone,
+                                                (lat, lon) if placed else None))
 
     def is_open(self, epoch_s: float, *, for_at_least_s: float = 0.0) -> bool | None:
         """True/False when known at that moment (and still open `for_at_least_s` later);
@@ -54,6 +56,23 @@ class StoreHours:
             if self._parsed.state(moment)[0] != State.OPEN:
                 return False
         return True
+
+
+_PLACE_WORDS = ("ph", "sh", "sunrise", "sunset", "dawn", "dusk")
+
+
+@lru_cache(maxsize=4096)
+def _parse(expression: str, timezone: str, coords: tuple[float, float] | None) -> OpeningHours:
+    try:
+        return OpeningHours(expression, timezone=_zone(timezone), coords=coords)
+    except Exception as exc:  # the library raises its own ParserError / SyntaxError
+        raise HoursSyntaxError(_short_reason(str(exc))) from None
+
+
+@lru_cache(maxsize=1024)
+def _zone(name: str) -> ZoneInfo:
+    # ZoneInfo keeps few zones alive by itself: each parse would read the zone's file again
+    return ZoneInfo(name)
 
 
 def _utc(epoch_s: float) -> datetime:

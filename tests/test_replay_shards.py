@@ -1,0 +1,122 @@
+"""A replay split across processes by device (`--jobs`): every row read by one shard, and the
+whole command printing what one process prints, on a real trace past real stores."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from geopush.cli.replay import BadLine, read_pings, shard_of
+from geopush.cli.replay_shards import SPLIT_FROM_BYTES, jobs_for
+from geopush.timeutil import format_ts, parse_ts
+
+REPO = Path(__file__).resolve().parent.parent
+GEOPUSH = Path(sys.executable).parent / "geopush"
+TRACE = REPO / "tests/fixtures/traces/barefoot_munich_x0001-001.csv"
+STORES = REPO / "tests/fixtures/germany_lidl_centers_slice.geojson"
+RULES = REPO / "docs/examples/preview-rules"
+DEVICES = 24
+
+
+def _fleet(path: Path) -> None:
+    """The real Munich drive as driven by 24 phones, each an hour and a minute after the last
+    (so some drive by in quiet hours and some do not), and shoppers who stop at a store, in one
+    time-ordered file; with malformed rows and a ping older than its device's last."""
+    with TRACE.open(newline="") as f:
+        trace = list(csv.DictReader(f))
+    rows: list[tuple[float, list[str]]] = []
+    for k in range(DEVICES):
+        for r in trace:
+            ts = parse_ts(r["ts_iso"], naive_is_utc=True) + k * 3660.0
+            rows.append((ts, [f"phone-{k:02d}", format_ts(ts), r["lat"], r["lon"],
+                              r["accuracy_m"], r["speed_mps"]]))
+    # and shoppers who stop at the Lidl of Schleißheimer Straße for 20 minutes: visits
+    for k in range(6):
+        start = rows[0][0] + k * 7200.0
+        for minute in range(21):
+            rows.append((start + minute * 60, [f"shopper-{k}", format_ts(start + minute * 60),
+                                               "48.15794", "11.56231", "10", "0"]))
+    rows.sort(key=lambda row: row[0])
+    with path.open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["device_id", "ts", "lat", "lon", "accuracy_m", "speed_mps"])
+        for i, (_ts, row) in enumerate(rows):
+            out.writerow(row)
+            if i == 500:
+                out.writerow(["phone-03", "yesterday", "48.1", "11.5", "", ""])
+                out.writerow(["phone-00", format_ts(rows[0][0]), "48.1", "11.5", "", ""])
+            if i == 900:
+                out.writerow(["only", "three"])
+
+
+def _replay(pings: Path, jobs: int) -> tuple[dict[str, Any], str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GEOPUSH_")}
+    env["GEOPUSH_GEOFENCE__DEFAULT_RADIUS_M"] = "400"
+    done = subprocess.run(
+        [str(GEOPUSH), "replay", str(pings), "--assume-consent", "--stores", str(STORES),
+         "--rules", str(RULES), "--weather", "temperature_c=31,condition=clear", "--json",
+         "--jobs", str(jobs)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=True)
+    doc: dict[str, Any] = json.loads(done.stdout)
+    del doc["summary"]["elapsed_s"], doc["summary"]["pings_per_s"]
+    return doc, done.stderr
+
+
+def test_a_split_replay_prints_what_one_process_prints(tmp_path: Path) -> None:
+    pings = tmp_path / "fleet.csv"
+    _fleet(pings)
+    alone, alone_err = _replay(pings, 1)
+    split, split_err = _replay(pings, 2)
+    summary = alone["summary"]
+    # the run is worth comparing: pushes and suppressions, events, visits and rejections
+    assert summary["pushes"] > 0 and summary["suppressed"].get("quiet_hours", 0) > 0
+    assert summary["events"]["enter"] >= DEVICES and summary["visits"] > 0
+    assert summary["rejected_by_code"] == {"invalid": 2, "out_of_order": 1}
+    assert split == alone
+    assert split_err == alone_err  # each rejected line said once, in line order
+
+
+def test_every_row_is_read_by_exactly_one_shard(tmp_path: Path) -> None:
+    pings = tmp_path / "fleet.csv"
+    _fleet(pings)
+    whole = list(read_pings(pings))
+    shards = [list(read_pings(pings, shard=(k, 3))) for k in range(3)]
+    assert sum(len(shard) for shard in shards) == len(whole)
+    assert {n: r for shard in shards for n, r in shard} == dict(whole)
+    for k, shard in enumerate(shards):
+        devices = {r.device_id for _, r in shard if not isinstance(r, BadLine)}
+        assert devices and all(shard_of(d, 3) == k for d in devices)
+    # a row that names no device, once, in shard 0; a bad row of a device, in its shard
+    assert [n for n, r in shards[0] if isinstance(r, BadLine) and "fields" in r.message]
+    assert sum(isinstance(r, BadLine) for shard in shards for _, r in shard) == 2
+
+
+def test_a_big_csv_is_split_over_the_cpus_and_a_small_one_is_not(tmp_path: Path) -> None:
+    small = tmp_path / "small.csv"
+    small.write_text("device_id,ts,lat,lon\na,2026-06-01T10:00:00Z,46,14\n")
+    big = tmp_path / "big.csv"
+    big.write_text("device_id,ts,lat,lon\n")
+    os.truncate(big, SPLIT_FROM_BYTES)
+    ndjson = tmp_path / "big.ndjson"
+    ndjson.write_text('{"device_id": "a"}\n')
+    os.truncate(ndjson, SPLIT_FROM_BYTES)
+    cpus = len(os.sched_getaffinity(0))
+    assert jobs_for(small, None) == 1
+    assert jobs_for(big, None) == min(cpus, 8)
+    assert jobs_for(ndjson, None) == 1  # a line's device needs its JSON parse
+    assert jobs_for(small, 3) == 3  # --jobs decides
+
+
+@pytest.mark.parametrize("jobs", ["0", "-1", "two", "65", "١"])
+def test_jobs_must_be_a_whole_number_of_processes(tmp_path: Path, jobs: str) -> None:
+    done = subprocess.run([str(GEOPUSH), "replay", str(TRACE), "--jobs", jobs],
+                          cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2
+    assert f"--jobs: {jobs!r}: expected a whole number of processes from 1 to 64" in done.stderr
