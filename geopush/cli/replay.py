@@ -15,6 +15,7 @@ import csv
 import datetime
 import json
 import math
+import mmap
 import re
 import sys
 import time
@@ -55,7 +56,7 @@ from geopush.rules import read_rule_files, rules_from_files
 from geopush.rules.conditions import Weather
 from geopush.rules.decide import Decision, DeviceHistory, Explanation
 from geopush.service.active import build_engine, rule_policy
-from geopush.timeutil import format_ts, parse_ts
+from geopush.timeutil import END_EPOCH_MS, MIN_EPOCH_MS, format_ts, parse_ts
 from geopush.yamlspots import line_of, load_yaml
 
 # --assume-consent: every device can be pushed to
@@ -192,13 +193,19 @@ def _csv(
     dev_at, ts_at, lat_at, lon_at = at["device_id"], at["ts"], at["lat"], at["lon"]
     acc_at, speed_at = at["accuracy_m"], at["speed_mps"]
     assert ts_at is not None and lat_at is not None and lon_at is not None
-    lines_before = header[0]
     mine, shards = shard if shard is not None else (0, 1)
     crc32 = zlib.crc32
+    line = [header[0]]  # the number of the last line the reader took
+    if shards > 1 and not _has_quotes(path):
+        # every line is one record: the other shards' lines are left out before the CSV
+        # parse, told by the device alone (a line with another field count goes to shard 0)
+        rest = _lines_of_shard(rest, mine, shards, width, dev_at, device_id)
+        shards = 1  # what is left is this shard's
     # one reader over the whole file: a reader per line costs more than the ping itself
-    reader = csv.reader(text for _, text in rest)
+    reader = csv.reader(_numbered(rest, line))
+    good_devices: set[str] = set()  # those that passed DEVICE_ID: most devices ping again
     for row in reader:
-        number = lines_before + reader.line_num
+        number = line[0]
         if len(row) != width:
             if not row or (len(row) == 1 and not row[0].strip()):
                 continue  # a blank line
@@ -213,7 +220,10 @@ def _csv(
         ts = row[ts_at].strip()
         accuracy = row[acc_at].strip() if acc_at is not None else ""
         speed = row[speed_at].strip() if speed_at is not None else ""
-        ping = _well_formed(dev, ts, row[lat_at], row[lon_at], accuracy, speed)
+        ping = None
+        if dev is not None and (dev in good_devices or DEVICE_ID.match(dev)):
+            good_devices.add(dev)
+            ping = _well_formed(dev, ts, row[lat_at], row[lon_at], accuracy, speed)
         if ping is not None:
             yield number, ping
             continue
@@ -229,18 +239,23 @@ def _csv(
         yield number, _ping(number, obj, device_id)
 
 
-def _well_formed(device: str | None, ts: str, lat_text: str, lon_text: str, accuracy_text: str,
+def _well_formed(device: str, ts: str, lat_text: str, lon_text: str, accuracy_text: str,
                  speed_text: str) -> Ping | None:
-    """The fast path for a good CSV row: the Ping parse_ping would give, or None to let
-    parse_ping explain the problem. Only ever stricter than parse_ping, never looser."""
-    if device is None or not DEVICE_ID.match(device):
-        return None
+    """The fast path for a good CSV row of a well-formed device id: the Ping parse_ping would
+    give, or None to let parse_ping explain the problem. Only ever stricter than parse_ping,
+    never looser."""
     try:
         lat = float(lat_text)
         lon = float(lon_text)
         accuracy = float(accuracy_text) if accuracy_text else None
         speed = float(speed_text) if speed_text else None
-        epoch = parse_ts(float(ts) if _EPOCH_MS.match(ts) else ts, naive_is_utc=True)
+        if ts.isdigit():  # epoch milliseconds, the usual case: parse_ts's test, inline
+            ms = float(ts)
+            if not MIN_EPOCH_MS <= ms < END_EPOCH_MS:
+                return None
+            epoch = ms / 1000.0
+        else:
+            epoch = parse_ts(float(ts) if _EPOCH_MS.match(ts) else ts, naive_is_utc=True)
     except ValueError:
         return None
     # comparisons with NaN are false, so NaN falls through to parse_ping too
@@ -251,6 +266,43 @@ def _well_formed(device: str | None, ts: str, lat_text: str, lon_text: str, accu
     if speed is not None and not 0.0 <= speed < math.inf:
         return None
     return Ping(device, epoch, lat, lon, accuracy, speed)
+
+
+def _numbered(lines: Iterable[tuple[int, str]], last: list[int]) -> Iterator[str]:
+    """The lines' text, keeping in `last` the number of the latest one given (a quoted field
+    may span lines: a record's number is that of its last line, as csv's line_num counts)."""
+    for number, text in lines:
+        last[0] = number
+        yield text
+
+
+def _lines_of_shard(lines: Iterable[tuple[int, str]], mine: int, shards: int, width: int,
+                    dev_at: int | None, device_id: str | None) -> Iterator[tuple[int, str]]:
+    """The lines of a file without quotes that shard `mine` reads: its devices', and, in
+    shard 0, those that are not a record of `width` fields (blank or malformed)."""
+    commas = width - 1
+    shard_of_device: dict[str, int] = {}  # a device pings again and again
+    for number, text in lines:
+        if text.count(",") != commas:
+            if mine == 0:
+                yield number, text
+            continue
+        dev = (text.split(",", dev_at + 1)[dev_at].strip() if dev_at is not None else "") \
+            or device_id or ""
+        shard = shard_of_device.get(dev)
+        if shard is None:
+            shard = shard_of_device[dev] = shard_of(dev, shards)
+        if shard == mine:
+            yield number, text
+
+
+def _has_quotes(path: Path) -> bool:
+    """Whether the file holds a double quote anywhere (then a record may span lines)."""
+    try:
+        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return data.find(b'"') >= 0
+    except (OSError, ValueError):  # not a regular file, or empty: say it may have some
+        return True
 
 
 class NoDeviceColumn(InvalidInput):
@@ -550,6 +602,22 @@ class Replay:
 
     def _admit(self, number: int, ping: Ping) -> bool:
         device = ping.device_id
+        clock = self.clock.get(device)
+        # a device with a clock has had a ping admitted, so its consent (which a replay never
+        # changes) was checked then
+        if clock is None and not self._consents(device):
+            self._reject(number, "no_consent",
+                         f"device {device!r} is unknown or has not given location consent")
+            return False
+        if clock is not None and ping.ts < clock:
+            self._reject(number, "out_of_order",
+                         f"ts {format_ts(ping.ts)} is older than this device's last ping "
+                         f"({format_ts(clock)})")
+            return False
+        self.clock[device] = ping.ts
+        return True
+
+    def _consents(self, device: str) -> bool:
         snap = self.snapshots.get(device)
         if snap is None and self.assume_consent:
             # --assume-consent: a device missing from --devices consents to everything, with
@@ -560,18 +628,7 @@ class Replay:
                 None,
             )
             self.snapshots[device] = snap
-        if snap is None or not has_location_consent(snap.profile):
-            self._reject(number, "no_consent",
-                         f"device {device!r} is unknown or has not given location consent")
-            return False
-        clock = self.clock.get(device)
-        if clock is not None and ping.ts < clock:
-            self._reject(number, "out_of_order",
-                         f"ts {format_ts(ping.ts)} is older than this device's last ping "
-                         f"({format_ts(clock)})")
-            return False
-        self.clock[device] = ping.ts
-        return True
+        return snap is not None and has_location_consent(snap.profile)
 
     def _ingest(self, pings: list[Ping], lines: list[int]) -> None:
         devices = {p.device_id for p in pings}
