@@ -223,6 +223,33 @@ async def test_a_single_ping_goes_in_the_next_group_not_behind_a_queued_flood(
     assert store.calls[1] == ["phone"]
 
 
+async def test_a_single_ping_is_answered_while_a_flood_share_is_in_the_store(
+        tmp_path: Path) -> None:
+    """The express lane: with Redis a share that decides takes round trips and a commit per
+    deciding device, seconds in which a phone's ping queued behind it would wait. A group of
+    small parts goes beside it when the two share no device; bulk never does, and a ping of a
+    device in the share waits for it."""
+    flooders = [f"f{i}" for i in range(100)]
+    ingestor, store = await _held(tmp_path, [*flooders, "phone"])
+    trace = load_trace()
+    flood = asyncio.ensure_future(ingestor.ingest(_flood(flooders, 10), time.time(), "flood"))
+    await asyncio.sleep(0.01)  # its first share is in the store, held
+    held = set(store.calls[0])
+    assert len(store.calls) == 1 and len(held) * 10 <= ingest.BULK_SHARE_PINGS
+    single = await asyncio.wait_for(
+        ingestor.ingest([ping("phone", trace[0])], time.time(), "phone"), timeout=2.0)
+    assert single.accepted == 1 and store.calls[1] == ["phone"]
+    assert not flood.done() and len(store.calls) == 2  # the flood's next share waits
+    # a ping of a device of the held share goes after it, never beside it
+    mine = next(iter(held))
+    later = asyncio.ensure_future(ingestor.ingest([ping(mine, trace[50])], time.time(), "x"))
+    await asyncio.sleep(0.05)
+    assert not later.done() and len(store.calls) == 2
+    store.release.set()
+    assert (await flood).accepted == 1000
+    assert (await later).rejected == [] and (await later).accepted == 1
+
+
 async def test_a_ping_never_overtakes_an_earlier_one_of_its_device(tmp_path: Path) -> None:
     flooders = [f"f{i}" for i in range(100)]
     ingestor, store = await _held(tmp_path, [*flooders, "first"])

@@ -26,6 +26,9 @@ so a phone's single ping waited behind every batch queued before it: one client 
   flood's part of every group, hence of every compute on the loop, is bounded. The share is the
   memory backend's; with Redis a group spends most of its time waiting for Redis, with the loop
   free, and each group costs round trips, so there it is a whole batch (REDIS_SHARE_PINGS);
+- a group of small parts only may go to the store while a group of bulk is there, when the two
+  share no device (the express lane, EXPRESS_FLUSHING): a phone's ping waits for the store's
+  round trips, not for a flood's;
 - a part joins the OLDEST queued group with room that follows every group holding one of its
   devices (not the newest), so it never overtakes an earlier ping of its own devices; a small
   part that would land in a group carrying bulk goes instead into a group of small parts at
@@ -63,6 +66,10 @@ log = logging.getLogger("geopush.service.ingest")
 
 MAX_GROUP_PINGS = 2000  # a group's latency grows with its size; requests beyond wait for the next
 MAX_FLUSHING = 1  # groups in the state store at once; the next one gathers requests meanwhile
+# ... and a group of small parts beside them (FAIRNESS): with Redis a group of bulk that decides
+# makes several round trips and a commit per deciding device, a second or more in which a
+# phone's single ping queued behind it would wait (benchmarks/bench_delivery.py: p99 1.8-2.7 s)
+EXPRESS_FLUSHING = 1
 # FAIRNESS (above): the biggest piece of one flood's work on the loop bounds what a phone's
 # single ping waits behind. bench_fairness.py: shares of 150 pings left the victims' p99 at 2.4×
 # their unloaded figure, 75 at 1.7-1.9×, 50 at 1.5×; memory batches went from 170,000 to
@@ -174,7 +181,7 @@ class Ingestor:
         self._engine = engine  # the engine of the active stores (a reload swaps it)
         self._metrics = metrics
         self._queued: deque[_Group] = deque()  # groups waiting for their turn, oldest first
-        self._flushing: set[asyncio.Task[None]] = set()
+        self._flushing: dict[asyncio.Task[None], _Group] = {}  # groups in the store
         self._reporting: set[asyncio.Task[None]] = set()  # decisions told of a slice at a time
         self._failing = False  # the last group's commit failed: the store may be down
         self._turns = _Turns()
@@ -321,14 +328,24 @@ class Ingestor:
         while the store is busy: fewer, bigger commits, and never two of this instance's
         groups competing for one device. While the store fails, groups start at once: one
         after the other, each would wait out the store's timeout behind the previous one."""
-        while self._queued and (self._failing or len(self._flushing) < MAX_FLUSHING):
+        while self._queued and (self._failing or len(self._flushing) < MAX_FLUSHING
+                                or self._express(self._queued[0])):
             group = self._queued.popleft()
             task = asyncio.ensure_future(self._flush(group))
-            self._flushing.add(task)
+            self._flushing[task] = group
             task.add_done_callback(self._flushed)
 
+    def _express(self, group: _Group) -> bool:
+        """Whether a group of small parts alone may go to the store beside a group of bulk
+        there (FAIRNESS, the express lane). Beside a group of small parts it waits, gathering
+        requests, as groups do. It shares no device with the groups there, so they never
+        compete for one (and no ping overtakes an earlier one of its device)."""
+        return (not group.bulk and len(self._flushing) < MAX_FLUSHING + EXPRESS_FLUSHING
+                and all(other.bulk and group.devices.isdisjoint(other.devices)
+                        for other in self._flushing.values()))
+
     def _flushed(self, task: asyncio.Task[None]) -> None:
-        self._flushing.discard(task)
+        self._flushing.pop(task, None)
         self._launch()
 
     async def _flush(self, group: _Group) -> None:
