@@ -51,9 +51,10 @@ from geopush.api.errors import Handler, error_middleware
 from geopush.api.wire import MAX_BODY_BYTES
 from geopush.config import Settings
 from geopush.delivery.counts import ReportCounts
+from geopush.delivery.process import DeliveryProcess, separate_delivery
 from geopush.delivery.senders.base import Sender
 from geopush.delivery.senders.build import build_sender
-from geopush.delivery.worker import DeliveryWorker
+from geopush.delivery.worker import Delivery, DeliveryWorker
 from geopush.errors import GeopushError
 from geopush.logs import configure_logging, fields
 from geopush.metrics import Metrics
@@ -93,6 +94,7 @@ def create_app(settings: Settings, *, store: StateStore | None = None,
     app[LIMITER] = RequestLimiter(settings.limits.key_requests_per_second)
     app[LIVE] = Live()
     app[WEBSOCKETS] = weakref.WeakSet()
+    own_store = store is None  # tests may hand one in: then everything runs in this process
     if store is None:
         store = make_store(settings)
     app[STATE] = store
@@ -101,11 +103,17 @@ def create_app(settings: Settings, *, store: StateStore | None = None,
     counts = ReportCounts(settings.logging.delivery_report_every)
     senders: list[Sender] = []  # built at start (a bad service account stops it there)
     ingestors: list[Ingestor] = []
-    worker = DeliveryWorker(store, lambda: senders[0], app[METRICS], counts,
-                            lambda: settings.policy,
-                            max_in_flight=settings.delivery.max_in_flight,
-                            lease_s=settings.delivery.send_lease,
-                            backlog=lambda: ingestors[0].backlog if ingestors else 0)
+    worker: Delivery
+    if own_store and separate_delivery(settings):
+        # sends go out from a process of its own: this loop only answers and decides
+        worker = DeliveryProcess(settings)
+        app[METRICS].added_from = worker.metrics_file
+    else:
+        worker = DeliveryWorker(store, lambda: senders[0], app[METRICS], counts,
+                                lambda: settings.policy,
+                                max_in_flight=settings.delivery.max_in_flight,
+                                lease_s=settings.delivery.send_lease,
+                                backlog=lambda: ingestors[0].backlog if ingestors else 0)
     app[DELIVERY] = worker
 
     def decided(decisions: Sequence[Decision]) -> None:
@@ -170,10 +178,18 @@ def _timers_ctx(interval_s: float, decided: OnDecided) -> _Ctx:
 
 
 def _delivery_ctx(senders: list[Sender]) -> _Ctx:
-    """The sender and the delivery worker (geopush.delivery.worker) on every instance."""
+    """The sender and the delivery worker (geopush.delivery.worker) on every instance, in
+    this process or in one of its own (geopush.delivery.process)."""
 
     async def delivery(app: web.Application) -> AsyncIterator[None]:
         delivery_settings = app[SETTINGS].delivery
+        process = app[DELIVERY]
+        if isinstance(process, DeliveryProcess):  # it stops its child, which stops sending
+            supervising = asyncio.create_task(process.run(), name="geopush-delivery-process")
+            yield
+            process.stop()
+            await supervising
+            return
         sender = build_sender(delivery_settings, timeout_s=delivery_settings.timeout,
                               pool_limit=min(delivery_settings.max_in_flight, 1000))
         senders[:] = [sender]

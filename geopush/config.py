@@ -288,6 +288,11 @@ class DeliverySettings(_Section):
         "this (its sender died mid-send); keep it above `timeout`")
     max_in_flight: int = Field(200, ge=1, le=10_000,
                                description="attempts in flight at once per instance")
+    process: Literal["auto", "inline", "separate"] = Field(
+        "auto", description="where pushes are sent from: `separate`, a process of its own "
+        "beside each `geopush serve` (needs storage.backend redis), keeps sends off the event "
+        "loop that answers pings; `inline`, in the serving process; `auto`: separate with "
+        "redis, inline with memory")
 
     @model_validator(mode="after")
     def _sender_is_configured(self) -> DeliverySettings:

@@ -6,11 +6,14 @@ counters. Label children are looked up once: the ping path increments them per r
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST as PROMETHEUS_CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from geopush.engine import Rejected
 from geopush.geo.model import Event
@@ -31,6 +34,8 @@ _TIMER_LAG_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # another process's metrics to add to ours (geopush.delivery.process)
+        self.added_from: Path | None = None
         r = self.registry
         self.pings_accepted = Counter(
             "geopush_pings_accepted", "Pings taken into device state", registry=r)
@@ -141,4 +146,50 @@ class Metrics:
             self._events[(e.type, source)].inc()
 
     def render(self) -> bytes:
+        """The exposition text, with the delivery process's metrics added when it writes them
+        (geopush.delivery.process): ops scrape one endpoint."""
+        if self.added_from is not None:
+            try:
+                text = self.added_from.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                text = ""  # not written yet
+            if text:
+                return generate_latest(_Summed(self.registry, text))
         return generate_latest(self.registry)
+
+
+class _Summed:
+    """A registry's metrics plus those of another process's exposition text: samples with the
+    same name and labels are added (the serving process's delivery metrics stay at zero when
+    another process sends), the others listed; `_created` stamps are the registry's."""
+
+    def __init__(self, registry: CollectorRegistry, text: str) -> None:
+        self._registry = registry
+        self._text = text
+
+    def collect(self) -> Iterator[Metric]:
+        families = {family.name: family for family in self._registry.collect()}
+        try:
+            others = list(text_string_to_metric_families(self._text))
+        except ValueError:  # a file cut short cannot be: it is replaced whole
+            others = []
+        for other in others:
+            if other.name.endswith("_created"):
+                continue  # the text form lists a counter's `_created` apart: ours stands
+            mine = families.get(other.name)
+            if mine is None or mine.type != other.type:
+                families.setdefault(other.name, other)
+                continue
+            at = {(s.name, tuple(sorted(s.labels.items()))): i
+                  for i, s in enumerate(mine.samples)}
+            for sample in other.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                i = at.get(key)
+                if sample.name.endswith("_created"):
+                    continue
+                if i is None:
+                    mine.samples.append(sample)
+                else:
+                    mine.samples[i] = mine.samples[i]._replace(
+                        value=mine.samples[i].value + sample.value)
+        yield from families.values()

@@ -86,6 +86,12 @@ def deployment_problems(settings: Settings) -> list[Problem]:
                 problem(("delivery", "fcm", "service_account_file"), unusable,
                         "a Google service account JSON key file", value=str(account))
 
+    if delivery.process == "separate" and settings.storage.backend != "redis":
+        problem(("delivery", "process"),
+                f"delivery.process = 'separate' needs storage.backend: redis (the "
+                f"{settings.storage.backend} store lives in the serving process)",
+                "inline or auto with the memory backend", value="separate")
+
     snapshot = settings.storage.snapshot_path
     if settings.storage.backend == "memory" and snapshot is not None:
         reason = _snapshot_problem(snapshot)

@@ -250,6 +250,26 @@ async def test_a_single_ping_is_answered_while_a_flood_share_is_in_the_store(
     assert (await later).rejected == [] and (await later).accepted == 1
 
 
+async def test_a_flood_share_never_joins_a_group_of_waiting_phones(tmp_path: Path) -> None:
+    """Phones' pings waiting in a group of their own stay there: a share of bulk joining it
+    would make them wait for the share to be read, decided and written (on Redis, for the
+    length of a whole 1000-ping request)."""
+    flooders = [f"f{i}" for i in range(100)]
+    ingestor, store = await _held(tmp_path, [*flooders, "first", "phone"])
+    p = load_trace()[0]
+    first = asyncio.ensure_future(ingestor.ingest([ping("first", p)], time.time(), "a"))
+    await asyncio.sleep(0.01)  # "first" is in the store, held
+    single = asyncio.ensure_future(ingestor.ingest([ping("phone", p)], time.time(), "phone"))
+    await asyncio.sleep(0.01)  # the phone's group waits for it
+    flood = asyncio.ensure_future(ingestor.ingest(_flood(flooders, 10), time.time(), "flood"))
+    await asyncio.sleep(0.01)
+    store.release.set()
+    await first
+    assert (await single).accepted == 1 and (await flood).accepted == 1000
+    assert store.calls[1] == ["phone"]
+    assert all("phone" not in call for call in store.calls[2:])
+
+
 async def test_a_ping_never_overtakes_an_earlier_one_of_its_device(tmp_path: Path) -> None:
     flooders = [f"f{i}" for i in range(100)]
     ingestor, store = await _held(tmp_path, [*flooders, "first"])

@@ -716,3 +716,45 @@ async def test_a_track_the_previous_release_wrote_is_read_and_carried_on(
         assert raw.startswith(b"[2,")
     finally:
         await client.aclose()
+
+
+async def test_a_big_group_is_tracked_in_slices_the_loop_served_between(
+        stores: tuple[RedisStore, RedisStore]) -> None:
+    """A 1000-ping share took the event loop for 20-60 ms at a time (the replies of its
+    pipelines, the compute, the commit's arguments): it goes TRACK_SLICE devices at a time,
+    each device once, every one committed, and another task runs between the slices."""
+    from geopush.state import redis as redis_module
+
+    store, _ = stores
+    devices = [f"slice-{i}" for i in range(2 * redis_module.TRACK_SLICE + 7)]
+    for d in devices:
+        await store.put_profile(_profile(d), None)
+    pings = [Ping(d, T0, SHOPS[0][0], SHOPS[0][1], 10.0) for d in devices]
+    seen: list[list[str]] = []
+    turns: list[int] = []
+
+    def compute(snapshots: Mapping[str, DeviceSnapshot]) -> dict[str, DeviceOutcome]:
+        seen.append(list(snapshots))
+        turns.append(ticks[0])
+        return ENGINE.ingest([p for p in pings if p.device_id in snapshots], snapshots)
+
+    ticks = [0]
+
+    async def ticker() -> None:
+        while True:
+            ticks[0] += 1
+            await asyncio.sleep(0)
+
+    ticking = asyncio.create_task(ticker())
+    try:
+        outcomes = await store.track(devices, compute)
+    finally:
+        ticking.cancel()
+    assert sorted(outcomes) == sorted(devices)
+    assert all(o.events and o.events[0].type == "enter" for o in outcomes.values())
+    assert [len(s) for s in seen] == [redis_module.TRACK_SLICE] * 2 + [7]
+    assert sorted(d for s in seen for d in s) == sorted(devices)
+    assert turns[0] < turns[1] < turns[2]  # the loop ran others between the slices
+    for d in devices:  # each stored once, with its stay
+        state = (await store.stored_track(d)).state
+        assert state is not None and list(state.stays) == ["node/0"]

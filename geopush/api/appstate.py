@@ -8,7 +8,7 @@ from aiohttp import web
 
 from geopush.api.auth import Authenticator
 from geopush.config import Settings
-from geopush.delivery.worker import DeliveryWorker
+from geopush.delivery.worker import Delivery
 from geopush.engine import Engine
 from geopush.errors import Problem
 from geopush.metrics import Metrics
@@ -44,5 +44,5 @@ INGESTOR = web.AppKey("ingestor", Ingestor)
 RELOADER = web.AppKey("reloader", Reloader)
 LIMITER = web.AppKey("limiter", RequestLimiter)
 WEATHER = web.AppKey("weather", WeatherSource)
-DELIVERY = web.AppKey("delivery", DeliveryWorker)
+DELIVERY = web.AppKey[Delivery]("delivery")
 WEBSOCKETS = web.AppKey[weakref.WeakSet[web.WebSocketResponse]]("websockets")

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from geopush.config import PolicySettings
 from geopush.delivery.counts import ReportCounts
@@ -45,6 +46,17 @@ MARKETING_PAUSED = "marketing_paused"  # the flag: who paused marketing pushes (
 PAUSE_RECHECK_S = 5.0  # a held push looks again this often while marketing is paused
 START_SLICE = 16  # attempts started in one turn of the event loop
 COMMIT_MARGIN_S = 60.0  # beyond policy.max_event_lag: by then a decision's commit landed or never will
+
+
+class Delivery(Protocol):
+    """What the service asks of whatever sends its pushes: the worker in its own event loop,
+    or in a process of its own (geopush.delivery.process)."""
+
+    def wake(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    async def run(self) -> None: ...
 
 
 class DeliveryWorker:
