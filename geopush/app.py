@@ -83,8 +83,11 @@ _Ctx = Callable[[web.Application], AsyncIterator[None]]
 
 
 def create_app(settings: Settings, *, store: StateStore | None = None,
-               timer_interval_s: float = INTERVAL_S) -> web.Application:
-    """The app, not started; `store` replaces the one the settings describe (tests)."""
+               timer_interval_s: float = INTERVAL_S,
+               delivery_process: bool = False) -> web.Application:
+    """The app, not started; `store` replaces the one the settings describe (tests).
+    `delivery_process`: send from a process of its own (geopush.delivery.process), as `geopush
+    serve` does when delivery.process says so; else in this one, as the app's tests do."""
     app = web.Application(middlewares=[slow_client_middleware, _metrics_middleware,
                                        error_middleware],
                           client_max_size=MAX_BODY_BYTES)
@@ -94,7 +97,6 @@ def create_app(settings: Settings, *, store: StateStore | None = None,
     app[LIMITER] = RequestLimiter(settings.limits.key_requests_per_second)
     app[LIVE] = Live()
     app[WEBSOCKETS] = weakref.WeakSet()
-    own_store = store is None  # tests may hand one in: then everything runs in this process
     if store is None:
         store = make_store(settings)
     app[STATE] = store
@@ -104,7 +106,7 @@ def create_app(settings: Settings, *, store: StateStore | None = None,
     senders: list[Sender] = []  # built at start (a bad service account stops it there)
     ingestors: list[Ingestor] = []
     worker: Delivery
-    if own_store and separate_delivery(settings):
+    if delivery_process:
         # sends go out from a process of its own: this loop only answers and decides
         worker = DeliveryProcess(settings)
         app[METRICS].added_from = worker.metrics_file
@@ -283,7 +285,7 @@ def listen_host(settings: Settings) -> str:
 async def serve(settings: Settings) -> None:
     """Run until SIGINT or SIGTERM, then shut down gracefully."""
     host = listen_host(settings)
-    app = create_app(settings)
+    app = create_app(settings, delivery_process=separate_delivery(settings))
     max_connections, backlog = _connection_limits(settings)
     server = HttpServer(app, host, settings.server.port,
                         max_connections=max_connections, backlog=backlog)

@@ -101,7 +101,7 @@ DECIDE_SLICE = 8  # devices decided in one turn of the event loop
 # its steps (the replies of a pipeline of 3,000 commands, the compute, the commit's arguments)
 # took the event loop for 20-60 ms at once, and a phone's ping queued behind every one of them.
 # In slices, one after the other, each step is a few ms and the loop serves others between.
-TRACK_SLICE = 50
+TRACK_SLICE = 100
 
 
 @dataclass(slots=True)
@@ -296,29 +296,27 @@ class RedisStore(RedisOutbox, StateStore):
             return await self._track(devices, compute)
         # Compute takes the devices to work on from its argument: a slice is a smaller call
         slices = [devices[i:i + TRACK_SLICE] for i in range(0, len(devices), TRACK_SLICE)]
-        results: list[dict[str, DeviceOutcome] | BaseException] = []
-        for part in slices:  # one after the other: side by side, their steps would be
-            try:             # ready at once, and one turn of the loop would run them all
-                results.append(await self._track(part, compute))
-            except StateUnavailable as exc:
-                results.append(exc)
         committed: dict[str, DeviceOutcome] = {}
         unavailable: set[str] = set()
         reason: StateUnavailable | None = None
-        for part, result in zip(slices, results, strict=True):
-            if isinstance(result, PartlyUnavailable):
-                committed.update(result.committed)
-                unavailable |= result.unavailable
-                reason = reason or result
-            elif isinstance(result, StateUnavailable):
-                unavailable.update(part)
-                reason = reason or result
-            else:
-                assert not isinstance(result, BaseException)
-                committed.update(result)
+        # one after the other: side by side, their steps would be ready at once, and one turn
+        # of the loop would run them all
+        for n, part in enumerate(slices):
+            try:
+                committed.update(await self._track(part, compute))
+            except PartlyUnavailable as partly:  # a cluster node failed: the others go on
+                committed.update(partly.committed)
+                unavailable |= partly.unavailable
+                reason = reason or partly
+            except StateUnavailable as exc:
+                # Redis is not answering: the slices left are not tried (each would wait out
+                # the timeout), and nothing of them is written
+                unavailable.update(d for rest in slices[n:] for d in rest)
+                reason = reason or exc
+                break
         if reason is None:
             return committed
-        if committed:  # as one batch would: what committed stands, the rest is retried
+        if committed:  # what committed stands; the rest is answered `unavailable` (retry)
             raise PartlyUnavailable(committed, unavailable, str(reason))
         raise reason
 
