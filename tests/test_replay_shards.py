@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from geopush.cli.replay import BadLine, read_pings, shard_of
+from geopush.cli.ping_files import BadLine, read_pings, shard_of
 from geopush.cli.replay_shards import SPLIT_FROM_BYTES, jobs_for
 from geopush.timeutil import format_ts, parse_ts
 

@@ -22,7 +22,8 @@ from contextlib import closing
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from geopush.cli.replay import Replay, ReplayResult, is_ndjson_file, read_pings, sort_result
+from geopush.cli.ping_files import is_ndjson_file, read_pings
+from geopush.cli.replay import Replay, ReplayResult, sort_result
 
 # Under this size one process is faster: forking and merging cost more than the split saves
 # (benchmarks/bench_replay_core.py: 57 MB of CSV, 1,000,000 pings).
