@@ -120,3 +120,21 @@ def test_jobs_must_be_a_whole_number_of_processes(tmp_path: Path, jobs: str) -> 
                           cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2
     assert f"--jobs: {jobs!r}: expected a whole number of processes from 1 to 64" in done.stderr
+
+
+def test_a_shard_process_that_dies_is_said_not_hidden(tmp_path: Path) -> None:
+    """A child killed (the OOM killer) before it sent its result: the parent says which and
+    how it ended, and the command answers with one line, not a traceback or a partial
+    result."""
+    from geopush.cli.replay import Replay
+    from geopush.cli.replay_shards import ShardFailed, replay_split
+    from tests.test_replay import _engine
+
+    class Dying(Replay):
+        def run(self, records: Any) -> Any:
+            os._exit(3)
+
+    pings = tmp_path / "fleet.csv"
+    _fleet(pings)
+    with pytest.raises(ShardFailed, match="ended with exit code 3 before it sent its result"):
+        replay_split(Dying(_engine(), assume_consent=True), pings, device_id=None, jobs=2)

@@ -513,7 +513,7 @@ def _run(args: argparse.Namespace) -> int:
         explain=args.explain,
     )
     path = Path(args.pings)
-    from geopush.cli.replay_shards import jobs_for, replay_split
+    from geopush.cli.replay_shards import ShardFailed, jobs_for, replay_split
 
     jobs = jobs_for(path, args.jobs)
     try:
@@ -526,6 +526,10 @@ def _run(args: argparse.Namespace) -> int:
         return USAGE
     except InvalidInput as exc:
         print_error(exc, err)
+        return ERRORS
+    except ShardFailed as exc:  # one of its processes died (out of memory?): say which, once
+        print(f"error: replay over {jobs} processes failed: {exc}; `--jobs 1` replays in "
+              "this process alone", file=err)
         return ERRORS
     _report_rejections(path, result, err)
     names = {g.id: g.name for g in stores.geofences}

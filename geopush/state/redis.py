@@ -4,7 +4,9 @@ Atomicity of `track` is optimistic. Every write of a device adds one to its `:ve
 pipelined round trip reads profile, track, version and device token of every device in a
 batch (one MGET) and their timers (one ZMSCORE); the pure compute runs; one pipelined round
 trip commits the batch with one Lua script that compare-and-sets each device on its version.
-Devices whose version moved meanwhile are read and computed again.
+Devices whose version moved meanwhile are read and computed again. A batch of more than
+TRACK_SLICE devices goes a slice at a time, so that no step of it holds the event loop long;
+when Redis stops answering, the slices not yet tried are not (the answer says which committed).
 
 Commands are few and big because redis-py spends ~10-30 µs of Python per command, more than
 Redis itself; the connections pack commands with hiredis, which is ~6x faster than redis-py's
