@@ -161,8 +161,6 @@ async def _awaited(awaitable: Any) -> Any:
     return await awaitable
 
 
-
-
 def _jobs(text: str) -> int:
     """--jobs: a whole number of processes, 1 to 64 (argparse prints the message)."""
     if not text.strip().isascii() or not text.strip().isdigit() or not 1 <= int(text) <= 64:
