@@ -14,7 +14,7 @@ Prints the median of R runs of (a) GeofenceIndex.query alone and (b) process_bat
 transitions, device states carried from chunk to chunk as the service does), peak RSS, and the
 build time and RSS growth of an index of M geofences; targets are printed next to the figures.
 The garbage collector is tuned as `geopush serve` tunes it (start-up objects frozen, thresholds
-geopush.app.GC_THRESHOLDS) unless --gc-threshold or --cpython-gc says otherwise.
+geopush.collector.THRESHOLDS) unless --gc-threshold or --cpython-gc says otherwise.
 See benchmarks/README.md for measured figures.
 """
 
@@ -37,7 +37,7 @@ import shapely
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from geopush.app import GC_THRESHOLDS
+from geopush.collector import THRESHOLDS as GC_THRESHOLDS
 from geopush.config import LimitsSettings
 from geopush.geo.index import EARTH_RADIUS_M, GeofenceIndex
 from geopush.geo.model import DeviceState, Ping
@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         how = "CPython's defaults, --cpython-gc"
     else:
         gc.set_threshold(*GC_THRESHOLDS)
-        how = "as `geopush serve` sets them: geopush.app.GC_THRESHOLDS"
+        how = "as `geopush serve` sets them: geopush.collector.THRESHOLDS"
     print(f"garbage collector thresholds {gc.get_threshold()} ({how})")
 
     lookup = [_time(lambda: run_lookup(index, pings, args.chunk)) for _ in range(args.repeat)]

@@ -12,7 +12,7 @@ engine; its time is measured inside `track` and reported apart, so "store overhe
 backend itself costs per device (reads, decoding, encoding, commits, round trips).
 
 Runs with the garbage collector tuned as `geopush serve` tunes it (start-up objects frozen, a
-larger young generation: geopush.app.GC_THRESHOLDS); --default-gc keeps CPython's defaults.
+larger young generation: geopush.collector.THRESHOLDS); --default-gc keeps CPython's defaults.
 
 Prints the median of R runs. Redis keys use a prefix of their own (removed afterwards), in the
 database of --redis-url (default 15; never database 0). This is a diagnostic, with no target
@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from geopush.app import GC_THRESHOLDS
+from geopush.collector import THRESHOLDS as GC_THRESHOLDS
 from geopush.devices import Consent, DeviceProfile
 from geopush.engine import DeviceOutcome, DeviceSnapshot, Engine
 from geopush.geo.index import GeofenceIndex

@@ -12,7 +12,6 @@ requests finish, then closes the resources in reverse.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import signal
 import sys
@@ -49,6 +48,7 @@ from geopush.api.connections import (
 )
 from geopush.api.errors import Handler, error_middleware
 from geopush.api.wire import MAX_BODY_BYTES
+from geopush.collector import tune_for_service
 from geopush.config import Settings
 from geopush.delivery.counts import ReportCounts
 from geopush.delivery.process import DeliveryProcess, separate_delivery
@@ -299,7 +299,7 @@ async def serve(settings: Settings) -> None:
         except OSError as exc:
             raise GeopushError(f"cannot listen on {host}:{settings.server.port} "
                                f"(server.host, server.port): {exc.strerror or exc}") from None
-        _tune_garbage_collector()
+        tune_for_service()
         urls = [f"http://{a[0]}:{a[1]}" for a in server.addresses if isinstance(a, tuple)]
         log.info("listening", extra=fields(urls=urls, backend=settings.storage.backend,
                                            auth=app[AUTH].enabled))
@@ -327,19 +327,6 @@ def _connection_limits(settings: Settings) -> tuple[int, int]:
                     f"open {soft} files (RLIMIT_NOFILE) and needs some for itself; raise "
                     f"`ulimit -n` to allow more", configured=configured, max_connections=cap))
     return cap, backlog
-
-
-# Device states are many long-lived objects; each request allocates short-lived ones that
-# survive young collections, so with CPython's defaults full collections run every few
-# batches (benchmarks/README.md, bench_core). What start-up loaded (stores, index, snapshot)
-# is frozen out of collection, and the young generation is collected less often.
-GC_THRESHOLDS = (100_000, 50, 100)
-
-
-def _tune_garbage_collector() -> None:
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def run(settings: Settings) -> int:

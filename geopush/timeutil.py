@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
+from functools import cache
 from typing import Any
+from zoneinfo import ZoneInfo
 
 MIN_EPOCH_S = 946_684_800.0  # 2000-01-01T00:00:00Z
 END_EPOCH_S = 253_402_300_800.0  # 10000-01-01T00:00:00Z, the first instant past 9999
@@ -103,3 +105,10 @@ def format_ts(epoch_s: float) -> str:
     text = (f"{year:04d}-" if 0 <= year <= 9999 else f"{year:+05d}-") + moment.strftime(
         "%m-%dT%H:%M:%S")
     return f"{text}.{millis:03d}Z" if millis else f"{text}Z"
+
+
+@cache
+def zone(name: str) -> ZoneInfo:
+    """A time zone by its IANA name, loaded once: ZoneInfo keeps few alive by itself, and a
+    store's hours and a rule's local time look the same zones up again and again."""
+    return ZoneInfo(name)

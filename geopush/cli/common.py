@@ -4,10 +4,7 @@ printed one a line."""
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -62,21 +59,3 @@ def optional_attr(module: str, name: str) -> Any:
         raise
     return getattr(found, name, None)
 
-
-# A replay builds a heap of objects that live to its end (the stores, every device's state and
-# history). At the default thresholds the cyclic collector runs every 700 new objects and its
-# older generations walk that whole, growing heap: a third of the command's time on
-# benchmarks/bench_replay_core.py. A hundred times rarer, it still finds the few cycles, and the
-# peak memory measured the same.
-BATCH_GC_THRESHOLDS = (100_000, 50, 100)
-
-
-@contextmanager
-def batch_collections() -> Iterator[None]:
-    """The cyclic collector tuned for a batch command, as it was afterwards."""
-    before = gc.get_threshold()
-    gc.set_threshold(*BATCH_GC_THRESHOLDS)
-    try:
-        yield
-    finally:
-        gc.set_threshold(*before)

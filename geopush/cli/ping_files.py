@@ -146,7 +146,6 @@ def _csv(
     acc_at, speed_at = at["accuracy_m"], at["speed_mps"]
     assert ts_at is not None and lat_at is not None and lon_at is not None
     mine, shards = shard if shard is not None else (0, 1)
-    crc32 = zlib.crc32
     line = [header[0]]  # the number of the last line the reader took
     if shards > 1 and not _has_quotes(path):
         # every line is one record: the other shards' lines are left out before the CSV
@@ -166,8 +165,7 @@ def _csv(
                                       f"({','.join(columns)})")
             continue
         dev = (row[dev_at].strip() if dev_at is not None else "") or device_id
-        # the same test as replay_shards.shard_of, inline: it runs for every row
-        if shards > 1 and crc32((dev or "").encode("utf-8", "surrogatepass")) % shards != mine:
+        if shards > 1 and shard_of(dev or "", shards) != mine:  # a file with quotes
             continue
         ts = row[ts_at].strip()
         accuracy = row[acc_at].strip() if acc_at is not None else ""

@@ -28,12 +28,12 @@ from geopush.cli.common import (
     ERRORS,
     OK,
     USAGE,
-    batch_collections,
     print_error,
     settings_of,
     show,
 )
 from geopush.cli.ping_files import BadLine, NoDeviceColumn, read_pings
+from geopush.collector import tuned_for_batch
 from geopush.config import WeatherCondition
 from geopush.devices import Consent, DeviceProfile, has_location_consent
 from geopush.engine import DeviceOutcome, DeviceSnapshot, Engine
@@ -448,7 +448,7 @@ _SHOWN_PER_CODE = 20  # no_consent / out_of_order lines listed before only count
 
 
 def run(args: argparse.Namespace) -> int:
-    with batch_collections():
+    with tuned_for_batch():
         return _run(args)
 
 

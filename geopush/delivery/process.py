@@ -68,7 +68,6 @@ class DeliveryProcess:
         self._wake_fd: int | None = None
         self._stopping = False
         self._stop: asyncio.Event | None = None
-        self.starts = 0  # children started (for tests and logs)
 
     def wake(self) -> None:
         fd = self._wake_fd
@@ -126,7 +125,6 @@ class DeliveryProcess:
                                   daemon=False)
         process.start()
         reading.close()
-        self.starts += 1
         log.info("delivery_process_started", extra=fields(pid=process.pid))
         return process, wake_write
 

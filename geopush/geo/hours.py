@@ -10,6 +10,8 @@ from zoneinfo import ZoneInfo
 
 from opening_hours import OpeningHours, State
 
+from geopush.timeutil import zone
+
 # Every evaluation gets a tz-aware datetime; the library wants ZoneInfo, not datetime.timezone.
 _UTC = ZoneInfo("UTC")
 
@@ -64,15 +66,9 @@ _PLACE_WORDS = ("ph", "sh", "sunrise", "sunset", "dawn", "dusk")
 @lru_cache(maxsize=4096)
 def _parse(expression: str, timezone: str, coords: tuple[float, float] | None) -> OpeningHours:
     try:
-        return OpeningHours(expression, timezone=_zone(timezone), coords=coords)
+        return OpeningHours(expression, timezone=zone(timezone), coords=coords)
     except Exception as exc:  # the library raises its own ParserError / SyntaxError
         raise HoursSyntaxError(_short_reason(str(exc))) from None
-
-
-@lru_cache(maxsize=1024)
-def _zone(name: str) -> ZoneInfo:
-    # ZoneInfo keeps few zones alive by itself: each parse would read the zone's file again
-    return ZoneInfo(name)
 
 
 def _utc(epoch_s: float) -> datetime:

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from functools import cache
 from typing import Any
-from zoneinfo import ZoneInfo
 
 from geopush.devices import DeviceProfile
 from geopush.geo.model import Event
 from geopush.geo.stores import Geofence
 from geopush.rules.load import LoadedRule
 from geopush.rules.schema import DAYS, Range, When
+from geopush.timeutil import zone
 
 STORE_OPEN_AHEAD_S = 15 * 60  # store_open: open at the event and for this much longer
 
@@ -47,13 +46,8 @@ class Moment:
     activity: str | None  # of the ping behind the event (a dwell: the stay's last ping)
 
 
-@cache
-def _zone(name: str) -> ZoneInfo:
-    return ZoneInfo(name)
-
-
 def local_time(ts: float, timezone: str) -> datetime:
-    return datetime.fromtimestamp(ts, _zone(timezone))
+    return datetime.fromtimestamp(ts, zone(timezone))
 
 
 def in_window(clock: str, start: str, end: str) -> bool:
