@@ -132,6 +132,30 @@ async def test_two_schedulers_run_each_period_once(
     assert steps == {0.5}
 
 
+async def test_a_run_that_starts_after_its_period_ended_runs_that_period_too() -> None:
+    """A late start (a busy loop, a slow state store) was taken for the next period, and its
+    own never ran anywhere: a delivery report's window gone (CI saw a 0.5 s period skipped)."""
+    from geopush.service.jobs import CATCH_UP_PERIODS
+    from geopush.state.memory import MemoryStore
+
+    clock = [4_000_000.0 + 1]
+    jobs = Jobs(MemoryStore(), Metrics(), clock=lambda: clock[0])
+    ran: list[float] = []
+
+    async def run(period_start: float) -> None:
+        ran.append(period_start)
+
+    job = Job("report", 10.0, run, lease_s=30.0)
+    await jobs._fire(job)
+    clock[0] += 20.5  # the run for the next period starts only in the one after it
+    await jobs._fire(job)
+    assert ran == [4_000_000.0, 4_000_010.0, 4_000_020.0]
+    await jobs._fire(job)  # fired again in the same period: nothing more
+    clock[0] += 200.0  # far behind: only the last few periods are run
+    await jobs._fire(job)
+    assert ran[3:] == [4_000_220.0 - 10.0 * k for k in range(CATCH_UP_PERIODS, -1, -1)]
+
+
 async def test_the_delivery_report_sums_every_instance_and_warns_under_the_threshold(
         two_stores: tuple[RedisStore, RedisStore], caplog: pytest.LogCaptureFixture) -> None:
     clock = [4_000_000.0 + 5]  # 5 s into a 60 s window

@@ -41,6 +41,7 @@ log = logging.getLogger("geopush.service.jobs")
 # loop): a skipped report or purge is a silent gap
 MISFIRE_GRACE_S = 300
 RENEW_EVERY = 1 / 3  # of the lease's length, while a run lasts
+CATCH_UP_PERIODS = 3  # periods a late run goes back for; older ones are let go
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +69,7 @@ class Jobs:
         self._jobs: list[Job] = []
         self._running: set[asyncio.Task[object]] = set()
         self._done: dict[str, int] = {}  # job → the last period it ran here
+        self._fired: dict[str, int] = {}  # job → the last period the scheduler ran it for
 
     def add(self, job: Job) -> None:
         self._jobs.append(job)
@@ -77,7 +79,7 @@ class Jobs:
         if first - job.every_s > now:
             first -= job.every_s
         self._scheduler.add_job(
-            self.run_once, "interval", args=[job], seconds=job.every_s, id=job.name,
+            self._fire, "interval", args=[job], seconds=job.every_s, id=job.name,
             next_run_time=datetime.fromtimestamp(first, UTC), misfire_grace_time=MISFIRE_GRACE_S,
             coalesce=True, max_instances=1)
         if job.at_start:
@@ -96,6 +98,18 @@ class Jobs:
         for task in running:
             task.cancel()
         await asyncio.gather(*running, return_exceptions=True)
+
+    async def _fire(self, job: Job) -> None:
+        """The scheduler's run: for the period under way, and for those since the last run
+        that a late start skipped (up to CATCH_UP_PERIODS). A run that starts after its
+        period ended (a busy loop, a slow state store) would otherwise be taken for the next
+        one, and its own period, a delivery report's window, never run anywhere."""
+        current = int((self._clock() - job.offset_s) // job.every_s)
+        last = self._fired.get(job.name)
+        first = current if last is None else max(last + 1, current - CATCH_UP_PERIODS)
+        self._fired[job.name] = max(current, last if last is not None else current)
+        for period in range(first, current + 1):
+            await self.run_once(job, period * job.every_s + job.offset_s)
 
     async def run_once(self, job: Job, now: float | None = None) -> bool:
         """Run `job` for the period `now` falls in, if no instance ran it yet; whether it
