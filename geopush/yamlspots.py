@@ -36,6 +36,11 @@ class _Refused(yaml.MarkedYAMLError):
     """An anchor or alias: valid YAML that geopush does not read."""
 
 
+class _Duplicate(yaml.MarkedYAMLError):
+    """A key given twice in one mapping: PyYAML would keep the last one without a word, so a
+    rule's second `title:` or a config's second `policy:` would silently undo the first."""
+
+
 class _NoAliasLoader(yaml.SafeLoader):
     """The safe loader, refusing anchors (`&name`) and aliases (`*name`, `<<: *name`), and
     reading plain scalars as YAML 1.2 does: PyYAML's YAML 1.1 turns the key `on:` of a rule's
@@ -53,6 +58,22 @@ class _NoAliasLoader(yaml.SafeLoader):
                                   "aliases are refused; write the value out)",
                                   problem_mark=event.start_mark)
         return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}  # key → the line it was first given on
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    line = first.get(key)
+                except TypeError:  # an unhashable key: the constructor below says so
+                    continue
+                if line is not None:
+                    raise _Duplicate(problem=f"duplicate key {key!r} (first given on line "
+                                             f"{line})",
+                                     problem_mark=key_node.start_mark)
+                first[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
 
 
 _BOOL = "tag:yaml.org,2002:bool"
@@ -93,6 +114,8 @@ def _problem(exc: yaml.MarkedYAMLError, source: str) -> Problem:
     what = exc.problem or "syntax error"
     if isinstance(exc, _Refused):
         return Problem(where, what, expected="plain YAML without anchors and aliases")
+    if isinstance(exc, _Duplicate):
+        return Problem(where, what, expected="each key once in a mapping")
     if exc.context and exc.context_mark is not None and exc.context_mark is not mark:
         what = f"{exc.context} (line {exc.context_mark.line + 1}), {what}"
     elif exc.context:

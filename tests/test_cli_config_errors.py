@@ -52,6 +52,8 @@ MISTAKES = [
     ({}, "stores_file: stores.geojson\nserver:\n  port: [\n", "geopush.yaml:4: not valid YAML"),
     ({}, "stores_file: &s stores.geojson\nrules_dir: *s\n",
      "geopush.yaml:1: anchor &s is not allowed"),
+    ({}, "stores_file: stores.geojson\npolicy:\n  min_gap: 1h\npolicy: {}\n",
+     "geopush.yaml:4: duplicate key 'policy' (first given on line 2)"),
     ({}, "stores_file: stores.geojson\nauth:\n  device_tokens: required\n",
      "geopush.yaml:2: auth: device_tokens: required needs auth.device_token_secret"),
     # a static provider with no value would make every weather condition false, silently

@@ -296,6 +296,17 @@ def test_devices_file_errors_show_values_as_the_file_wrote_them(tmp_path: Path) 
     assert not any("datetime" in m or "True" in m or "NoneType" in m for m in messages)
 
 
+def test_devices_file_refuses_a_key_given_twice(tmp_path: Path) -> None:
+    # the second consent would silently replace the first: a revocation written above undone
+    path = _write(tmp_path, "devices.yaml",
+                  "- device_id: a\n  consent: {location: false}\n  consent: {location: true}\n")
+    with pytest.raises(InvalidInput) as raised:
+        load_devices(path)
+    [problem] = raised.value.details
+    assert problem.where == f"{path}:3"
+    assert problem.message == "duplicate key 'consent' (first given on line 2)"
+
+
 def test_devices_file_must_be_a_list(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="expected a list of device profiles"):
         load_devices(_write(tmp_path, "d.yaml", "device_id: a\n"))

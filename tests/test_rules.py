@@ -77,6 +77,10 @@ def test_the_bundled_rules_load_with_the_bundled_stores_and_config() -> None:
     ("id: a\nrules: []\n", 1, "id: unknown key next to `rules:`"),
     ("rules:\n  - 5\n", 2, "a rule is int 5; expected a mapping with id, trigger and message"),
     ("base: &b {on: enter}\n", 1, "anchor &b is not allowed"),
+    # PyYAML would keep the second title without a word
+    ("id: a\ntrigger:\n  on: enter\n  geofences: {tags: [x]}\nmessage:\n  title: t\n"
+     "  body: b\n  title: u\n", 8,
+     "duplicate key 'title' (first given on line 6); expected each key once in a mapping"),
     ("id: a\ntrigger: {on: enter\n", 3, "not valid YAML"),
     ("id: a\ntrigger:\n  on: enter\n  geofences: {tags: [x]}\nmessage:\n  title: t\n"
      "  body: b\n  colour: red\n", 8, "message.colour: unknown key"),
