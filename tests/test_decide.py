@@ -130,6 +130,23 @@ def test_no_matching_rule_leaves_no_record() -> None:
     assert _decide(decider, [_event(NOON, fence="node/2")]) == []
 
 
+def test_a_moment_has_a_candidate_when_a_trigger_matches_type_dwell_and_geofence() -> None:
+    """`triggers` is asked of every event and decides whether the history is read at all."""
+    decider = _decider(WELCOME + """\
+  - id: lingered
+    trigger: {on: dwell, dwell: 5m, geofences: {ids: [node/2]}}
+    message: {title: t, body: b}
+""")
+    matching = [[_event(NOON)], [_event(NOON, "dwell", "node/2", dwell_s=300.0)],
+                [_event(NOON, "exit"), _event(NOON, "dwell", "node/2", dwell_s=300.0)]]
+    other = [[_event(NOON, "exit")], [_event(NOON, fence="node/2")],
+             [_event(NOON, "dwell", "node/2", dwell_s=120.0)],
+             [_event(NOON, "dwell", "node/1", dwell_s=300.0)],
+             [_event(NOON, fence="node/404")], []]
+    assert [decider.triggers(events) for events in matching] == [True] * len(matching)
+    assert [decider.triggers(events) for events in other] == [False] * len(other)
+
+
 def test_locale_falls_back_from_region_to_language_to_the_default() -> None:
     decider = _decider(WELCOME)
     for locale, title in (("fr-CA", "Bonjour"), ("fr", "Bonjour"), ("de-AT", "Hello Ana")):

@@ -195,23 +195,42 @@ class Decider:
         self.history_s = history_s  # retention.history: older pushes are forgotten
         self.push_id_key = push_id_key
         self._selecting: dict[str, tuple[LoadedRule, ...]] = {}  # geofence id → its rules
+        # geofence id → the (event type, dwell) its rules' triggers match: `triggers` asks it
+        # of every event, and most events match none
+        self._trigger_keys: dict[str, frozenset[tuple[str, float | None]]] = {}
+
+    def _selecting_rules(self, geofence_id: str) -> tuple[LoadedRule, ...]:
+        """The rules whose trigger selects the geofence, in id order. Worked out once per
+        geofence (selectors compare tags), when it first has an event: every ping's event
+        asks, and most fences never have one."""
+        selecting = self._selecting.get(geofence_id)
+        if selecting is None:
+            geofence = self.geofences.get(geofence_id)
+            selecting = tuple(r for r in self.rules if geofence is not None and r.selects(geofence))
+            self._selecting[geofence_id] = selecting
+            # a trigger's dwell is set for on: dwell only, as an event's dwell_s is
+            self._trigger_keys[geofence_id] = frozenset(
+                (r.rule.trigger.on, r.rule.trigger.dwell) for r in selecting)
+        return selecting
 
     def _triggered(self, event: Event) -> list[LoadedRule]:
-        """The rules whose trigger matches the event, in id order. Which rules select a
-        geofence is worked out once per geofence (selectors compare tags), when it first has
-        an event: every ping's event asks, and most fences never have one."""
-        selecting = self._selecting.get(event.geofence_id)
-        if selecting is None:
-            geofence = self.geofences.get(event.geofence_id)
-            selecting = tuple(r for r in self.rules if geofence is not None and r.selects(geofence))
-            self._selecting[event.geofence_id] = selecting
-        return [r for r in selecting if r.rule.trigger.on == event.type
+        """The rules whose trigger matches the event, in id order."""
+        return [r for r in self._selecting_rules(event.geofence_id)
+                if r.rule.trigger.on == event.type
                 and (event.type != "dwell" or r.rule.trigger.dwell == event.dwell_s)]
 
     def triggers(self, events: Sequence[Event]) -> bool:
         """Some rule's trigger matches one of the events: the moment has a candidate, so the
         device's history is worth reading (contract §4: `when` is judged on it)."""
-        return any(self._triggered(event) for event in events)
+        keys = self._trigger_keys
+        for event in events:
+            matched = keys.get(event.geofence_id)
+            if matched is None:
+                self._selecting_rules(event.geofence_id)
+                matched = keys[event.geofence_id]
+            if (event.type, event.dwell_s) in matched:
+                return True
+        return False
 
     def not_candidates(self, device_id: str, events: Sequence[Event], profile: DeviceProfile,
                        history: DeviceHistory, *, weather: Weather | None,
