@@ -11,8 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
+from geopush.cli import ping_files
 from geopush.cli.ping_files import BadLine, read_pings, shard_of
 from geopush.cli.replay_shards import SPLIT_FROM_BYTES, jobs_for
 from geopush.timeutil import format_ts, parse_ts
@@ -99,6 +101,53 @@ def test_every_row_is_read_by_exactly_one_shard(tmp_path: Path, quoting: int) ->
     # a row that names no device, once, in shard 0; a bad row of a device, in its shard
     assert [n for n, r in shards[0] if isinstance(r, BadLine) and "fields" in r.message]
     assert sum(isinstance(r, BadLine) for shard in shards for _, r in shard) == 2
+
+
+_HEADER = "device_id,ts,lat,lon,accuracy_m,speed_mps"
+
+
+def _rows(n: int) -> list[str]:
+    return [f"dev-{i % 37},{1780000000000 + i * 1000},46.{i:04d},14.1,5,1" for i in range(n)]
+
+
+@pytest.mark.parametrize(("text", "by_bytes"), [
+    ("\n".join([_HEADER, *_rows(300)]) + "\n", True),
+    ("\n".join([_HEADER, *_rows(300)]), True),  # no line feed after the last line
+    ("\r\n".join([_HEADER, *_rows(300)]) + "\r\n", True),
+    ("\n\n" + "\n".join([_HEADER, *_rows(50), "", "only,three", " ", *_rows(50)]), True),
+    ("lat,lon,ts,accuracy_m,speed_mps,device_id\r\n"  # the device last, before a \r
+     + "\r\n".join(",".join([*r.split(",")[2:3], "14.1", *r.split(",")[1:2], "5", "1",
+                              r.split(",")[0]]) for r in _rows(200)) + "\r\n", True),
+    # what only the line-by-line path reads as the text reader does: spaces around an id
+    # (the same device as without), a lone \r (a line end), bytes past ASCII
+    ("\n".join([_HEADER, *_rows(50), " dev-1 ,1780000900000,46.1,14.1,5,1", *_rows(9)]), False),
+    ("\n".join([_HEADER, *_rows(50)]) + "\rdev-1,1780000900000,46.1,14.1,5,1\n", False),
+    ("\n".join([_HEADER, *_rows(50), "gerät-1,1780000900000,46.1,14.1,5,1"]), False),
+])
+def test_telling_lines_by_their_bytes_picks_what_the_line_by_line_path_picks(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, by_bytes: bool) -> None:
+    path = tmp_path / "pings.csv"
+    path.write_bytes(text.encode())
+    header_line, header = next((n, line) for n, line in enumerate(text.split("\n"), start=1)
+                               if line.strip())
+    width, dev_at = 6, header.strip().split(",").index("device_id")
+    assert (ping_files._shard_by_bytes(path, header_line, 0, 3, width, dev_at) is not None) \
+        == by_bytes
+    fast = [list(read_pings(path, shard=(k, 3))) for k in range(3)]
+    monkeypatch.setattr(ping_files, "_shard_by_bytes", lambda *args: None)
+    slow = [list(read_pings(path, shard=(k, 3))) for k in range(3)]
+    assert fast == slow
+    assert sorted(n for shard in fast for n, _ in shard) == [n for n, _ in read_pings(path)]
+
+
+def test_the_shard_of_a_device_is_the_same_worked_out_alone_or_for_a_whole_file() -> None:
+    ids = [f"device-{i:06d}" for i in range(0, 100_000, 7)] + ["a", "", "x" * 128, "Z-9_.:@"]
+    block = np.frombuffer(",".join(ids).encode(), dtype=np.uint8)
+    lengths = np.array([len(i) for i in ids])
+    starts = np.concatenate(([0], np.cumsum(lengths + 1)[:-1]))
+    for shards in (2, 3, 8):
+        assert ping_files._shards_of(block, starts, lengths, shards).tolist() == [
+            shard_of(i, shards) for i in ids]
 
 
 def test_a_big_csv_is_split_over_the_cpus_and_a_small_one_is_not(tmp_path: Path) -> None:
