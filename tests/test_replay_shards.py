@@ -110,31 +110,45 @@ def _rows(n: int) -> list[str]:
     return [f"dev-{i % 37},{1780000000000 + i * 1000},46.{i:04d},14.1,5,1" for i in range(n)]
 
 
+@pytest.mark.parametrize("block_bytes", [ping_files._BLOCK_BYTES, 256])
 @pytest.mark.parametrize(("text", "by_bytes"), [
-    ("\n".join([_HEADER, *_rows(300)]) + "\n", True),
-    ("\n".join([_HEADER, *_rows(300)]), True),  # no line feed after the last line
-    ("\r\n".join([_HEADER, *_rows(300)]) + "\r\n", True),
-    ("\n\n" + "\n".join([_HEADER, *_rows(50), "", "only,three", " ", *_rows(50)]), True),
+    ("\n".join([_HEADER, *_rows(300)]) + "\n", "all"),
+    ("\n".join([_HEADER, *_rows(300)]), "all"),  # no line feed after the last line
+    ("\r\n".join([_HEADER, *_rows(300)]) + "\r\n", "all"),
+    ("\n\n" + "\n".join([_HEADER, *_rows(50), "", "only,three", " ", *_rows(50)]), "all"),
     ("lat,lon,ts,accuracy_m,speed_mps,device_id\r\n"  # the device last, before a \r
      + "\r\n".join(",".join([*r.split(",")[2:3], "14.1", *r.split(",")[1:2], "5", "1",
-                              r.split(",")[0]]) for r in _rows(200)) + "\r\n", True),
-    # what only the line-by-line path reads as the text reader does: spaces around an id
-    # (the same device as without), a lone \r (a line end), bytes past ASCII
-    ("\n".join([_HEADER, *_rows(50), " dev-1 ,1780000900000,46.1,14.1,5,1", *_rows(9)]), False),
-    ("\n".join([_HEADER, *_rows(50)]) + "\rdev-1,1780000900000,46.1,14.1,5,1\n", False),
-    ("\n".join([_HEADER, *_rows(50), "gerät-1,1780000900000,46.1,14.1,5,1"]), False),
+                              r.split(",")[0]]) for r in _rows(200)) + "\r\n", "all"),
+    # what only the text reader reads exactly goes line by line from its block on: spaces
+    # around an id (the same device as without), a lone \r (a line's end), bytes past ASCII
+    ("\n".join([_HEADER, *_rows(50), " dev-1 ,1780000900000,46.1,14.1,5,1", *_rows(9)]), "some"),
+    ("\n".join([_HEADER, *_rows(50)]) + "\rdev-1,1780000900000,46.1,14.1,5,1\n", "some"),
+    ("\n".join([_HEADER, *_rows(50), "gerät-1,1780000900000,46.1,14.1,5,1", *_rows(9)]),
+     "some"),
+    ("\r\r" + "\n".join([_HEADER, *_rows(50)]), "none"),  # before the header
 ])
 def test_telling_lines_by_their_bytes_picks_what_the_line_by_line_path_picks(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, by_bytes: bool) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, by_bytes: str,
+        block_bytes: int) -> None:
     path = tmp_path / "pings.csv"
     path.write_bytes(text.encode())
-    header_line, header = next((n, line) for n, line in enumerate(text.split("\n"), start=1)
-                               if line.strip())
-    width, dev_at = 6, header.strip().split(",").index("device_id")
-    assert (ping_files._shard_by_bytes(path, header_line, 0, 3, width, dev_at) is not None) \
-        == by_bytes
+    monkeypatch.setattr(ping_files, "_BLOCK_BYTES", block_bytes)
+    answers: list[bool] = []
+    picked = ping_files._picked
+
+    def watched(*args: Any) -> Any:
+        answers.append(picked(*args) is not None)
+        return picked(*args)
+
+    monkeypatch.setattr(ping_files, "_picked", watched)
     fast = [list(read_pings(path, shard=(k, 3))) for k in range(3)]
-    monkeypatch.setattr(ping_files, "_shard_by_bytes", lambda *args: None)
+    if by_bytes == "all":
+        assert answers and all(answers)
+    elif by_bytes == "some":  # by bytes at least until the block that holds it
+        assert answers and not all(answers) and (block_bytes > len(text) or answers[0])
+    else:
+        assert not answers
+    monkeypatch.setattr(ping_files, "_picked", lambda *args: None)
     slow = [list(read_pings(path, shard=(k, 3))) for k in range(3)]
     assert fast == slow
     assert sorted(n for shard in fast for n, _ in shard) == [n for n, _ in read_pings(path)]

@@ -9,6 +9,7 @@ else goes to that parser, which names the field, the value and what was expected
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import mmap
@@ -16,7 +17,7 @@ import re
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -168,10 +169,7 @@ def _csv(
     if shards > 1 and not _has_quotes(path):
         # every line is one record: the other shards' lines are left out before the CSV
         # parse, told by the device alone (a line with another field count goes to shard 0)
-        fast = (_shard_by_bytes(path, header[0], mine, shards, width, dev_at)
-                if dev_at is not None and device_id is None else None)
-        rest = fast if fast is not None else _lines_of_shard(rest, mine, shards, width, dev_at,
-                                                             device_id)
+        rest = _lines_of_shard(path, header[0], rest, mine, shards, width, dev_at, device_id)
         shards = 1  # what is left is this shard's
     # one reader over the whole file: a reader per line costs more than the ping itself
     reader = csv.reader(_numbered(rest, line))
@@ -247,10 +245,22 @@ def _numbered(lines: Iterable[tuple[int, str]], last: list[int]) -> Iterator[str
         yield text
 
 
-def _lines_of_shard(lines: Iterable[tuple[int, str]], mine: int, shards: int, width: int,
-                    dev_at: int | None, device_id: str | None) -> Iterator[tuple[int, str]]:
+def _lines_of_shard(path: Path, header_line: int, lines: Iterable[tuple[int, str]], mine: int,
+                    shards: int, width: int, dev_at: int | None, device_id: str | None
+                    ) -> Iterator[tuple[int, str]]:
     """The lines of a file without quotes that shard `mine` reads: its devices', and, in
-    shard 0, those that are not a record of `width` fields (blank or malformed)."""
+    shard 0, those that are not a record of `width` fields (blank or malformed). Told from the
+    file's bytes a block at a time where it can be (`_lines_by_bytes`), else from `lines`,
+    one by one. Nothing is read before the first line is asked for (the parent of a split
+    replay reads the header only)."""
+    if dev_at is not None and device_id is None:
+        yield from _lines_by_bytes(path, header_line, mine, shards, width, dev_at)
+        return
+    yield from _lines_one_by_one(lines, mine, shards, width, dev_at, device_id)
+
+
+def _lines_one_by_one(lines: Iterable[tuple[int, str]], mine: int, shards: int, width: int,
+                      dev_at: int | None, device_id: str | None) -> Iterator[tuple[int, str]]:
     commas = width - 1
     shard_of_device: dict[str, int] = {}  # a device pings again and again
     for number, text in lines:
@@ -267,92 +277,112 @@ def _lines_of_shard(lines: Iterable[tuple[int, str]], mine: int, shards: int, wi
             yield number, text
 
 
-_BLOCK_BYTES = 8 * 2**20  # the file is looked at this much at a time (memory ~20× that)
-# what str.strip() takes off an ASCII device id: a field that begins or ends with one of these
-# is left to _lines_of_shard, which strips it as the parse does
+_BLOCK_BYTES = 4 * 2**20  # read and told this much at a time (its arrays: a few times that)
+# what str.strip() takes off an ASCII device id: a block with an id that begins or ends with
+# one of these is told line by line, which strips it as the parse does
 _ASCII_SPACE = np.array([chr(b).isspace() for b in range(128)] + [False] * 128)
 
 
-def _shard_by_bytes(path: Path, header_line: int, mine: int, shards: int, width: int,
-                    dev_at: int) -> Iterator[tuple[int, str]] | None:
-    """`_lines_of_shard` for a file of ASCII lines without quotes, with the lines of every
-    other shard left out by array operations on the file's bytes rather than one Python step
-    a line: each of N processes reads the whole file, and most of its lines are not its own
-    (bench_replay_core: ~a tenth of a shard's time). None when the file holds what only the
-    line-by-line path tells exactly (bytes past ASCII, a carriage return not before a line
-    feed, a device id with spaces at its ends or over 128 bytes)."""
+def _lines_by_bytes(path: Path, header_line: int, mine: int, shards: int, width: int,
+                    dev_at: int) -> Iterator[tuple[int, str]]:
+    """`_lines_one_by_one` on the lines after the header, with the lines of the other shards
+    left out by array operations on a block of bytes rather than a Python step a line: each
+    of N processes reads the whole file, and most of its lines are not its own. A block
+    holding what only the text reader reads exactly (bytes past ASCII, a carriage return not
+    before a line feed, a device id with spaces at its ends or over 128 bytes), and all
+    after it, go line by line: a device's shard is the same either way."""
+    with path.open("rb") as f:
+        for _ in range(header_line):  # as the text reader numbered them
+            skipped = f.readline()
+            if b"\r" in skipped.replace(b"\r\n", b""):
+                f.seek(0)
+                yield from _text_lines(f, 1, header_line, mine, shards, width, dev_at)
+                return
+        number = header_line + 1  # of the first line of the block
+        carry = b""
+        while True:
+            offset = f.tell() - len(carry)
+            chunk = f.read(_BLOCK_BYTES)
+            block = carry + chunk if carry else chunk
+            if not block:
+                return
+            carry = b""
+            whole = True  # the block holds whole lines only (at the end of the file, it does)
+            if chunk:  # the block ends at a line's end; the rest goes with the next one
+                cut = block.rfind(b"\n") + 1
+                if cut == 0 and len(block) < 4 * _BLOCK_BYTES:
+                    carry = block
+                    continue
+                if cut:
+                    block, carry = block[:cut], block[cut:]
+                whole = cut > 0  # else a line of megabytes: not a file of pings
+            picked = _picked(block, mine, shards, width, dev_at) if whole else None
+            if picked is None:
+                f.seek(offset)
+                yield from _text_lines(f, number, 0, mine, shards, width, dev_at)
+                return
+            first, starts, ends, count = picked
+            for line, begin, end in zip(first.tolist(), starts.tolist(), ends.tolist(),
+                                        strict=True):
+                yield number + line, block[begin:end].decode("ascii")
+            number += count
+
+
+def _text_lines(f: BinaryIO, number: int, skip: int, mine: int, shards: int, width: int,
+                dev_at: int) -> Iterator[tuple[int, str]]:
+    """From where `f` stands, line `number`: the text reader's lines, `skip` of them left
+    out first (the header), then told one by one."""
+    text = io.TextIOWrapper(f, encoding="utf-8", errors="replace", newline="")
+    lines = enumerate(text, start=number)
+    for _ in range(skip):
+        next(lines, None)
     try:
-        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            body = 0
-            for _ in range(header_line):  # the lines up to the header's, as the text reader
-                body = data.find(b"\n", body) + 1
-                if body == 0:
-                    return iter(())  # nothing after the header
-            picked = _picked_lines(np.frombuffer(data, dtype=np.uint8), body, mine, shards,
-                                   width, dev_at)
-    except (OSError, ValueError):  # not a regular file, or empty
-        return None
-    if picked is None:
-        return None
-    return _cut(path, header_line, *picked)
+        yield from _lines_one_by_one(lines, mine, shards, width, dev_at, None)
+    finally:
+        text.detach()  # the caller closes the file
 
 
-def _picked_lines(data: np.ndarray[Any, Any], body: int, mine: int, shards: int, width: int,
-                  dev_at: int
-                  ) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any],
-                             np.ndarray[Any, Any]] | None:
-    """(line index after the header, start byte, end byte) of the lines shard `mine` reads."""
-    picked: list[tuple[np.ndarray[Any, Any], ...]] = []
-    first_line = 0
-    start = body
-    size = len(data)
-    while start < size:
-        stop = min(size, start + _BLOCK_BYTES)
-        if stop < size:  # end the block at a line's end
-            newline = np.flatnonzero(data[stop:min(size, stop + 2**16)] == 10)
-            stop = stop + int(newline[0]) + 1 if len(newline) else size
-            if not len(newline) and stop - start > 4 * _BLOCK_BYTES:
-                return None  # a line of megabytes: not a file of pings
-        block = data[start:stop]
-        if (block >= 128).any():
-            return None
-        ends = np.flatnonzero(block == 10)
-        returns = np.flatnonzero(block == 13)
-        if len(returns) and (returns[-1] + 1 >= len(block)
-                             or (block[returns + 1] != 10).any()):
-            return None  # a lone \r ends a line for the text reader
-        if not len(ends) or ends[-1] != len(block) - 1:
-            ends = np.append(ends, len(block))  # the last line, without a line feed
-        starts = np.concatenate(([0], ends[:-1] + 1))
-        commas = np.flatnonzero(block == 44)
-        first_comma = np.searchsorted(commas, starts)
-        records = np.searchsorted(commas, ends) - first_comma == width - 1
-        lines = np.arange(first_line, first_line + len(starts))
-        where = first_comma[records] + dev_at  # the comma after the device id
-        field_end = (commas[np.minimum(where, len(commas) - 1)] if dev_at < width - 1
-                     else ends[records])
-        if dev_at == width - 1:  # the last field ends before a \r\n's \r
-            field_end = field_end - (block[np.maximum(field_end - 1, 0)] == 13)
-        field_start = starts[records] if dev_at == 0 else commas[where - 1] + 1
-        length = field_end - field_start
-        if len(length) and length.max() > _WEIGHTED:
-            return None
-        filled = length > 0
-        if (_ASCII_SPACE[block[field_start[filled]]].any()
-                or _ASCII_SPACE[block[field_end[filled] - 1]].any()):
-            return None
-        mask = np.zeros(len(starts), dtype=bool)
-        mask[records] = _shards_of(block, field_start, length, shards) == mine
-        if mine == 0:  # blank or malformed lines, said once
-            mask |= ~records
-        picked.append((lines[mask], starts[mask] + start, ends[mask] + start))
-        first_line += len(starts)
-        start = stop
-    if not picked:
-        return np.array([], dtype=np.int64), np.array([], dtype=np.int64), \
-            np.array([], dtype=np.int64)
-    return (np.concatenate([p[0] for p in picked]), np.concatenate([p[1] for p in picked]),
-            np.concatenate([p[2] for p in picked]))
+def _picked(block: bytes, mine: int, shards: int, width: int, dev_at: int
+            ) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], np.ndarray[Any, Any],
+                       int] | None:
+    """(index of the line in the block, its first byte, the byte after its line feed) of
+    each line of the block shard `mine` reads, and how many lines the block has; None when
+    the block must be read line by line."""
+    data = np.frombuffer(block, dtype=np.uint8)
+    if (data >= 128).any():
+        return None
+    ends = np.flatnonzero(data == 10)
+    returns = np.flatnonzero(data == 13)
+    if len(returns) and (returns[-1] + 1 >= len(data) or (data[returns + 1] != 10).any()):
+        return None  # a lone \r ends a line for the text reader
+    if not len(ends) or ends[-1] != len(data) - 1:
+        ends = np.append(ends, len(data))  # the file's last line, without a line feed
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    commas = np.flatnonzero(data == 44)
+    first_comma = np.searchsorted(commas, starts)
+    records = np.searchsorted(commas, ends) - first_comma == width - 1
+    where = first_comma[records] + dev_at  # the comma after the device id
+    if dev_at < width - 1:
+        field_end = commas[where]
+    else:  # the last field ends at the line's end, or before a \r\n's \r
+        field_end = ends[records]
+        field_end = field_end - (data[np.maximum(field_end - 1, 0)] == 13)
+    field_start = starts[records] if dev_at == 0 else commas[where - 1] + 1
+    length = field_end - field_start
+    if len(length) and length.max() > _WEIGHTED:
+        return None
+    filled = length > 0
+    if (_ASCII_SPACE[data[field_start[filled]]].any()
+            or _ASCII_SPACE[data[field_end[filled] - 1]].any()):
+        return None
+    mask = np.zeros(len(starts), dtype=bool)
+    mask[records] = _shards_of(data, field_start, length, shards) == mine
+    if mine == 0:  # blank or malformed lines, said once
+        mask |= ~records
+    return np.flatnonzero(mask), starts[mask], ends[mask] + 1, len(starts)
+
+
+_ROWS = 2**14  # device ids hashed at a time: a matrix of at most _ROWS × 128 bytes (16 MB)
 
 
 def _shards_of(block: np.ndarray[Any, Any], field_start: np.ndarray[Any, Any],
@@ -361,26 +391,14 @@ def _shards_of(block: np.ndarray[Any, Any], field_start: np.ndarray[Any, Any],
     found = np.empty(len(field_start), dtype=np.int64)
     widest = int(length.max()) if len(length) else 0
     offsets = np.arange(widest)
-    for lo in range(0, len(field_start), 2**16):  # a bounded matrix of bytes at a time
-        begin, count = field_start[lo:lo + 2**16], length[lo:lo + 2**16]
+    for lo in range(0, len(field_start), _ROWS):  # a bounded matrix of bytes at a time
+        begin, count = field_start[lo:lo + _ROWS], length[lo:lo + _ROWS]
         inside = offsets < count[:, None]
         at = np.where(inside, begin[:, None] + offsets, 0)
         byte = np.where(inside, block[at], 0).astype(np.uint64)
         total = (byte * _WEIGHTS[:widest]).sum(axis=1, dtype=np.uint64)  # modulo 2**64
-        found[lo:lo + 2**16] = (total >> np.uint64(32)) % np.uint64(shards)
+        found[lo:lo + _ROWS] = (total >> np.uint64(32)) % np.uint64(shards)
     return found
-
-
-def _cut(path: Path, header_line: int, lines: np.ndarray[Any, Any],
-         starts: np.ndarray[Any, Any], ends: np.ndarray[Any, Any]
-         ) -> Iterator[tuple[int, str]]:
-    """(line number, text) of the picked lines, each with its line feed as the text reader
-    gives it."""
-    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        first = header_line + 1
-        for line, begin, end in zip(lines.tolist(), starts.tolist(), ends.tolist(),
-                                    strict=True):
-            yield first + line, data[begin:end + 1].decode("ascii")
 
 
 def _has_quotes(path: Path) -> bool:
