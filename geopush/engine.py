@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import operator
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -173,6 +173,40 @@ class Engine:
                 snap = snapshots.get(device_id)
                 self._plan(device_id, outcome, snap.profile if snap else None,
                            activities.get(device_id, {}), now, weather)
+        return outcomes
+
+    def replay(
+        self,
+        pings: Sequence[Ping],
+        states: MutableMapping[str, DeviceState | None],
+        profiles: Mapping[str, DeviceProfile],
+        positions: Sequence[int],
+        *,
+        weather: WeatherAt | None = None,
+    ) -> dict[str, DeviceOutcome]:
+        """`ingest` for `geopush replay`, whose caller keeps every device's state and has
+        checked consent: `states` (device → its state) is updated in place, a new device
+        given one there, and an outcome comes back only for the devices with events, visits
+        or rejections (most devices of a chunk have none, and a replay of 100,000 devices
+        would otherwise build an outcome for each of them at every chunk). Decisions are
+        planned as `ingest` plans them, on a virtual clock (now=None)."""
+        steps = process_batch(self.tracker, pings, states)  # fills in `states`
+        decides = self.decides
+        activities: dict[str, dict[float, str | None]] = {}
+        if decides:
+            for p in pings:
+                if p.activity is not None:
+                    activities.setdefault(p.device_id, {})[p.ts] = p.activity
+        outcomes: dict[str, DeviceOutcome] = {}
+        for device_id, step in steps.items():
+            outcome = outcomes[device_id] = DeviceOutcome(states[device_id], None, step.events,
+                                                          step.visits)
+            if step.rejected:
+                outcome.rejected = [Rejected(positions[r.position], r.code, r.message)
+                                    for r in step.rejected]
+            if outcome.events and decides:
+                self._plan(device_id, outcome, profiles.get(device_id),
+                           activities.get(device_id, {}), None, weather)
         return outcomes
 
     def fire(self, device_id: str, snapshot: DeviceSnapshot, now: float, *,

@@ -46,7 +46,7 @@ from geopush.errors import (
     not_utf8,
     shortened,
 )
-from geopush.geo.model import Event, Ping, Visit
+from geopush.geo.model import DeviceState, Event, Ping, Visit
 from geopush.geo.stores import load_stores
 from geopush.pings import DEVICE_ID, DEVICE_ID_EXPECTED
 from geopush.rules import read_rule_files, rules_from_files
@@ -316,9 +316,9 @@ class Replay:
         self.assume_consent = assume_consent
         self.keep_events = keep_events
         self.chunk = chunk
-        self.snapshots: dict[str, DeviceSnapshot] = {
-            d: DeviceSnapshot(p, None) for d, p in (devices or {}).items()
-        }
+        self.profiles: dict[str, DeviceProfile] = dict(devices or {})
+        # each device's tracker state, which the engine updates in place chunk after chunk
+        self.states: dict[str, DeviceState | None] = {}
         self.clock: dict[str, float] = {}  # device → its latest accepted ping's ts
         self.result = ReplayResult(explained=explain)
 
@@ -363,39 +363,32 @@ class Replay:
         return True
 
     def _consents(self, device: str) -> bool:
-        snap = self.snapshots.get(device)
-        if snap is None and self.assume_consent:
+        profile = self.profiles.get(device)
+        if profile is None and self.assume_consent:
             # --assume-consent: a device missing from --devices consents to everything, with
             # a push token
-            snap = DeviceSnapshot(
-                DeviceProfile(device_id=device, push_token=ASSUMED_TOKEN,
-                              consent=_ASSUMED_CONSENT),
-                None,
-            )
-            self.snapshots[device] = snap
-        return snap is not None and has_location_consent(snap.profile)
+            profile = self.profiles[device] = DeviceProfile(
+                device_id=device, push_token=ASSUMED_TOKEN, consent=_ASSUMED_CONSENT)
+        return profile is not None and has_location_consent(profile)
 
     def _ingest(self, pings: list[Ping], lines: list[int]) -> None:
-        devices = {p.device_id for p in pings}
-        snapshots = {d: self.snapshots[d] for d in devices}
-        # consent was checked in _admit, ping by ping, in file order
-        # the virtual clock stands at each moment (now=None): nothing is late in replay
-        outcomes = self.engine.ingest(pings, snapshots, positions=lines, assume_consent=True,
+        # consent was checked in _admit, ping by ping, in file order; the states are updated
+        # in place; the virtual clock stands at each moment: nothing is late in replay
+        outcomes = self.engine.replay(pings, self.states, self.profiles, lines,
                                       weather=self._weather)
         for device, outcome in outcomes.items():
             for rejected in outcome.rejected:
                 self._reject(rejected.index, rejected.code, rejected.message)
-            if outcome.state is not None:
-                snapshots[device].state = outcome.state
             self._record(device, outcome)
 
     def _run_clocks_out(self) -> None:
+        states = self.states
         for device, last in self.clock.items():
-            snap = self.snapshots[device]
-            outcome = self.engine.fire(device, snap, last + self.engine.tracker.stale_after_s,
-                                       weather=self._weather)
+            outcome = self.engine.fire(
+                device, DeviceSnapshot(self.profiles[device], states.get(device)),
+                last + self.engine.tracker.stale_after_s, weather=self._weather)
             if outcome.state is not None:
-                snap.state = outcome.state
+                states[device] = outcome.state
             self._record(device, outcome)
 
     def _weather(self, _lat: float, _lon: float) -> Weather | None:
