@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 
 from geopush.cli.main import main
-from geopush.collector import THRESHOLDS, tuned_for_batch
+from geopush.collector import BATCH_THRESHOLDS, tuned_for_batch
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def test_a_batch_runs_with_the_thresholds_and_gives_the_old_ones_back() -> None:
     before = gc.get_threshold()
-    assert before != THRESHOLDS
+    assert before != BATCH_THRESHOLDS
     with tuned_for_batch():
-        assert gc.get_threshold() == THRESHOLDS
+        assert gc.get_threshold() == BATCH_THRESHOLDS
     assert gc.get_threshold() == before
     with pytest.raises(RuntimeError), tuned_for_batch():
         raise RuntimeError("a replay that fails")
@@ -42,4 +42,4 @@ def test_replay_tunes_the_collector_for_its_run_only(
                  "--device", "car", "--assume-consent", "--summary-only",
                  "--stores", str(REPO / "tests/fixtures/germany_lidl_centers_slice.geojson")])
     capsys.readouterr()
-    assert code == 0 and seen == [THRESHOLDS] and gc.get_threshold() == before
+    assert code == 0 and seen == [BATCH_THRESHOLDS] and gc.get_threshold() == before
