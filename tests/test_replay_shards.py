@@ -13,8 +13,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from geopush.cli import ping_files
+from geopush.cli import csv_blocks
 from geopush.cli.ping_files import BadLine, read_pings, shard_of
 from geopush.cli.replay_shards import SPLIT_FROM_BYTES, jobs_for
 from geopush.timeutil import format_ts, parse_ts
@@ -110,7 +112,7 @@ def _rows(n: int) -> list[str]:
     return [f"dev-{i % 37},{1780000000000 + i * 1000},46.{i:04d},14.1,5,1" for i in range(n)]
 
 
-@pytest.mark.parametrize("block_bytes", [ping_files._BLOCK_BYTES, 256])
+@pytest.mark.parametrize("block_bytes", [csv_blocks.BLOCK_BYTES, 256])
 @pytest.mark.parametrize(("text", "by_bytes"), [
     ("\n".join([_HEADER, *_rows(300)]) + "\n", "all"),
     ("\n".join([_HEADER, *_rows(300)]), "all"),  # no line feed after the last line
@@ -132,15 +134,16 @@ def test_telling_lines_by_their_bytes_picks_what_the_line_by_line_path_picks(
         block_bytes: int) -> None:
     path = tmp_path / "pings.csv"
     path.write_bytes(text.encode())
-    monkeypatch.setattr(ping_files, "_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(csv_blocks, "BLOCK_BYTES", block_bytes)
     answers: list[bool] = []
-    picked = ping_files._picked
+    block_of = csv_blocks._Block.of
 
     def watched(*args: Any) -> Any:
-        answers.append(picked(*args) is not None)
-        return picked(*args)
+        block = block_of(*args)
+        answers.append(block is not None)
+        return block
 
-    monkeypatch.setattr(ping_files, "_picked", watched)
+    monkeypatch.setattr(csv_blocks._Block, "of", watched)
     fast = [list(read_pings(path, shard=(k, 3))) for k in range(3)]
     if by_bytes == "all":
         assert answers and all(answers)
@@ -148,10 +151,54 @@ def test_telling_lines_by_their_bytes_picks_what_the_line_by_line_path_picks(
         assert answers and not all(answers) and (block_bytes > len(text) or answers[0])
     else:
         assert not answers
-    monkeypatch.setattr(ping_files, "_picked", lambda *args: None)
+    monkeypatch.setattr(csv_blocks._Block, "of", lambda *args: None)
     slow = [list(read_pings(path, shard=(k, 3))) for k in range(3)]
     assert fast == slow
     assert sorted(n for shard in fast for n, _ in shard) == [n for n, _ in read_pings(path)]
+
+
+EDGES = ["46.1", "-0", "-0.0", "46.", ".5", "-.5", "0046.100", "1e3", " 46.1", "46.1 ", "+46.1",
+         "4_6", "nan", "inf", "-", ".", "", "46.12345678901234567", "123456789012345",
+         "1234567890123456", "90.0000001", "-180", "180.0", "1.2.3", "--1", "9" * 16]
+
+
+def test_the_usual_rows_parsed_at_once_are_the_rows_parsed_one_by_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every field of a row read as plain numbers (or not) by the array path gives what the
+    row parser gives, in one process (shards of 1) and split; and most rows take that path."""
+    rows = [_HEADER]
+    for i, edge in enumerate(EDGES):
+        rows += [f"e-{i},1780000000000,{edge},14.1,5,1", f"f-{i},1780000001000,46.1,{edge},,",
+                 f"g-{i},1780000002000,46.1,14.1,{edge},{edge}",
+                 f"h-{i},{edge.replace('.', '')},46.1,14.1,,"]
+    rows += ["a b,1780000000000,46,14,,", "..,1780000000000,46,14,,",
+             "iso,2026-06-01T10:00:00Z,46,14,,", "ms,1780000000000.5,46,14,,",
+             "pad,0001780000000000,46,14,,", "late,99999999999999,46,14,,", *_rows(200)]
+    path = tmp_path / "pings.csv"
+    path.write_text("\n".join(rows) + "\n")
+    made: list[int] = []
+    ping = csv_blocks.Ping
+
+    def counted(*args: Any) -> Any:
+        made.append(1)
+        return ping(*args)
+
+    monkeypatch.setattr(csv_blocks, "Ping", counted)
+    fast = [list(read_pings(path, shard=shard)) for shard in (None, (0, 2), (1, 2))]
+    assert len(made) > 200
+    monkeypatch.setattr(csv_blocks._Block, "of", lambda *args: None)
+    slow = [list(read_pings(path, shard=shard)) for shard in (None, (0, 2), (1, 2))]
+    assert fast == slow
+    assert [repr(r) for _, r in fast[0]] == [repr(r) for _, r in slow[0]]  # -0.0 is not 0.0
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet="-0123456789.e+_ ", max_size=20))
+def test_a_plain_number_is_read_as_float_reads_it(text: str) -> None:
+    data = np.frombuffer(text.encode(), dtype=np.uint8)
+    value, readable = csv_blocks._decimals(data, np.array([0]), np.array([len(text)]))
+    if readable[0]:
+        assert repr(float(text)) == repr(float(value[0]))
 
 
 def test_the_shard_of_a_device_is_the_same_worked_out_alone_or_for_a_whole_file() -> None:
@@ -160,7 +207,7 @@ def test_the_shard_of_a_device_is_the_same_worked_out_alone_or_for_a_whole_file(
     lengths = np.array([len(i) for i in ids])
     starts = np.concatenate(([0], np.cumsum(lengths + 1)[:-1]))
     for shards in (2, 3, 8):
-        assert ping_files._shards_of(block, starts, lengths, shards).tolist() == [
+        assert csv_blocks._shards_of(block, starts, lengths, shards).tolist() == [
             shard_of(i, shards) for i in ids]
 
 
