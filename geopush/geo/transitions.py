@@ -409,11 +409,18 @@ class Tracker:
         ts = ping.ts
         speed: float | None = None
         have_speed = False  # computed once, and only if an event or a stay needs it
-        # the usual case, one stay and the ping near that fence alone, has nothing to end
-        if stays and not (len(stays) == 1 and hi - lo == 1 and ids[fences[lo]] in stays):
-            within_reach = {ids[fences[k]] for k in range(lo, hi)}
+        if stays:
+            if len(stays) == 1:  # the usual case: is its fence among the few within reach?
+                [only] = stays
+                k = lo
+                while k < hi and ids[fences[k]] != only:
+                    k += 1
+                ending: Sequence[str] = (only,) if k == hi else ()
+            else:
+                within_reach = {ids[fences[k]] for k in range(lo, hi)}
+                ending = [f for f in stays if f not in within_reach]
             # exits first: moving from one fence into its neighbour reads exit, then enter
-            for fid in [f for f in stays if f not in within_reach]:
+            for fid in ending:
                 ended = stays.pop(fid)
                 if not have_speed:
                     speed, have_speed = self._speed(state, ping), True
