@@ -15,7 +15,7 @@ from geopush.config import load_settings
 from geopush.errors import Problem, RuleLoadError
 from geopush.geo.model import Ping
 from geopush.geo.stores import StoreSet, parse_stores
-from geopush.rules import RuleFile, RulePolicy, RuleSet, parse_rules, read_rule_files
+from geopush.rules import RuleFile, RulePolicy, RuleSet, parse_rules, read_rule_files, templates
 from geopush.rules.templates import TemplateFailure, TemplateProblem, compile_template
 from geopush.service.active import ConfigSet, build_engine
 
@@ -171,6 +171,36 @@ def test_huge_operands_and_escapes_fail_at_render_quickly(source: str) -> None:
     with pytest.raises(TemplateFailure):
         template.render(CONTEXT)
     assert time.perf_counter() - started < 1.0
+
+
+class _Clock:
+    """A clock that moves `step` seconds at each reading."""
+
+    def __init__(self, step: float) -> None:
+        self.now, self.step = 0.0, step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+@pytest.mark.parametrize(("wall_step", "cpu_step", "fails"), [
+    (1.0, 0.0, False),  # descheduled, or a collection elsewhere: the render's own CPU counts
+    (1.0, 1.0, True),  # the render itself over budget
+    (0.0, 1.0, False),  # the wall clock within budget: the CPU time (never ahead of it) unread
+])
+def test_the_render_budget_is_the_threads_cpu_time_read_once_the_wall_clock_is_over(
+        monkeypatch: pytest.MonkeyPatch, wall_step: float, cpu_step: float,
+        fails: bool) -> None:
+    template = compile_template("{% for tag in store.tags %}{{ tag }} {% endfor %}")
+    assert not isinstance(template, TemplateProblem)
+    monkeypatch.setattr(templates.time, "perf_counter", _Clock(wall_step))
+    monkeypatch.setattr(templates.time, "thread_time", _Clock(cpu_step))
+    if fails:
+        with pytest.raises(TemplateFailure, match="render took over 50 ms"):
+            template.render(CONTEXT)
+    else:
+        assert template.render(CONTEXT).startswith("shop:supermarket shop:supermarket")
 
 
 @pytest.mark.parametrize(("source", "says"), [
