@@ -19,7 +19,7 @@ from geopush.devices import Consent, DeviceProfile
 from geopush.geo.model import Event, EventType, Ping, Visit
 from geopush.geo.stores import StoreSet, parse_stores
 from geopush.rules import RuleFile, RulePolicy, RuleSet, parse_rules
-from geopush.rules.conditions import Weather
+from geopush.rules.conditions import Weather, clock_of, local_time
 from geopush.rules.decide import (
     Decider,
     Decision,
@@ -455,3 +455,11 @@ def test_push_ids_are_keyed_ulids_so_no_log_confirms_a_guessed_device() -> None:
     assert first != push_id_of("phone", "welcome", event, b"key-2")
     assert first != push_id_of("phone", "welcome", event)
     assert push_id_of("other", "welcome", event, b"key-1") != first
+
+
+@pytest.mark.parametrize("ts", [_at("2026-03-29T01:59"), _at("2026-03-29T03:00"),
+                                _at("2026-10-25T02:30"), _at("2026-06-03T00:05"),
+                                _at("2026-06-03T23:59"), NOON])
+def test_the_local_clock_is_what_strftime_writes(ts: float) -> None:
+    local = local_time(ts, "Europe/Ljubljana")
+    assert clock_of(local) == local.strftime("%H:%M")

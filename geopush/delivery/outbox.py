@@ -21,7 +21,7 @@ from typing import Any, Literal, get_args
 from geopush.config import PolicySettings
 from geopush.delivery.senders.base import SendResult
 from geopush.devices import DeviceProfile
-from geopush.rules.conditions import in_window, local_time
+from geopush.rules.conditions import clock_of, in_window, local_time
 from geopush.rules.decide import Decision
 
 State = Literal["queued", "sending", "sent", "failed", "expired", "cancelled"]
@@ -138,7 +138,7 @@ def plan_attempt(entry: OutboxEntry, profile: DeviceProfile | None, now: float,
         return Plan("expire", "its ttl ran out before it could be sent")
     if entry.category == "marketing" and not entry.test and policy.quiet_hours is not None:
         quiet = policy.quiet_hours
-        if in_window(local_time(now, entry.timezone).strftime("%H:%M"), quiet.start, quiet.end):
+        if in_window(clock_of(local_time(now, entry.timezone)), quiet.start, quiet.end):
             # held, not dropped: quiet hours may end before the ttl does
             return Plan("hold", "quiet hours at the store", min(now + QUIET_RECHECK_S,
                                                                   entry.expires_at))

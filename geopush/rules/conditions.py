@@ -50,6 +50,11 @@ def local_time(ts: float, timezone: str) -> datetime:
     return datetime.fromtimestamp(ts, zone(timezone))
 
 
+def clock_of(local: datetime) -> str:
+    """HH:MM, as strftime("%H:%M") writes it, at a tenth of its cost (every decision asks)."""
+    return f"{local.hour:02d}:{local.minute:02d}"
+
+
 def in_window(clock: str, start: str, end: str) -> bool:
     """HH:MM within [start, end); start after end wraps midnight."""
     if start <= end:
@@ -82,7 +87,7 @@ def false_condition(when: When, moment: Moment) -> str | None:
         local = local_time(event.ts, geofence.timezone)
         if when.local_time is not None:
             day = DAYS[local.weekday()]
-            clock = local.strftime("%H:%M")
+            clock = clock_of(local)
             if day not in when.local_time.days or not in_window(
                     clock, when.local_time.start, when.local_time.end):
                 return (f"when.local_time: {day} {clock} in {geofence.timezone} is outside "

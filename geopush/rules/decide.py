@@ -29,6 +29,7 @@ from geopush.rules.conditions import (
     Moment,
     VisitStats,
     Weather,
+    clock_of,
     false_condition,
     holds,
     in_window,
@@ -355,7 +356,7 @@ class Decider:
         if marketing:
             quiet = policy.quiet_hours
             if quiet is not None and in_window(
-                    local_time(event.ts, candidate.moment.geofence.timezone).strftime("%H:%M"),
+                    clock_of(local_time(event.ts, candidate.moment.geofence.timezone)),
                     quiet.start, quiet.end):
                 return "quiet_hours"
             sent = history.marketing()
