@@ -101,10 +101,11 @@ class Layout:
 
 
 def read_blocks(path: Path, header_line: int, layout: Layout, mine: int, shards: int,
-                rows: RowParser, device_ok: Callable[[str], bool]
+                rows: RowParser, device_ok: Callable[[str], bool], known: set[str]
                 ) -> Iterator[tuple[int, Any]]:
     """(line number, Ping or what `rows` makes of the line) for each line of shard `mine` of
-    `shards` after the header, in file order. `device_ok`: whether an id is well formed."""
+    `shards` after the header, in file order. `device_ok`: whether an id is well formed;
+    `known`: ids known to be (device_ok adds those it finds)."""
     with path.open("rb") as f:
         for _ in range(header_line):  # as the text reader numbered them
             skipped = f.readline()
@@ -135,7 +136,7 @@ def read_blocks(path: Path, header_line: int, layout: Layout, mine: int, shards:
                 f.seek(offset)
                 yield from _line_by_line(f, number, 0, layout, mine, shards, rows)
                 return
-            yield from block.records(number, layout, rows, device_ok)
+            yield from block.records(number, layout, rows, device_ok, known)
             number += block.lines
 
 
@@ -214,7 +215,8 @@ class _Block:
         return start, end
 
     def records(self, number: int, layout: Layout, rows: RowParser,
-                device_ok: Callable[[str], bool]) -> Iterator[tuple[int, Any]]:
+                device_ok: Callable[[str], bool], known: set[str]
+                ) -> Iterator[tuple[int, Any]]:
         """This shard's lines of the block, in order: a Ping for each plain row, the rest as
         the row parser reads them."""
         picked = np.flatnonzero(self.mine)
@@ -245,7 +247,7 @@ class _Block:
         if len(plain) == len(picked) and ok.all():  # the usual block: every line a plain row
             for line, dev_from, dev_to, t, y, x, acc, speed in rows_of:
                 dev = text[dev_from:dev_to]
-                if device_ok(dev):
+                if dev in known or device_ok(dev):
                     # NaN (a missing optional field) is the one value not equal to itself
                     yield number + line, Ping(dev, t, y, x, None if acc != acc else acc,
                                               None if speed != speed else speed)
@@ -255,7 +257,7 @@ class _Block:
         fast: dict[int, Ping] = {}
         for line, dev_from, dev_to, t, y, x, acc, speed in rows_of:
             dev = text[dev_from:dev_to]
-            if device_ok(dev):
+            if dev in known or device_ok(dev):
                 fast[line] = Ping(dev, t, y, x, None if acc != acc else acc,
                                   None if speed != speed else speed)
         others = [(number + i, text[starts[i]:ends[i] + 1])

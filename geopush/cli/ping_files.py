@@ -147,7 +147,7 @@ def _csv(
         layout = Layout(width, dev_at, ts_at, lat_at, lon_at, at["accuracy_m"],
                         at["speed_mps"])
         yield from read_blocks(path, header[0], layout, mine, shards, rows,
-                               rows.device_is_good)
+                               rows.device_is_good, rows.good_devices)
         return
     if shards > 1 and not _has_quotes(path):
         # every line is one record: the other shards' lines are left out before the CSV parse
