@@ -150,11 +150,7 @@ class Engine:
         steps = process_batch(self.tracker, admitted, states)  # fills in `states`
         next_due = self.tracker.next_due
         decides = self.decides
-        activities: dict[str, dict[float, str | None]] = {}
-        if decides:
-            for p in admitted:
-                if p.activity is not None:
-                    activities.setdefault(p.device_id, {})[p.ts] = p.activity
+        activities = _activities(admitted) if decides else {}
         for device_id, count in per_device.items():
             state = states[device_id]
             assert state is not None  # process_batch gave every device of the batch one
@@ -192,11 +188,7 @@ class Engine:
         planned as `ingest` plans them, on a virtual clock (now=None)."""
         steps = process_batch(self.tracker, pings, states)  # fills in `states`
         decides = self.decides
-        activities: dict[str, dict[float, str | None]] = {}
-        if decides:
-            for p in pings:
-                if p.activity is not None:
-                    activities.setdefault(p.device_id, {})[p.ts] = p.activity
+        activities = _activities(pings) if decides else {}
         outcomes: dict[str, DeviceOutcome] = {}
         for device_id, step in steps.items():
             outcome = outcomes[device_id] = DeviceOutcome(states[device_id], None, step.events,
@@ -283,6 +275,15 @@ class Engine:
                 history, now if now is not None else moments[-1][0].ts)
 
         outcome.decide = decide
+
+
+def _activities(pings: Sequence[Ping]) -> dict[str, dict[float, str | None]]:
+    """device → ping time → the motion activity its ping reported (`when.activity`)."""
+    activities: dict[str, dict[float, str | None]] = {}
+    for p in pings:
+        if p.activity is not None:
+            activities.setdefault(p.device_id, {})[p.ts] = p.activity
+    return activities
 
 
 def _timezone(decider: Decider, geofence_id: str) -> str:

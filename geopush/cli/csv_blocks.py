@@ -17,10 +17,10 @@ Anything else (exponents, signs, spaces, underscores, inf, nan) is the row parse
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 
@@ -28,8 +28,18 @@ from geopush.geo.model import Ping
 from geopush.timeutil import END_EPOCH_MS, MIN_EPOCH_MS
 
 Array = np.ndarray[Any, Any]
-# numbered text lines (this shard's) → their records; the row parser of ping_files
-RowParser = Callable[[Iterable[tuple[int, str]]], Iterator[tuple[int, Any]]]
+
+
+class RowParser(Protocol):
+    """ping_files' parser of CSV rows, for what the array operations do not read."""
+
+    good_devices: set[str]  # ids known to be well formed
+
+    def __call__(self, lines: Iterable[tuple[int, str]]) -> Iterator[tuple[int, Any]]:
+        """Numbered text lines (this shard's) → their records, blank lines skipped."""
+
+    def device_is_good(self, device: str) -> bool:
+        """Whether an id is well formed (added to good_devices if so)."""
 
 BLOCK_BYTES = 4 * 2**20  # read and told this much at a time (its arrays: a few times that)
 _ROWS = 2**14  # device ids hashed at a time: a matrix of at most _ROWS × 128 bytes
@@ -101,11 +111,9 @@ class Layout:
 
 
 def read_blocks(path: Path, header_line: int, layout: Layout, mine: int, shards: int,
-                rows: RowParser, device_ok: Callable[[str], bool], known: set[str]
-                ) -> Iterator[tuple[int, Any]]:
+                rows: RowParser) -> Iterator[tuple[int, Any]]:
     """(line number, Ping or what `rows` makes of the line) for each line of shard `mine` of
-    `shards` after the header, in file order. `device_ok`: whether an id is well formed;
-    `known`: ids known to be (device_ok adds those it finds)."""
+    `shards` after the header, in file order."""
     with path.open("rb") as f:
         for _ in range(header_line):  # as the text reader numbered them
             skipped = f.readline()
@@ -136,7 +144,7 @@ def read_blocks(path: Path, header_line: int, layout: Layout, mine: int, shards:
                 f.seek(offset)
                 yield from _line_by_line(f, number, 0, layout, mine, shards, rows)
                 return
-            yield from block.records(number, layout, rows, device_ok, known)
+            yield from block.records(number, layout, rows)
             number += block.lines
 
 
@@ -214,8 +222,7 @@ class _Block:
         start = self.starts[lines] if k == 0 else self.commas[first + k - 1] + 1
         return start, end
 
-    def records(self, number: int, layout: Layout, rows: RowParser,
-                device_ok: Callable[[str], bool], known: set[str]
+    def records(self, number: int, layout: Layout, rows: RowParser
                 ) -> Iterator[tuple[int, Any]]:
         """This shard's lines of the block, in order: a Ping for each plain row, the rest as
         the row parser reads them."""
@@ -241,6 +248,7 @@ class _Block:
         dev_start, dev_end = self.field(layout.dev_at, width, plain)
         text = self.data.decode("ascii")
         starts, ends = self.starts, self.ends
+        known, device_ok = rows.good_devices, rows.device_is_good
         rows_of = zip(plain[ok].tolist(), dev_start[ok].tolist(), dev_end[ok].tolist(),
                       (ts[ok] / 1000.0).tolist(), lat[ok].tolist(), lon[ok].tolist(),
                       optional[0][ok].tolist(), optional[1][ok].tolist(), strict=True)

@@ -146,8 +146,7 @@ def _csv(
         # left out and the usual rows parsed with array operations (csv_blocks)
         layout = Layout(width, dev_at, ts_at, lat_at, lon_at, at["accuracy_m"],
                         at["speed_mps"])
-        yield from read_blocks(path, header[0], layout, mine, shards, rows,
-                               rows.device_is_good, rows.good_devices)
+        yield from read_blocks(path, header[0], layout, mine, shards, rows)
         return
     if shards > 1 and not _has_quotes(path):
         # every line is one record: the other shards' lines are left out before the CSV parse
