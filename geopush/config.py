@@ -67,6 +67,12 @@ RedisUrl = Annotated[str, _url_check(("redis", "rediss", "unix"),
 HttpUrl = Annotated[str, _url_check(("http", "https"), "an http:// or https:// URL")]
 _KEY_PREFIX = r"^[A-Za-z0-9_.:-]+$"
 PATTERN_MEANINGS[_KEY_PREFIX] = "letters, digits and _ . : - only"
+# Google's rule for project ids (an old domain-scoped project has `example.com:` before it): a
+# project's number or display name here would make every send fail, one push at a time
+_FIREBASE_PROJECT = r"^(?:[a-z0-9.-]+:)?[a-z][a-z0-9-]{4,28}[a-z0-9]$"
+PATTERN_MEANINGS[_FIREBASE_PROJECT] = (
+    "the Firebase project id (Project settings > General > Project ID): 6-30 lower-case "
+    "letters, digits and -, starting with a letter; not the project's number or name")
 
 
 class _Section(BaseModel):
@@ -261,7 +267,7 @@ def _default_channels() -> dict[Category, str]:
 
 
 class FcmSettings(_Section):
-    project_id: str | None = None
+    project_id: str | None = Field(None, pattern=_FIREBASE_PROJECT)
     service_account_file: Path | None = None
     endpoint: HttpUrl = Field("https://fcm.googleapis.com/v1/projects",
                           description="base URL; an emulator's for tests")
@@ -270,6 +276,12 @@ class FcmSettings(_Section):
     android_channels: dict[Category, str] = Field(
         default_factory=_default_channels,
         description="Android notification channel per rule category")
+
+    @field_validator("project_id", mode="before")
+    @classmethod
+    def _a_number_is_read_as_text(cls, value: Any) -> Any:
+        # a project's number, unquoted in YAML, is then told to be the wrong id, not "text"
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 class WebhookSettings(_Section):

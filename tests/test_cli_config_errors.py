@@ -87,10 +87,14 @@ DEPLOYMENT_MISTAKES = [
      "environment GEOPUSH_LOGGING__PSEUDONYM_KEY: logging.pseudonym_key = *** is shorter"),
     ({"GEOPUSH_STORES_FILE": "missing.geojson"}, "",
      "environment GEOPUSH_STORES_FILE: stores_file = "),
-    ({}, "delivery:\n  sender: fcm\n  fcm: {project_id: p, service_account_file: sa.json}\n",
+    # the project's number (or its display name) where its id goes: every send would fail
+    ({}, "delivery:\n  sender: fcm\n  fcm: {project_id: 123456789012, static_token: t}\n",
+     "geopush.yaml:7: delivery.fcm.project_id = '123456789012'; expected the Firebase "
+     "project id"),
+    ({}, "delivery:\n  sender: fcm\n  fcm: {project_id: shop-app, service_account_file: sa.json}\n",
      "geopush.yaml:7: delivery.fcm.service_account_file = "),
     # a file that is there but is no service account key: serve would fail at its first push
-    ({}, "delivery:\n  sender: fcm\n  fcm: {project_id: p, service_account_file: "
+    ({}, "delivery:\n  sender: fcm\n  fcm: {project_id: shop-app, service_account_file: "
          "stores.geojson}\n",
      "delivery.fcm.service_account_file = "),
     ({}, "storage:\n  snapshot_path: stores.geojson/state.json\n",

@@ -245,7 +245,7 @@ def test_the_not_yet_built_features_default_to_the_contract(tmp_path: Path) -> N
 
 @pytest.mark.parametrize(("text", "missing"), [
     ("delivery:\n  sender: fcm\n", "delivery.fcm.project_id"),
-    ("delivery:\n  sender: fcm\n  fcm: {project_id: p}\n", "service_account_file"),
+    ("delivery:\n  sender: fcm\n  fcm: {project_id: shop-app}\n", "service_account_file"),
     ("delivery:\n  sender: webhook\n", "delivery.webhook.url"),
 ])
 def test_a_sender_without_what_it_needs_is_an_error(tmp_path: Path, text: str,
