@@ -192,6 +192,35 @@ def test_the_usual_rows_parsed_at_once_are_the_rows_parsed_one_by_one(
     assert [repr(r) for _, r in fast[0]] == [repr(r) for _, r in slow[0]]  # -0.0 is not 0.0
 
 
+_FIELDS = st.text(alphabet="ab-0123456789. é\r:", max_size=8)
+_NUMBERS = st.text(alphabet="0123456789.-", min_size=1, max_size=9)
+_LINES = st.lists(st.one_of(
+    st.lists(_FIELDS, min_size=1, max_size=7).map(",".join),  # mostly not a ping
+    st.sampled_from(_rows(40)),  # pings
+    st.tuples(st.sampled_from(["d-1", "d-2", "d 3"]), st.sampled_from(["1780000000000", "17"]),
+              _NUMBERS, _NUMBERS, st.one_of(st.just(""), _NUMBERS),
+              st.one_of(st.just(""), _NUMBERS)).map(",".join),  # pings, or nearly
+), max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_LINES, st.sampled_from(["\n", "\r\n"]), st.sampled_from([None, (0, 2), (1, 2)]),
+       st.sampled_from([16, 64, 2**20]))
+def test_any_file_without_quotes_reads_alike_by_blocks_and_line_by_line(
+        tmp_path_factory: pytest.TempPathFactory, lines: list[str], end: str,
+        shard: tuple[int, int] | None, block_bytes: int) -> None:
+    """Whatever the lines (stray \r, bytes past ASCII, blank or short lines, odd numbers), the
+    block reader gives what the line-by-line reader gives, at any block size."""
+    path = tmp_path_factory.mktemp("blocks") / "pings.csv"
+    path.write_bytes((end.join([_HEADER, *lines]) + end).encode())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(csv_blocks, "BLOCK_BYTES", block_bytes)
+        fast = list(read_pings(path, shard=shard))
+        patch.setattr(csv_blocks._Block, "of", lambda *args: None)
+        slow = list(read_pings(path, shard=shard))
+    assert [(n, repr(r)) for n, r in fast] == [(n, repr(r)) for n, r in slow]
+
+
 @settings(max_examples=400, deadline=None)
 @given(st.text(alphabet="-0123456789.e+_ ", max_size=20))
 def test_a_plain_number_is_read_as_float_reads_it(text: str) -> None:
