@@ -14,11 +14,14 @@ from typing import Any
 
 import pytest
 
+from geopush.api import ops
+from geopush.api.appstate import STATE
 from geopush.rules.decide import in_holdout
 from tests.api_support import DEVICES, INGEST, ping
 from tests.fakefcm import FakeFcm, Reply
 from tests.test_api_decisions import (
     BAKERY_ENTER,
+    MEMORY,
     Backend,
     Client,
     MakeClient,
@@ -93,6 +96,43 @@ async def test_stats_count_both_groups_their_conversions_and_the_lift(
     resp = await api.get("/v1/stats", headers=ADMIN, params={"from": "yesterday"})
     assert resp.status == 400
     assert (await resp.json())["error"]["details"][0]["field"] == "from"
+
+
+async def test_stats_count_a_page_of_devices_at_a_time_and_let_pings_in_between(
+        aiohttp_client: MakeClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The memory store answers without waiting: the handler gives the loop a turn after each
+    page, or pings would wait for every device of the deployment to be counted."""
+    api = await _app(aiohttp_client, tmp_path, MEMORY, {"halves.yaml": HALVES})
+    trace = _fresh_trace(ago_s=120.0)
+    for n in range(12):
+        await _register(api, f"phone-{n}")
+        await _drive(api, f"phone-{n}", trace, 250, BAKERY_ENTER + 1 + n % 2 * 20)
+    whole = await (await api.get("/v1/stats", headers=ADMIN)).json()
+    assert whole["totals"]["decided"] + whole["totals"]["holdout"] == 12
+    store = api.app[STATE]
+    turns = 0
+    seen: list[int] = []
+    records = store.records
+
+    async def watched(device_ids: Any) -> Any:
+        seen.append(turns)
+        return await records(device_ids)
+
+    async def ticking() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    monkeypatch.setattr(store, "records", watched)
+    monkeypatch.setattr(ops, "STATS_PAGE", 5)
+    ticker = asyncio.create_task(ticking())
+    try:
+        paged = await (await api.get("/v1/stats", headers=ADMIN)).json()
+    finally:
+        ticker.cancel()
+    assert paged == whole
+    assert len(seen) == 3 and seen[0] < seen[1] < seen[2]  # other tasks ran between pages
 
 
 async def test_a_pause_holds_marketing_pushes_until_resumed(

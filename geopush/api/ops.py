@@ -14,6 +14,7 @@ Each control leaves a JSON log line with the credential's name.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import secrets
@@ -27,7 +28,7 @@ from geopush.api.errors import NotFound
 from geopush.api.wire import json_response, read_json, type_name
 from geopush.config_problems import PATTERN_MEANINGS
 from geopush.delivery.outbox import OutboxEntry
-from geopush.delivery.stats import DeviceFacts, compute_stats
+from geopush.delivery.stats import DeviceFacts, StatsTally
 from geopush.delivery.worker import MARKETING_PAUSED
 from geopush.errors import InvalidInput, Problem
 from geopush.logs import fields
@@ -45,6 +46,7 @@ TEST_TTL_S = 600.0
 MAX_TEST_TEXT = 256
 MAX_BOUND_CHARS = 40  # from= and to=: longer is no time
 CANCEL_SCAN = 100_000  # pending pushes looked at by one kill switch call
+STATS_PAGE = 500  # devices read and counted between two turns of the event loop
 
 
 @routes.get("/v1/stats")
@@ -58,11 +60,14 @@ async def stats(request: web.Request) -> web.Response:
                            [Problem("query", "to is not after from", field="to",
                                     value=request.query["to"], expected="a time after `from`")])
     store = app[STATE]
-    facts: list[DeviceFacts] = []
-    async for device_ids in store.device_ids():
-        facts += (_facts(r) for r in await store.records(device_ids))
-    window = app[SETTINGS].attribution.window
-    return json_response(compute_stats(facts, window_s=window, start=start, end=end))
+    tally = StatsTally(window_s=app[SETTINGS].attribution.window, start=start, end=end)
+    async for device_ids in store.device_ids(STATS_PAGE):
+        for records in await store.records(device_ids):
+            tally.add(_facts(records))
+        # the memory store answers without waiting: without a turn of the loop here, pings
+        # would wait for every device of the deployment to be counted (seconds at 100,000)
+        await asyncio.sleep(0)
+    return json_response(tally.answer())
 
 
 def _bound(request: web.Request, name: str) -> float | None:

@@ -184,11 +184,26 @@ def compute_stats(devices: Iterable[DeviceFacts], *, window_s: float, start: flo
     `totals` adds up the rules: a visit that converts decisions of two rules counts once for
     each, as it does in each rule. Its lift pools the rules' groups; per rule is the answer to
     "does this rule work", the total an overview."""
-    rules: dict[str, _Block] = defaultdict(_Block)
+    tally = StatsTally(window_s=window_s, start=start, end=end)
     for device in devices:
+        tally.add(device)
+    return tally.answer()
+
+
+class StatsTally:
+    """compute_stats a device at a time: each device counts on its own, so the handler adds
+    a page of devices as it reads it and keeps no device's records once counted (a deployment
+    of a million devices would otherwise hold all of them at once)."""
+
+    def __init__(self, *, window_s: float, start: float | None, end: float | None) -> None:
+        self.window_s, self.start, self.end = window_s, start, end
+        self.rules: dict[str, _Block] = defaultdict(_Block)
+
+    def add(self, device: DeviceFacts) -> None:
+        start, end, rules = self.start, self.end, self.rules
         excluded = device.test_push_ids
         pushes = [p for p in device.pushes if p.push_id not in excluded]
-        conversions = converted(pushes, device.visits, window_s)
+        conversions = converted(pushes, device.visits, self.window_s)
         for push in pushes:
             if not _in_period(push.ts, start, end):
                 continue
@@ -209,9 +224,12 @@ def compute_stats(devices: Iterable[DeviceFacts], *, window_s: float, start: flo
                 continue
             if _in_period(float(record["ts"]), start, end):
                 rules[str(record["rule_id"])].suppressed[str(record["reason"])] += 1
-    totals = _Block()
-    for block in rules.values():
-        totals.add(block)
-    return {"from": start, "to": end, "attribution_window_s": window_s,
-            "totals": totals.as_json(),
-            "rules": {rule_id: rules[rule_id].as_json() for rule_id in sorted(rules)}}
+
+    def answer(self) -> dict[str, Any]:
+        rules = self.rules
+        totals = _Block()
+        for block in rules.values():
+            totals.add(block)
+        return {"from": self.start, "to": self.end, "attribution_window_s": self.window_s,
+                "totals": totals.as_json(),
+                "rules": {rule_id: rules[rule_id].as_json() for rule_id in sorted(rules)}}
