@@ -3,8 +3,9 @@ or NDJSON of ping objects, line by line, each line a Ping or what is wrong with 
 and, for a replay split across processes (geopush.cli.replay_shards), only one shard's devices.
 
 A good CSV row takes a fast path that is only ever stricter than the API's parser; anything
-else goes to that parser, which names the field, the value and what was expected. A CSV without
-quotes is read a block of bytes at a time (geopush.cli.csv_blocks), which gives the same.
+else goes to that parser, which names the field, the value and what was expected. A shard of a
+split replay reads a CSV without quotes a block of bytes at a time (geopush.cli.csv_blocks),
+which gives the same.
 """
 
 from __future__ import annotations
@@ -141,9 +142,10 @@ def _csv(
     assert ts_at is not None and lat_at is not None and lon_at is not None
     mine, shards = shard if shard is not None else (0, 1)
     rows = _RowParser(columns, device_id, mine)
-    if dev_at is not None and device_id is None and not _has_quotes(path):
+    if shards > 1 and dev_at is not None and device_id is None and not _has_quotes(path):
         # every line is one record: read a block of bytes at a time, the other shards' lines
-        # left out and the usual rows parsed with array operations (csv_blocks)
+        # left out and the usual rows parsed with array operations (csv_blocks). One process
+        # reads as fast line by line: the array work pays where most lines are another's.
         layout = Layout(width, dev_at, ts_at, lat_at, lon_at, at["accuracy_m"],
                         at["speed_mps"])
         yield from read_blocks(path, header[0], layout, mine, shards, rows)
