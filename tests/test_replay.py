@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from geopush.cli.ping_files import shard_of
 from geopush.cli.replay import (
     BadLine,
     NoDeviceColumn,
@@ -131,6 +132,37 @@ def test_bad_csv_lines_are_reported_each_and_the_rest_is_read(tmp_path: Path) ->
         8: "device_id = 'a b': expected 1–128 characters of A-Z a-z 0-9 . _ : @ -, not . or ..",
     }
     assert [line for line, r in records if isinstance(r, Ping)] == [2, 9]
+
+
+@pytest.mark.parametrize("shard", [None, (0, 2), (1, 2)])
+def test_a_line_the_csv_reader_refuses_is_one_invalid_line_said_once(
+        tmp_path: Path, shard: tuple[int, int] | None) -> None:
+    """A field over csv's size limit (a line of megabytes, an unterminated quote swallowing
+    the rest of a file) is one invalid line, not the end of the replay; a split replay says
+    it once, in shard 0."""
+    header = "device_id,ts,lat,lon,accuracy_m,speed_mps\n"
+    good = "a,2026-06-01T10:00:00Z,46.0,14.0,,\n"
+    path = _write(tmp_path, "p.csv", header + good + "x" * 200_000 + ",1,2,3,4,5\n"
+                  + "a,2026-06-01T10:01:00Z,46.0,14.0,,\n")
+    records = list(read_pings(path, shard=shard))
+    bad = {line: r.message for line, r in records if isinstance(r, BadLine)}
+    pings = [line for line, r in records if isinstance(r, Ping)]
+    if shard is None or shard[0] == 0:
+        assert bad == {3: "not a CSV record: field larger than field limit (131072)"}
+    else:
+        assert bad == {}
+    assert pings == ([2, 4] if shard is None or shard[0] == shard_of("a", 2) else [])
+
+
+def test_a_byte_order_mark_before_the_header_is_not_part_of_it(tmp_path: Path) -> None:
+    # what Excel writes at the start of a "CSV UTF-8" file
+    path = tmp_path / "p.csv"
+    path.write_bytes(b"\xef\xbb\xbfdevice_id,ts,lat,lon\na,2026-06-01T10:00:00Z,46.0,14.0\n")
+    assert list(read_pings(path)) == [(2, Ping("a", T0, 46.0, 14.0))]
+    ndjson = tmp_path / "p.ndjson"
+    ndjson.write_bytes(b'\xef\xbb\xbf{"device_id": "a", "ts": 1780308000000, "lat": 46, '
+                       b'"lon": 14}\n')
+    assert list(read_pings(ndjson)) == [(1, Ping("a", T0, 46.0, 14.0))]
 
 
 @pytest.mark.parametrize("name", ["pings.ndjson", "pings.jsonl", "pings.txt"])

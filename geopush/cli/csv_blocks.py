@@ -16,6 +16,7 @@ Anything else (exponents, signs, spaces, underscores, inf, nan) is the row parse
 
 from __future__ import annotations
 
+import csv
 import io
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -80,9 +81,10 @@ def lines_one_by_one(lines: Iterable[tuple[int, str]], mine: int, shards: int, w
     0, those that are not a record of `width` fields (blank or malformed), each said once."""
     commas = width - 1
     shard_of_device: dict[str, int] = {}  # a device pings again and again
+    limit = csv.field_size_limit()
     for number, text in lines:
-        if text.count(",") != commas:
-            if mine == 0:
+        if text.count(",") != commas or (len(text) > limit and _too_long(text, limit)):
+            if mine == 0:  # malformed: said once
                 yield number, text
             continue
         dev = (text.split(",", dev_at + 1)[dev_at].strip() if dev_at is not None else "") \
@@ -92,6 +94,11 @@ def lines_one_by_one(lines: Iterable[tuple[int, str]], mine: int, shards: int, w
             shard = shard_of_device[dev] = shard_of(dev, shards)
         if shard == mine:
             yield number, text
+
+
+def _too_long(text: str, limit: int) -> bool:
+    """Whether csv refuses the line (a field over its size limit): no device can be told."""
+    return max(len(field) for field in text.split(",")) > limit
 
 
 # -- blocks -----------------------------------------------------------------------------------
@@ -193,6 +200,8 @@ class _Block:
         if not len(ends) or ends[-1] != len(array) - 1:
             ends = np.append(ends, len(array))  # the file's last line, without a line feed
         starts = np.concatenate(([0], ends[:-1] + 1))
+        if (ends - starts).max() > csv.field_size_limit():
+            return None  # a field may be over csv's limit: the line-by-line path tells
         commas = np.flatnonzero(array == 44)
         first_comma = np.searchsorted(commas, starts)
         full = np.searchsorted(commas, ends) - first_comma == layout.width - 1

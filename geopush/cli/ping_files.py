@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import mmap
 import re
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
@@ -50,7 +49,8 @@ def read_pings(path: Path, *, device_id: str | None = None, shard: tuple[int, in
     try:
         # bytes that are not UTF-8 become U+FFFD: their lines are reported `invalid` one by
         # one, as any malformed line is, and the rest is replayed
-        handle = path.open(encoding="utf-8", errors="replace", newline="")
+        # a byte order mark (Excel's "CSV UTF-8") is not part of the header
+        handle = path.open(encoding="utf-8-sig", errors="replace", newline="")
     except OSError as exc:
         raise InvalidInput(f"{path}: cannot read pings file: {exc.strerror}") from None
     with handle:
@@ -68,7 +68,7 @@ def read_pings(path: Path, *, device_id: str | None = None, shard: tuple[int, in
 def is_ndjson_file(path: Path) -> bool:
     """Whether read_pings reads `path` as NDJSON (False when it cannot be read)."""
     try:
-        with path.open(encoding="utf-8", errors="replace", newline="") as handle:
+        with path.open(encoding="utf-8-sig", errors="replace", newline="") as handle:
             first = _first_content(enumerate(handle, start=1))
     except OSError:
         return False
@@ -188,7 +188,15 @@ class _RowParser:
         line = [0]  # the number of the last line the reader took
         # one reader over all the lines: a reader per line costs more than the ping itself
         reader = csv.reader(_numbered(lines, line))
-        for row in reader:
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:  # a field over csv's size limit: the reader goes on after
+                if self.mine == 0:  # a line a shard cannot tell the device of (csv_blocks)
+                    yield line[0], BadLine(line[0], f"not a CSV record: {exc}")
+                continue
             number = line[0]
             if len(row) != width:
                 if not row or (len(row) == 1 and not row[0].strip()):
@@ -259,11 +267,17 @@ def _numbered(lines: Iterable[tuple[int, str]], last: list[int]) -> Iterator[str
 
 
 def _has_quotes(path: Path) -> bool:
-    """Whether the file holds a double quote anywhere (then a record may span lines)."""
+    """Whether the file holds a double quote anywhere (then a record may span lines). Read, not
+    mapped: a file cut short while mapped would kill the process (SIGBUS)."""
     try:
-        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            return data.find(b'"') >= 0
-    except (OSError, ValueError):  # not a regular file, or empty: say it may have some
+        if not path.is_file():
+            return True  # a pipe or a device: say it may have some
+        with path.open("rb") as f:
+            while chunk := f.read(2**20):
+                if b'"' in chunk:
+                    return True
+            return False
+    except OSError:
         return True
 
 
