@@ -142,16 +142,16 @@ def _csv(
     assert ts_at is not None and lat_at is not None and lon_at is not None
     mine, shards = shard if shard is not None else (0, 1)
     rows = _RowParser(columns, device_id, mine)
-    if shards > 1 and dev_at is not None and device_id is None and not _has_quotes(path):
-        # every line is one record: read a block of bytes at a time, the other shards' lines
-        # left out and the usual rows parsed with array operations (csv_blocks). One process
-        # reads as fast line by line: the array work pays where most lines are another's.
-        layout = Layout(width, dev_at, ts_at, lat_at, lon_at, at["accuracy_m"],
-                        at["speed_mps"])
-        yield from read_blocks(path, header[0], layout, mine, shards, rows)
-        return
-    if shards > 1 and not _has_quotes(path):
-        # every line is one record: the other shards' lines are left out before the CSV parse
+    if shards > 1 and not _has_quotes(path):  # every line is one record
+        if dev_at is not None and device_id is None:
+            # a block of bytes at a time, the other shards' lines left out and the usual rows
+            # parsed with array operations (csv_blocks). One process reads as fast line by
+            # line: the array work pays where most lines are another's.
+            layout = Layout(width, dev_at, ts_at, lat_at, lon_at, at["accuracy_m"],
+                            at["speed_mps"])
+            yield from read_blocks(path, header[0], layout, mine, shards, rows)
+            return
+        # the other shards' lines are left out before the CSV parse
         rest = lines_one_by_one(rest, mine, shards, width, dev_at, device_id)
         shards = 1  # what is left is this shard's
     yield from rows(rest, split=(mine, shards) if shards > 1 else None)
