@@ -136,12 +136,11 @@ def _csv(
         raise InvalidInput(f"{path}:{header[0]}: a column is named twice in {header[1].strip()!r}")
     if "device_id" not in columns and device_id is None:
         raise NoDeviceColumn(f"{path}: the CSV has no device_id column; give --device ID")
-    width = len(columns)
-    at = {name: columns.index(name) if name in columns else None for name in CSV_COLUMNS}
-    dev_at, ts_at, lat_at, lon_at = at["device_id"], at["ts"], at["lat"], at["lon"]
-    assert ts_at is not None and lat_at is not None and lon_at is not None
     mine, shards = shard if shard is not None else (0, 1)
     rows = _RowParser(columns, device_id, mine)
+    width, at = rows.width, rows.at
+    dev_at, ts_at, lat_at, lon_at = at["device_id"], at["ts"], at["lat"], at["lon"]
+    assert ts_at is not None and lat_at is not None and lon_at is not None
     if shards > 1 and not _has_quotes(path):  # every line is one record
         if dev_at is not None and device_id is None:
             # a block of bytes at a time, the other shards' lines left out and the usual rows
